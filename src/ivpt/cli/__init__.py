@@ -1,0 +1,57 @@
+"""The ``ivpt`` command. Each subcommand lives in its own module ``ivpt.cli.<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs, so
+``ivpt --help`` stays fast and optional dependencies stay optional."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+COMMANDS: dict[str, str] = {
+    "demo": "generate a part-world, train briefly on offline DINOv2 ViT-S/14 weights, evaluate",
+    "info": "print a JSON summary of a config: stages, trainable parameters, parameter groups",
+    "synth": "write a synthetic part-structured dataset in the CUB-200-2011 file layout",
+    "train": "train a model from a YAML config with dotted overrides",
+    "eval": "evaluate a checkpoint: accuracy and interpretability metrics",
+    "explain": "draw concept regions, hierarchy and evidence for images",
+    "report": "write a self-contained HTML report for a checkpoint",
+    "bench": "measure forward/training speed of each model kind",
+}
+
+
+def _available() -> dict[str, str]:
+    found = {}
+    for name, help_text in COMMANDS.items():
+        if importlib.util.find_spec(f"ivpt.cli.{name}") is not None:
+            found[name] = help_text
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ivpt", description=__doc__.split("\n")[0])
+    from ivpt import __version__
+
+    parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    commands = _available()
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"ivpt.cli.{name}").add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"ivpt.cli.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

