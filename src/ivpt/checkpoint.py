@@ -1,0 +1,176 @@
+"""Atomic file writes and the ``save_pretrained`` / ``from_pretrained`` format.
+
+A pretrained folder holds ``config.json`` (the model config and the backbone's identity) and ``model.safetensors``
+(only what training changed: every parameter outside the frozen backbone plus trainable backbone tokens). The
+frozen backbone is rebuilt from its name and weight source, so a ViT-B checkpoint is a few MB, not 350.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "adapter_state",
+    "backbone_fingerprint",
+    "save_pretrained",
+    "load_pretrained",
+    "PretrainedMixin",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the model as configured; the message says what differs."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place, so a crash never
+    leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers that training can change: all outside ``backbone.`` plus trainable backbone ones."""
+    state = {}
+    for name, p in model.named_parameters():
+        if not name.startswith("backbone.") or p.requires_grad:
+            state[name] = p.detach()
+    for name, b in model.named_buffers():
+        if not name.startswith("backbone."):
+            state[name] = b.detach()
+    return state
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short hash of a few frozen backbone tensors: cheap, and enough to notice other backbone weights."""
+    h = hashlib.sha256()
+    frozen = [(n, p) for n, p in model.named_parameters() if n.startswith("backbone.") and not p.requires_grad]
+    for name, p in frozen[:4] + frozen[-2:]:
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``model`` (which has a ``cfg: ModelConfig``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.cpu().contiguous() for k, v in adapter_state(model).items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": _asdict(model.cfg),
+        "backbone": {"name": model.cfg.backbone, "weights": model.cfg.weights,
+                     "fingerprint": backbone_fingerprint(model)},
+        **(extra or {}),
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
+    return directory
+
+
+def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    """(model config, whole config.json) of a pretrained folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a pretrained folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    meta = json.loads(path.read_text())
+    return ModelConfig(**meta["model"]), meta
+
+
+def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | None = None) -> nn.Module:
+    """Load ``model.safetensors`` from ``directory`` into ``model``, refusing any name or shape mismatch."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    loaded = load_file(str(path))
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(loaded) & set(expected))
+        if loaded[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {path} does not match the model:"]
+        if missing:
+            lines.append(f"  missing from checkpoint: {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  not in model: {', '.join(unexpected)}")
+        if shapes:
+            lines.append("  shape mismatch: " + "; ".join(shapes))
+        lines.append("  (was it saved with another config? compare model.n_pro, num_classes, backbone, img_size)")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(loaded, strict=False)
+    if meta is not None:
+        saved = meta.get("backbone", {}).get("fingerprint")
+        if saved and saved != backbone_fingerprint(model):
+            warnings.warn(
+                f"backbone weights differ from those {directory} was trained on "
+                f"(fingerprint {saved} vs {backbone_fingerprint(model)}); results will not match training",
+                stacklevel=2,
+            )
+    return model
+
+
+def _asdict(cfg: ModelConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+class PretrainedMixin:
+    """``save_pretrained(dir)`` and ``Model.from_pretrained(dir)`` for models holding ``self.cfg``."""
+
+    cfg: ModelConfig
+
+    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:
+        return save_pretrained(self, directory, extra=extra)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu"):
+        """Rebuild the model saved in ``directory``; ``weights`` overrides where the frozen backbone comes from."""
+        from .model import create_model
+
+        cfg, meta = read_pretrained_config(directory)
+        model = create_model(cfg, weights=weights)
+        return load_pretrained(model, directory, meta=meta).to(map_location)

@@ -1,0 +1,181 @@
+"""The eight loss terms of IVPT (SPEC section 3) and their weighted sum.
+
+Map losses take one stage's recomputed map S̃ (B, n, H, W) — foreground channels first, background last — and
+:func:`ivpt_losses` averages them over the m+1 stages. The presence, background-presence, total-variation,
+entropy and equivariance terms follow the part-discovery losses of PDiscoFormer (Aniraj et al., MIT licence).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LOSS_TERMS, LossConfig
+
+__all__ = [
+    "classification_loss",
+    "consistency_loss",
+    "orthogonality_loss",
+    "equivariance_loss",
+    "presence_loss",
+    "bg_presence_loss",
+    "tv_loss",
+    "entropy_loss",
+    "random_affine",
+    "warp",
+    "ivpt_losses",
+]
+
+
+def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of part-averaged logits (B, C) against labels (B,)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def consistency_loss(final_map: Tensor, grouped_maps: list[Tensor], *, eps: float = 1e-10) -> Tensor:
+    """KL from the detached final map (B, N+1, H, W) to each grouped map M_i (B, N+1, H, W), averaged over
+    pixels, images and the m prompted stages: mean_{b,l} Σ_c (T_c+ε) log((T_c+ε)/(M_c+ε))."""
+    target = final_map.detach().float() + eps
+    terms = []
+    for grouped in grouped_maps:
+        if grouped.shape[-2:] != target.shape[-2:] or grouped.shape[1] != target.shape[1]:
+            raise ValueError(f"grouped map {tuple(grouped.shape)} does not match final map {tuple(target.shape)}")
+        kl = (target * (target.log() - (grouped.float() + eps).log())).sum(dim=1)
+        terms.append(kl.mean())
+    return torch.stack(terms).mean()
+
+
+def orthogonality_loss(modulated: Tensor) -> Tensor:
+    """mean (G - I)² of the Gram matrix of the L2-normalised part columns of ``modulated`` (B, D, N+1)."""
+    cols = F.normalize(modulated.float(), dim=1)
+    gram = cols.transpose(1, 2) @ cols  # (B, N+1, N+1)
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return ((gram - eye) ** 2).mean()
+
+
+def _pool3(maps: Tensor) -> Tensor:
+    # 3×3 average without padding: border pixels would otherwise be diluted by zeros.
+    return F.avg_pool2d(maps, kernel_size=3, stride=1)
+
+
+def presence_loss(maps: Tensor) -> Tensor:
+    """1 - mean_k max_{b,h,w} AvgPool3×3(S̃[b,k]) over the foreground channels of ``maps`` (B, n, H, W)."""
+    pooled = _pool3(maps[:, :-1].float())
+    return 1.0 - pooled.amax(dim=(0, 2, 3)).mean()
+
+
+def bg_presence_loss(maps: Tensor) -> Tensor:
+    """-mean_b log max_{h,w} (AvgPool3×3(background) · radial weight), weight 0 at the centre and 1 at corners."""
+    pooled = _pool3(maps[:, -1:].float())[:, 0]  # (B, h, w)
+    h, w = pooled.shape[-2:]
+    v = torch.linspace(-1, 1, h, device=maps.device)
+    u = torch.linspace(-1, 1, w, device=maps.device)
+    radial = v[:, None] ** 2 + u[None, :] ** 2
+    radial = radial / radial.max()
+    peak = (pooled * radial).amax(dim=(1, 2))
+    return -peak.clamp_min(1e-12).log().mean()
+
+
+def tv_loss(maps: Tensor) -> Tensor:
+    """(Σ|Δ_h S̃| + Σ|Δ_w S̃|) summed over channels and divided by B·H·W."""
+    maps = maps.float()
+    b, _, h, w = maps.shape
+    dh = (maps[:, :, 1:] - maps[:, :, :-1]).abs().sum()
+    dw = (maps[:, :, :, 1:] - maps[:, :, :, :-1]).abs().sum()
+    return (dh + dw) / (b * h * w)
+
+
+def entropy_loss(maps: Tensor) -> Tensor:
+    """Mean over pixels of the entropy over channels (maps clamped to [1e-6, 1] and renormalised first)."""
+    p = maps.float().clamp(1e-6, 1.0)
+    p = p / p.sum(dim=1, keepdim=True)
+    return -(p * p.log()).sum(dim=1).mean()
+
+
+def random_affine(
+    batch: int,
+    *,
+    rotation_deg: float = 90.0,
+    translate: float = 0.11,
+    scale: tuple[float, float] = (0.8, 1.4),
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One random similarity transform for the batch, as a (B, 2, 3) ``affine_grid`` matrix.
+
+    Rotation U(-rotation_deg, rotation_deg), translation U(-translate, translate)·image side per axis, scale U(*scale).
+    The matrix maps output coordinates to input coordinates in [-1, 1] units, so a translation of t·side is 2t.
+    """
+    r = torch.rand(4, generator=generator)
+    angle = math.radians(rotation_deg) * (2 * r[0].item() - 1)
+    s = scale[0] + (scale[1] - scale[0]) * r[1].item()
+    tx, ty = (2 * translate * (2 * r[2:] - 1)).tolist()
+    cos, sin = math.cos(angle) / s, math.sin(angle) / s
+    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32, device=device)
+    return theta.expand(batch, 2, 3).contiguous()
+
+
+def invert_affine(theta: Tensor) -> Tensor:
+    """Inverse of (B, 2, 3) affine matrices."""
+    a, t = theta[:, :, :2], theta[:, :, 2:]
+    a_inv = torch.linalg.inv(a)
+    return torch.cat([a_inv, -a_inv @ t], dim=2)
+
+
+def warp(images: Tensor, theta: Tensor) -> Tensor:
+    """Bilinearly warp (B, C, H, W) by ``theta`` (B, 2, 3); outside the source is filled with 0."""
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def equivariance_loss(maps: Tensor, warped_maps: Tensor, theta: Tensor) -> Tensor:
+    """1 - mean cosine similarity between foreground maps (B, n, H, W) of the clean view and the maps of the
+    view warped by ``theta``, warped back with the inverse transform. Flattened per (image, concept)."""
+    back = warp(warped_maps[:, :-1].float(), invert_affine(theta.float()))
+    cos = F.cosine_similarity(maps[:, :-1].float().flatten(2), back.flatten(2), dim=-1, eps=1e-8)
+    return 1.0 - cos.mean()
+
+
+def ivpt_losses(
+    out,
+    labels: Tensor,
+    cfg: LossConfig,
+    *,
+    warped_out=None,
+    theta: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of all eight terms for an :class:`~ivpt.model.IVPTOutput`.
+
+    ``warped_out`` is the output for the batch warped by ``theta`` (see :func:`random_affine`); without it the
+    equivariance term is skipped. Terms with weight 0 are not computed. Returns (total, {term: detached value}).
+    """
+    weights = cfg.weights()
+    maps = out.maps
+
+    def stage_mean(fn):
+        return torch.stack([fn(s) for s in maps]).mean()
+
+    terms: dict[str, callable] = {
+        "classification": lambda: classification_loss(out.logits, labels, label_smoothing=cfg.label_smoothing),
+        "consistency": lambda: consistency_loss(maps[-1], out.grouped_maps),
+        "orthogonality": lambda: orthogonality_loss(out.modulated),
+        "presence": lambda: stage_mean(presence_loss),
+        "bg_presence": lambda: stage_mean(bg_presence_loss),
+        "tv": lambda: stage_mean(tv_loss),
+        "entropy": lambda: stage_mean(entropy_loss),
+    }
+    if warped_out is not None and theta is not None:
+        terms["equivariance"] = lambda: torch.stack(
+            [equivariance_loss(a, b, theta) for a, b in zip(maps, warped_out.maps)]
+        ).mean()
+    total = labels.new_zeros((), dtype=torch.float32)
+    logged: dict[str, Tensor] = {}
+    for name in LOSS_TERMS:
+        if name not in terms or weights[name] == 0:
+            continue
+        value = terms[name]()
+        logged[name] = value.detach()
+        total = total + weights[name] * value
+    return total, logged

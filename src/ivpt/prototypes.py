@@ -1,0 +1,123 @@
+"""Concept stages: prototypes + spatial prior → soft part maps, argmax region pooling, and (for prompted stages)
+the fine→coarse assignment and the prompt tokens built from it. SPEC section 2, steps 3.2–3.9.
+
+Shapes: B batch, D width, H×W patch grid, L = H·W, n prototypes (P = n-1 foreground + background last),
+N coarse concepts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConceptStage", "region_pool", "renormalise"]
+
+
+def region_pool(maps: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Average features over each prototype's argmax region, weighted by the map.
+
+    Args:
+        maps: (B, n, L) soft assignment of every pixel to the n prototypes.
+        feats: (B, L, D) features.
+    Returns:
+        pooled (B, n, D) — zero for a prototype that wins no pixel — and counts (B, n), pixels won.
+    """
+    n = maps.shape[1]
+    winner = F.one_hot(maps.argmax(dim=1), n).transpose(1, 2).to(maps.dtype)  # (B, n, L)
+    weights = maps * winner
+    counts = winner.sum(dim=-1)
+    total = weights.sum(dim=-1, keepdim=True)
+    pooled = torch.bmm(weights, feats.to(weights.dtype)) / total.clamp_min(1e-12)
+    # A prototype with no pixels has total == 0, so pooled is already exactly 0 there.
+    return pooled, counts
+
+
+def renormalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
+    """Add ``eps`` and renormalise over channels (dim 1) so that no map value is exactly zero."""
+    maps = maps + eps
+    return maps / maps.sum(dim=1, keepdim=True)
+
+
+class ConceptStage(nn.Module):
+    """One depth's class-agnostic concept prototypes.
+
+    Args:
+        num_prototypes: n, including the background prototype (the last one).
+        dim: feature width D.
+        grid: (H, W) patch grid the spatial bias is stored at; other grids get a bilinear resize.
+        num_coarse: N for a prompted stage (adds the fine→coarse assigner and the prompt projection); None for
+            the final stage.
+        init_std: standard deviation of the prototypes' normal initialisation.
+    """
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        dim: int,
+        grid: tuple[int, int],
+        *,
+        num_coarse: int | None = None,
+        init_std: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.num_prototypes = num_prototypes
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * init_std)
+        self.spatial_bias = nn.Parameter(torch.zeros(num_prototypes, *grid))
+        self.assigner: nn.Linear | None = None
+        self.prompt_proj: nn.Linear | None = None
+        if num_coarse is not None:
+            self.assigner = nn.Linear(dim, num_coarse)
+            self.prompt_proj = nn.Linear(dim, dim)
+            nn.init.trunc_normal_(self.prompt_proj.weight, std=0.02)
+            nn.init.zeros_(self.prompt_proj.bias)
+
+    @property
+    def num_foreground(self) -> int:
+        return self.num_prototypes - 1
+
+    def bias_for(self, grid: tuple[int, int]) -> Tensor:
+        """(n, H, W) spatial bias at ``grid`` (bilinear resize when it differs from the stored grid)."""
+        bias = self.spatial_bias
+        if tuple(bias.shape[-2:]) != tuple(grid):
+            bias = F.interpolate(bias[None], size=grid, mode="bilinear", align_corners=False)[0]
+        return bias
+
+    def maps(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Soft part maps S (B, n, H, W) from features (B, L, D): softmax_k(-||f - π_k||² + β_k).
+
+        ||f||² is the same for every prototype, so it cancels in the softmax and is not computed; the maps are
+        evaluated in float32 even under autocast because squared distances lose too much in bf16.
+        """
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            f = feats.float()
+            protos = self.prototypes.float()
+            logits = 2.0 * f @ protos.t() - (protos * protos).sum(-1)  # (B, L, n)
+            logits = logits.transpose(1, 2).reshape(f.shape[0], -1, *grid) + self.bias_for(grid).float()
+            return logits.softmax(dim=1)
+
+    def assign(self, regions: Tensor, counts: Tensor, *, tau: float, sample: bool) -> Tensor:
+        """Fine→coarse assignment Q (B, P, N) of the P foreground regions (B, P, D).
+
+        Gumbel-softmax when ``sample`` (training), plain softmax otherwise; rows of empty regions are uniform.
+        """
+        assert self.assigner is not None, "the final stage has no assigner"
+        z = self.assigner(regions)
+        q = F.gumbel_softmax(z, tau=tau, hard=False, dim=-1) if sample else (z / tau).softmax(dim=-1)
+        empty = (counts == 0).unsqueeze(-1)
+        return torch.where(empty, torch.full_like(q, 1.0 / q.shape[-1]), q)
+
+    def prompts(self, regions: Tensor, assignment: Tensor) -> Tensor:
+        """Prompt tokens (B, N, D) from foreground regions (B, P, D) and a detached assignment (B, P, N)."""
+        assert self.prompt_proj is not None, "the final stage has no prompt projection"
+        weights = assignment.detach()
+        coarse = torch.einsum("bkn,bkd->bnd", weights, regions) / weights.sum(dim=1).unsqueeze(-1)
+        # One LayerNorm over all N·D values of a sample jointly, without affine (the reference froze its affine
+        # by accident; an affine-free norm is what it actually trained).
+        coarse = F.layer_norm(coarse, coarse.shape[-2:])
+        return self.prompt_proj(coarse.to(self.prompt_proj.weight.dtype))
+
+    @staticmethod
+    def grouped_map(maps: Tensor, assignment: Tensor) -> Tensor:
+        """Fine maps (B, n, H, W) grouped into N coarse + background channels (B, N+1, H, W); no detach."""
+        fg = torch.einsum("bkhw,bkn->bnhw", maps[:, :-1], assignment.to(maps.dtype))
+        return torch.cat([fg, maps[:, -1:]], dim=1)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random ViTs (4 blocks, width 32) that build and run in milliseconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ivpt.config import ModelConfig  # noqa: E402
+from ivpt.model import IVPT  # noqa: E402
+
+TINY = dict(depth=4, embed_dim=32, num_heads=2, init_values=1.0)  # LayerScale 1: blocks that matter
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    values = dict(
+        backbone="vit_small_patch14_reg4_dinov2",
+        img_size=56,
+        num_classes=7,
+        n_pro=[5, 4, 3],
+        weights="random",
+        backbone_kwargs=dict(TINY),
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> IVPT:
+    torch.manual_seed(seed)
+    return IVPT(tiny_cfg(**overrides))
+
+
+@pytest.fixture
+def model() -> IVPT:
+    return tiny_model()

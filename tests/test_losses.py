@@ -1,0 +1,118 @@
+"""Each loss on hand-made inputs whose value is known by construction."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivpt.config import LossConfig
+from ivpt.losses import (
+    bg_presence_loss,
+    classification_loss,
+    consistency_loss,
+    entropy_loss,
+    equivariance_loss,
+    invert_affine,
+    ivpt_losses,
+    orthogonality_loss,
+    presence_loss,
+    random_affine,
+    tv_loss,
+    warp,
+)
+
+from .conftest import tiny_model
+
+
+def _softmaps(b=2, n=4, h=8, w=8, seed=0):
+    return torch.randn(b, n, h, w, generator=torch.Generator().manual_seed(seed)).softmax(1)
+
+
+def test_classification_is_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    expected = (math.log(1 + math.exp(-2.0)) + math.log(2)) / 2
+    assert classification_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_consistency_zero_for_identical_maps_and_kl_otherwise():
+    t = _softmaps()
+    assert consistency_loss(t, [t.clone(), t.clone()]).item() == pytest.approx(0.0, abs=1e-6)
+    m = _softmaps(seed=1)
+    kl = (t * (t.log() - m.log())).sum(1).mean()
+    assert consistency_loss(t, [m]).item() == pytest.approx(kl.item(), rel=1e-4)
+    assert consistency_loss(t, [t, m]).item() == pytest.approx(kl.item() / 2, rel=1e-4)
+
+
+def test_orthogonality():
+    eye = torch.eye(6)[:, :3].expand(2, 6, 3) * 5  # orthogonal columns of any length
+    assert orthogonality_loss(eye).item() == pytest.approx(0.0, abs=1e-7)
+    same = torch.ones(1, 4, 3)  # three identical columns: off-diagonal Gram = 1 → 6 ones over 9 entries
+    assert orthogonality_loss(same).item() == pytest.approx(6 / 9, abs=1e-6)
+
+
+def test_tv_and_entropy_known_values():
+    const = torch.full((2, 3, 5, 5), 1 / 3)
+    assert tv_loss(const).item() == 0.0
+    assert entropy_loss(const).item() == pytest.approx(math.log(3), abs=1e-5)
+    onehot = F.one_hot(torch.randint(0, 3, (2, 5, 5)), 3).permute(0, 3, 1, 2).float()
+    assert entropy_loss(onehot).item() == pytest.approx(0.0, abs=1e-4)
+    # a vertical edge: channel 0 is 1 on the left half, channel 1 on the right half
+    edge = torch.zeros(1, 2, 4, 4)
+    edge[0, 0, :, :2] = 1
+    edge[0, 1, :, 2:] = 1
+    # 4 rows × 1 jump × 2 channels = 8, divided by B·H·W = 16
+    assert tv_loss(edge).item() == pytest.approx(0.5)
+
+
+def test_presence_and_background_presence():
+    maps = torch.zeros(2, 3, 6, 6)
+    maps[:, 2] = 1.0  # all background
+    maps[0, 0, 1:4, 1:4], maps[0, 2, 1:4, 1:4] = 1.0, 0.0  # concept 0 fills a 3×3 block in image 0
+    # concept 0's 3×3 average peaks at 1, concept 1 never shows up: 1 - (1 + 0) / 2
+    assert presence_loss(maps).item() == pytest.approx(0.5)
+    # image 1: background everywhere → pooled 1 at a corner where the radial weight is 1 → -log 1 = 0.
+    # image 0: the block (rows/cols 1-3) leaves the best corner window (rows/cols 3-5) with 8/9 background.
+    assert bg_presence_loss(maps).item() == pytest.approx(-math.log(8 / 9) / 2, abs=1e-6)
+    assert bg_presence_loss(maps[1:]).item() == pytest.approx(0.0, abs=1e-6)
+    centre_only = torch.zeros(1, 2, 5, 5)
+    centre_only[:, 0] = 1
+    centre_only[0, 0, 2, 2], centre_only[0, 1, 2, 2] = 0, 1  # background only at the centre (weight 0)
+    assert bg_presence_loss(centre_only).item() > 10
+
+
+def test_equivariance_zero_for_identity_and_equivariant_maps():
+    maps = _softmaps(n=3, h=16, w=16)
+    identity = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]).expand(2, 2, 3)
+    assert equivariance_loss(maps, maps, identity).item() == pytest.approx(0.0, abs=1e-6)
+    # a 90° rotation is exact on the pixel grid: warping the maps themselves gives perfectly equivariant maps
+    rot = torch.tensor([[[0.0, -1, 0], [1, 0, 0]]]).expand(2, 2, 3)
+    assert equivariance_loss(maps, warp(maps, rot), rot).item() == pytest.approx(0.0, abs=1e-5)
+    assert equivariance_loss(maps, maps, rot).item() > 0.01
+
+
+def test_random_affine_ranges_and_inverse():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        theta = random_affine(3, generator=g)
+        a = theta[0, :, :2]
+        scale = 1 / torch.linalg.det(a).sqrt()
+        assert 0.8 - 1e-5 <= scale <= 1.4 + 1e-5
+        assert theta[0, :, 2].abs().max() <= 0.22 + 1e-6
+        composed = invert_affine(theta)[:, :, :2] @ a
+        assert torch.allclose(composed, torch.eye(2).expand(3, 2, 2), atol=1e-5)
+
+
+def test_combiner_weights_and_terms():
+    model = tiny_model().train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
+    theta = random_affine(2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out, warped = model(x), model(warp(x, theta))
+    total, terms = ivpt_losses(out, y, LossConfig(), warped_out=warped, theta=theta)
+    assert set(terms) == {"classification", "consistency", "orthogonality", "equivariance", "presence",
+                          "bg_presence", "tv", "entropy"}
+    assert total.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-5)
+    weighted, terms2 = ivpt_losses(out, y, LossConfig(tv=2.0, entropy=0.0), warped_out=warped, theta=theta)
+    assert "entropy" not in terms2
+    expected = total - terms["entropy"] + terms["tv"]
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)

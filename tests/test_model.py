@@ -1,0 +1,207 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from ivpt.checkpoint import CheckpointError
+from ivpt.config import ConfigError, load_config
+from ivpt.losses import (
+    bg_presence_loss,
+    classification_loss,
+    consistency_loss,
+    entropy_loss,
+    equivariance_loss,
+    orthogonality_loss,
+    presence_loss,
+    random_affine,
+    tv_loss,
+    warp,
+)
+from ivpt.model import IVPT, create_model
+
+from .conftest import TINY, tiny_cfg, tiny_model
+
+
+@pytest.mark.parametrize("backbone", ["vit_small_patch14_reg4_dinov2", "vit_small_patch14_dinov2"])
+def test_backbone_path_reproduces_timm(backbone):
+    model = tiny_model(backbone=backbone)
+    reference = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=56, **TINY)
+    reference.load_state_dict(model.backbone.state_dict())
+    model.eval(), reference.eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = model(x, insert_prompts=False).tokens
+        theirs = reference.forward_features(x)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    # and the prompts really change the path
+    with torch.no_grad():
+        assert not torch.allclose(model(x).tokens, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_pro", [[17, 14, 11, 8, 5], [3, 2]])
+def test_output_shapes_and_normalisation(n_pro):
+    model = tiny_model(n_pro=n_pro).eval()
+    B, C, D, H = 2, 7, 32, 4
+    m, N = len(n_pro) - 1, n_pro[-1] - 1
+    out = model(torch.randn(B, 3, 56, 56))
+    assert out.logits.shape == (B, C)
+    assert out.part_logits.shape == (B, N, C)
+    assert torch.allclose(out.part_logits.mean(1), out.logits)
+    assert [tuple(s.shape) for s in out.maps] == [(B, n, H, H) for n in n_pro]
+    assert [tuple(s.shape) for s in out.grouped_maps] == [(B, N + 1, H, H)] * m
+    assert [tuple(q.shape) for q in out.assignments] == [(B, n - 1, N) for n in n_pro[:-1]]
+    assert [tuple(c.shape) for c in out.region_counts] == [(B, n) for n in n_pro]
+    assert out.modulated.shape == (B, D, N + 1)
+    assert out.tokens.shape == (B, 5 + H * H, D)
+    for s in out.maps + out.grouped_maps:
+        assert torch.allclose(s.sum(1), torch.ones(B, H, H), atol=1e-5)
+    for q in out.assignments:
+        assert torch.allclose(q.sum(-1), torch.ones_like(q[..., 0]), atol=1e-5)
+    for c in out.region_counts:
+        assert (c.sum(1) == H * H).all()
+
+
+def test_other_image_size_resizes_spatial_bias(model):
+    model.eval()
+    with torch.no_grad():
+        model.stages[0].spatial_bias.normal_()
+        out = model(torch.randn(1, 3, 84, 84))
+    assert out.maps[0].shape == (1, 5, 6, 6)
+    assert model.stages[0].spatial_bias.shape == (5, 4, 4)
+
+
+def test_eval_deterministic_and_training_samples_gumbel(model):
+    x = torch.randn(2, 3, 56, 56)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.assignments[0], b.assignments[0])
+    model.train()
+    with torch.no_grad():
+        c, d = model(x), model(x)
+    assert not torch.allclose(c.assignments[0], d.assignments[0])
+    # the maps themselves carry no noise
+    assert torch.allclose(c.maps[0], a.maps[0], atol=1e-6)
+
+
+def _nonzero_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def _names(model, *, stages, attrs):
+    return {f"stages.{i}.{a}" for i in stages for a in attrs}
+
+
+def test_gradient_flow_matches_spec():
+    model = tiny_model(n_pro=[5, 4, 3]).train()
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 56, 56), torch.tensor([0, 3, 6])
+    tokens = {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token"}
+    prompted, final = [0, 1], [2]
+    protos = _names(model, stages=prompted + final, attrs=["prototypes", "spatial_bias"])
+    assigners = _names(model, stages=prompted, attrs=["assigner.weight", "assigner.bias"])
+    projections = _names(model, stages=prompted, attrs=["prompt_proj.weight", "prompt_proj.bias"])
+    final_protos = _names(model, stages=final, attrs=["prototypes", "spatial_bias"])
+    head = {"modulation.weight", "modulation.bias", "classifier.weight"}
+
+    out = model(x)
+    assert _nonzero_grads(model, classification_loss(out.logits, y)) == projections | final_protos | head | tokens
+    out = model(x)
+    assert _nonzero_grads(model, consistency_loss(out.maps[-1], out.grouped_maps)) == (
+        _names(model, stages=prompted, attrs=["prototypes", "spatial_bias"]) | assigners
+    )
+    out = model(x)
+    assert _nonzero_grads(model, orthogonality_loss(out.modulated)) == (
+        projections | final_protos | {"modulation.weight", "modulation.bias"} | tokens
+    )
+    for fn in (presence_loss, bg_presence_loss, tv_loss, entropy_loss):
+        out = model(x)
+        assert _nonzero_grads(model, sum(fn(s) for s in out.maps)) == protos, fn.__name__
+    theta = random_affine(3, generator=torch.Generator().manual_seed(0))
+    out, warped = model(x), model(warp(x, theta))
+    loss = sum(equivariance_loss(a, b, theta) for a, b in zip(out.maps, warped.maps))
+    assert _nonzero_grads(model, loss) == protos
+
+
+def test_frozen_tokens_switch():
+    model = tiny_model(train_tokens=False)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("backbone.") for n in names)
+    out = model(torch.randn(2, 3, 56, 56))
+    assert _nonzero_grads(model, classification_loss(out.logits, torch.tensor([1, 2])))
+
+
+def test_validation_errors():
+    with pytest.raises(ConfigError, match="at least 2 stages"):
+        tiny_cfg(n_pro=[5])
+    with pytest.raises(ConfigError, match="at least 2 prototypes"):
+        tiny_cfg(n_pro=[5, 1])
+    with pytest.raises(ConfigError, match="only 4 blocks"):
+        IVPT(tiny_cfg(n_pro=[9, 8, 7, 6, 5, 4]))
+    with pytest.raises(ConfigError, match="no field 'n_pros'"):
+        load_config(None, ["model.n_pros=3,2"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        from ivpt.config import Config
+
+        Config.from_dict({"model": {"n_prox": [3, 2]}})
+
+
+def test_config_round_trip_and_overrides(tmp_path):
+    cfg = load_config("configs/cub_vitb14_reg4_paper.yaml", ["model.n_pro=9,7,5", "optim.amp=fp16", "train.tensorboard=true"])
+    assert cfg.model.n_pro == [9, 7, 5] and cfg.optim.amp == "fp16" and cfg.train.tensorboard is True
+    from ivpt.config import Config
+
+    again = Config.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["optim"]["head_lr_mult"] == 1e4
+
+
+def test_paper_config_parameter_count_and_learning_rates():
+    cfg = load_config("configs/cub_vitb14_reg4_paper.yaml")
+    model = create_model(cfg.model, weights="random")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 3_708_719
+    groups = {g["name"]: g for g in model.param_groups(cfg.optim.base_lr, cfg.optim.head_lr_mult,
+                                                        cfg.optim.concept_lr_mult)}
+    lr = {name: g["lr"] for name, g in groups.items()}
+    for name in ("classifier", "modulation", "prompt_proj", "assigners"):
+        assert lr[name] == pytest.approx(1e-2)
+    for name in ("prototypes", "spatial_bias", "tokens"):
+        assert lr[name] == pytest.approx(2e-4)
+    count = {name: sum(p.numel() for p in g["params"]) for name, g in groups.items()}
+    assert count == {
+        "classifier": 153_600, "modulation": 7_680, "prompt_proj": 2_362_368, "assigners": 12_304,
+        "prototypes": 42_240, "spatial_bias": 75_295, "tokens": 1_051_392 + 768 + 3_072,
+    }
+
+
+def test_save_load_round_trip(tmp_path, model):
+    model.eval()
+    with torch.no_grad():
+        for s in model.stages:
+            s.spatial_bias.normal_()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    torch.manual_seed(123)  # a different random backbone init must not matter: backbone weights are 'random'
+    with pytest.warns(UserWarning, match="backbone weights differ"):
+        loaded = IVPT.from_pretrained(tmp_path / "ckpt")
+    loaded.backbone.load_state_dict(model.backbone.state_dict())
+    loaded.eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_wrong_shape_checkpoint_is_refused(tmp_path, model):
+    model.save_pretrained(tmp_path / "ckpt")
+    other = tiny_model(n_pro=[6, 4, 3])
+    from ivpt.checkpoint import load_pretrained
+
+    with pytest.raises(CheckpointError, match=r"stages.0.prototypes: checkpoint \(5, 32\) vs model \(6, 32\)"):
+        load_pretrained(other, tmp_path / "ckpt")
+    fewer = tiny_model(n_pro=[4, 3])
+    with pytest.raises(CheckpointError, match="not in model: .*stages.2"):
+        load_pretrained(fewer, tmp_path / "ckpt")
