@@ -53,6 +53,7 @@ class ModelConfig:
     weights: str = "auto"
     train_tokens: bool = True  # pos_embed, cls_token and reg_token trainable, as in the paper
     gumbel_tau: float = 1.0
+    train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
     num_prompts: int = 10  # VPT baselines only: learned prompt tokens per block
@@ -185,6 +186,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     bbox_crop: bool = False  # crop classification images to the bounding box
+    augment: bool = True  # false: training images get the deterministic eval transform
 
     def __post_init__(self) -> None:
         if self.format not in ("cub", "imagefolder"):

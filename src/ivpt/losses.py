@@ -157,19 +157,25 @@ def ivpt_losses(
     def stage_mean(fn):
         return torch.stack([fn(s) for s in maps]).mean()
 
+    # Models without concept maps or grouped maps (the baselines) simply have fewer terms.
     terms: dict[str, callable] = {
         "classification": lambda: classification_loss(out.logits, labels, label_smoothing=cfg.label_smoothing),
-        "consistency": lambda: consistency_loss(maps[-1], out.grouped_maps),
-        "orthogonality": lambda: orthogonality_loss(out.modulated),
-        "presence": lambda: stage_mean(presence_loss),
-        "bg_presence": lambda: stage_mean(bg_presence_loss),
-        "tv": lambda: stage_mean(tv_loss),
-        "entropy": lambda: stage_mean(entropy_loss),
     }
-    if warped_out is not None and theta is not None:
-        terms["equivariance"] = lambda: torch.stack(
-            [equivariance_loss(a, b, theta) for a, b in zip(maps, warped_out.maps)]
-        ).mean()
+    if out.grouped_maps:
+        terms["consistency"] = lambda: consistency_loss(maps[-1], out.grouped_maps)
+    if out.modulated is not None:
+        terms["orthogonality"] = lambda: orthogonality_loss(out.modulated)
+    if maps:
+        terms.update(
+            presence=lambda: stage_mean(presence_loss),
+            bg_presence=lambda: stage_mean(bg_presence_loss),
+            tv=lambda: stage_mean(tv_loss),
+            entropy=lambda: stage_mean(entropy_loss),
+        )
+        if warped_out is not None and theta is not None:
+            terms["equivariance"] = lambda: torch.stack(
+                [equivariance_loss(a, b, theta) for a, b in zip(maps, warped_out.maps)]
+            ).mean()
     total = labels.new_zeros((), dtype=torch.float32)
     logged: dict[str, Tensor] = {}
     for name in LOSS_TERMS:

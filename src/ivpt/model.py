@@ -157,7 +157,7 @@ class IVPT(PretrainedMixin, nn.Module):
     def forward(self, x: Tensor, *, insert_prompts: bool = True) -> IVPTOutput:
         """Run IVPT on normalised images (B, 3, H, W). ``insert_prompts=False`` runs the plain backbone."""
         bb, m = self.backbone, self.cfg.num_stages
-        sample = self.training or self.cfg.eval_gumbel
+        sample = self.cfg.train_gumbel if self.training else self.cfg.eval_gumbel
         # Nothing before the first prompted block is trainable when the tokens are frozen: no autograd there.
         prefix_ctx = torch.no_grad() if not self.cfg.train_tokens else contextlib.nullcontext()
         with prefix_ctx:

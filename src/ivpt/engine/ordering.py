@@ -1,0 +1,96 @@
+"""Data order and augmentation randomness as pure functions of (seed, epoch, index).
+
+That makes three things exact rather than approximate: resuming mid-epoch (skip the batches already seen, no
+data touched), the same global batch under any number of processes (rank r takes the r-th slice of every global
+batch), and augmentation that does not depend on how many workers load the data.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["GlobalBatchSampler", "SeededDataset", "ShardSampler"]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of one rank: the epoch's permutation is cut into global batches of ``global_batch``; rank r takes
+    items [r·b, (r+1)·b) of each, b = global_batch / world_size. The last partial global batch is dropped.
+
+    Args:
+        n: dataset length.
+        global_batch: images per global (micro-)batch over all processes.
+        seed, epoch: the permutation is ``randperm(n)`` under ``seed * 1000003 + epoch``.
+        start: global batches of this epoch already consumed (resume).
+    """
+
+    def __init__(self, n: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start: int = 0) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not divide over {world_size} processes")
+        if n < global_batch:
+            raise ValueError(f"the training set has {n} images, fewer than one batch of {global_batch}; "
+                             "lower optim.batch_size")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world_size
+        self.seed, self.epoch, self.start = seed, epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.global_batch // self.world
+        for i in range(self.start, self.n // self.global_batch):
+            lo = i * self.global_batch + self.rank * per_rank
+            yield perm[lo : lo + per_rank]
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank r takes indices r, r+W, r+2W, ... — every item exactly once over all ranks."""
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class SeededDataset(Dataset):
+    """Seeds python / numpy / torch RNGs from (seed, epoch, index) before each item, so random augmentations are a
+    function of the item, not of which worker loads it or how many items that worker loaded before."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # avoid recursion while unpickling in a worker
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        # Restore the caller's RNG afterwards: with num_workers=0 this runs in the training process, whose
+        # stream (Gumbel noise, equivariance transforms) must not depend on data loading.
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(item_seed)
+            np.random.seed(item_seed % 2**32)
+            torch.manual_seed(item_seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
