@@ -1,0 +1,74 @@
+"""``ivpt eval CHECKPOINT --data ROOT``: accuracy and interpretability metrics → ``OUT/eval.json`` + a table."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..evaluation import ALL_METRICS
+
+    parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
+    parser.add_argument("--data", help="dataset root (default: data.root of the run that wrote the checkpoint)")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--metrics", default=",".join(ALL_METRICS),
+                        help=f"comma-separated subset of {','.join(ALL_METRICS)}")
+    parser.add_argument("--stage", default=None,
+                        help="stage for consistency/stability etc.: auto (n_pro[-3]), final or an index")
+    parser.add_argument("--out", help="folder for eval.json (default: the checkpoint's run folder)")
+    parser.add_argument("--weights", default=None, help="override the backbone weight source")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. eval.half_size=36 data.format=cub")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_config(checkpoint: Path, overrides: list[str]):
+    """The config of the run that produced ``checkpoint`` (its folder's parent), with the checkpoint's model."""
+    import yaml
+
+    from ..checkpoint import read_pretrained_config
+    from ..config import Config
+
+    model_cfg, meta = read_pretrained_config(checkpoint)
+    run_yaml = checkpoint.parent / "config.yaml"
+    data = yaml.safe_load(run_yaml.read_text()) if run_yaml.is_file() else {}
+    data["model"] = {**data.get("model", {}), **meta["model"]}
+    return Config.from_dict(data).with_overrides(overrides), meta
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError, load_pretrained
+    from ..config import ConfigError
+    from ..evaluation import evaluate, format_table
+    from ..model import create_model
+
+    checkpoint = Path(args.checkpoint)
+    extra = list(args.overrides)
+    if args.data:
+        extra.append(f"data.root={args.data}")
+    if args.stage is not None:
+        extra.append(f"eval.stage={args.stage}")
+    if args.batch_size:
+        extra.append(f"eval.batch_size={args.batch_size}")
+    try:
+        cfg, meta = run_config(checkpoint, extra)
+        if not cfg.data.root:
+            raise ConfigError("no dataset: pass --data ROOT")
+        model = create_model(cfg.model, weights=args.weights)
+        load_pretrained(model, checkpoint, meta=meta)
+        result = evaluate(model, cfg, split=args.split, metrics=[m for m in args.metrics.split(",") if m],
+                          progress=not args.no_progress)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["checkpoint"] = {"path": str(checkpoint.resolve()), **meta.get("backbone", {})}
+    out = Path(args.out) if args.out else checkpoint.parent
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"written {out / 'eval.json'}")
+    return 0

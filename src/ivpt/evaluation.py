@@ -1,0 +1,244 @@
+"""Dataset-level evaluation (SPEC section 4): accuracy and the interpretability metrics of every stage.
+
+Three passes at most, each shared by every metric and every stage that needs it:
+
+* ``full``  — the split with the deterministic eval transform: accuracy, NMI/ARI at keypoints, keypoint
+  regression error, foreground IoU;
+* ``train`` — the training split, only to fit the keypoint regressors (``kpr``);
+* ``crop``  — bounding-box crops of the split, clean and noisy images in ONE forward of twice the batch:
+  consistency and stability.
+
+Every meter keeps summable counts, so under torchrun each rank evaluates a disjoint shard and the counts are
+summed: no sample is duplicated or dropped whatever the world size or batch size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError
+from .engine import distributed as D
+from .engine.evaluate import eval_loader
+from .metrics import (
+    AccuracyMeter,
+    ContingencyMeter,
+    FgIoUMeter,
+    KeypointErrorMeter,
+    KeypointFitMeter,
+    PartMeter,
+    add_protocol_noise,
+    centroid_features,
+    concepts_at_keypoints,
+    keypoint_hits,
+    soft_centroids,
+)
+
+__all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "format_table"]
+
+ALL_METRICS = ("acc", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
+
+
+def resolve_stage(spec: str | int, num_stages: int) -> int:
+    """Stage index from ``eval.stage``: 'auto' → the stage with n_pro[-3] prototypes (the paper's choice; the
+    final stage when there are fewer than 3), 'final' → the last, or an index (negative counts from the end)."""
+    spec = str(spec)
+    if spec == "auto":
+        return num_stages - 3 if num_stages >= 3 else num_stages - 1
+    if spec == "final":
+        return num_stages - 1
+    try:
+        index = int(spec)
+    except ValueError:
+        raise ConfigError(f"eval.stage={spec!r} must be 'auto', 'final' or a stage index") from None
+    if not -num_stages <= index < num_stages:
+        raise ConfigError(f"eval.stage={spec} is out of range for {num_stages} stages")
+    return index % num_stages
+
+
+def _to_bbox_frame(points: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
+    """(B, P, 2) pixel coordinates → the bbox-normalised frame ((x - x0)/w, (y - y0)/h)."""
+    origin = bbox[:, None, :2]
+    size = (bbox[:, None, 2:] - bbox[:, None, :2]).clamp(min=1e-6)
+    return (points - origin) / size
+
+
+def _centroids_in_bbox(maps: torch.Tensor, bbox: torch.Tensor, image_hw: tuple[int, int], threshold: float):
+    cent, active = soft_centroids(maps, active_threshold=threshold)  # (B, K-1, 2) in [0, 1] of the image
+    scale = torch.tensor([image_hw[1], image_hw[0]], dtype=cent.dtype)
+    return centroid_features(_to_bbox_frame(cent * scale, bbox.to(cent.dtype)), active)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    cfg: Config,
+    *,
+    split: str = "test",
+    metrics: Iterable[str] = ALL_METRICS,
+    info: D.DistInfo | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
+    from tqdm.auto import tqdm
+
+    from .data import CubDataset, build_eval_transform
+    from .engine.trainer import _autocast
+
+    requested = set(metrics)
+    unknown = requested - set(ALL_METRICS)
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    info = info or D.setup(cfg.train.device)
+    device, e = info.device, cfg.eval
+    model = model.to(device).eval()
+    n_pro = list(getattr(cfg.model, "n_pro", []))
+    has_maps = cfg.model.kind in ("ivpt", "last_layer_parts")
+    parts_needed = has_maps and bool(requested & {"consistency", "stability", "nmi_ari", "kpr", "fg_iou"})
+    if parts_needed and cfg.data.format != "cub":
+        raise ConfigError("interpretability metrics need keypoints: use a CUB-layout dataset (data.format=cub)")
+    stage_ids = list(range(len(n_pro))) if cfg.model.kind == "ivpt" else [len(n_pro) - 1]
+    chosen = resolve_stage(e.stage, len(n_pro)) if has_maps else None
+    if has_maps and chosen not in stage_ids:
+        chosen = stage_ids[-1]
+    t0 = time.perf_counter()
+    transform = build_eval_transform(cfg.data, cfg.model.img_size)
+    bar = dict(disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+
+    def forward(images: torch.Tensor):
+        with _autocast(device, cfg.optim.amp):
+            return model(images.to(device, non_blocking=True))
+
+    def stage_maps(out, s: int) -> torch.Tensor:
+        return out.maps[stage_ids.index(s)].float().cpu() if cfg.model.kind == "ivpt" else out.maps[-1].float().cpu()
+
+    # ---- train pass: keypoint regressors
+    regressors = {}
+    if has_maps and "kpr" in requested:
+        train_set = CubDataset(cfg.data.root, "train", transform=transform, with_parts=True)
+        # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
+        fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
+        for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
+            out = forward(batch["image"])
+            y = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float())
+            for s in stage_ids:
+                x, act = _centroids_in_bbox(stage_maps(out, s), batch["bbox"], tuple(batch["image"].shape[-2:]),
+                                            e.active_threshold)
+                fit[s].update(x, y, batch["visible"], active=act)
+        for s, meter in fit.items():
+            meter.all_reduce(D.all_reduce_sum)
+            regressors[s] = meter.fit()
+
+    # ---- full pass: accuracy, NMI/ARI, keypoint error, foreground IoU
+    dataset = (CubDataset(cfg.data.root, split, transform=transform, with_parts=parts_needed)
+               if cfg.data.format == "cub" else _imagefolder(cfg, split, transform))
+    acc = AccuracyMeter(cfg.model.num_classes)
+    num_parts = len(getattr(dataset, "part_names", []) or [])
+    with_masks = parts_needed and "fg_iou" in requested and bool(getattr(dataset, "has_masks", False))
+    cont = {s: ContingencyMeter(num_parts, n_pro[s]) for s in stage_ids} if parts_needed and "nmi_ari" in requested else {}
+    kerr = {s: KeypointErrorMeter() for s in regressors}
+    iou = {s: FgIoUMeter() for s in stage_ids} if with_masks else {}
+    for batch in tqdm(eval_loader(dataset, cfg, info), desc=f"evaluate ({split})", **bar):
+        out = forward(batch["image"])
+        acc.update(out.logits.float().cpu(), batch["label"])
+        if not parts_needed:
+            continue
+        hw = tuple(batch["image"].shape[-2:])
+        for s in stage_ids:
+            maps = stage_maps(out, s)
+            if s in cont:
+                c = concepts_at_keypoints(maps, batch["keypoints"], batch["visible"], hw)
+                cont[s].update(c)
+            if s in kerr:
+                x, act = _centroids_in_bbox(maps, batch["bbox"], hw, e.active_threshold)
+                y = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float())
+                kerr[s].update(regressors[s], x, y, batch["visible"], active=act)
+            if s in iou:
+                iou[s].update(maps, batch["mask"])
+
+    # ---- crop pass: consistency and stability, clean + noisy in one forward
+    part = {}
+    if has_maps and requested & {"consistency", "stability"}:
+        crops = CubDataset(cfg.data.root, split, transform=transform, with_parts=True, bbox_crop=True)
+        noise_gen = torch.Generator().manual_seed(cfg.train.seed)
+        noisy = "stability" in requested
+        num_kp = len(crops.part_names)
+        part = {s: PartMeter(cfg.model.num_classes, n_pro[s] - 1, num_kp, threshold=e.threshold) for s in stage_ids}
+        for batch in tqdm(eval_loader(crops, cfg, info), desc="consistency/stability", **bar):
+            images = batch["image"]
+            b = images.shape[0]
+            if noisy:
+                images = torch.cat([images, add_protocol_noise(images, std=e.noise_std, clip=e.noise_clip,
+                                                               generator=noise_gen)])
+            out = forward(images)
+            # Part geometry lives in a part_frame × part_frame frame over the crop; the reference truncates.
+            kp = (batch["keypoints"].float() * e.part_frame / images.shape[-1]).floor()
+            for s in stage_ids:
+                maps = stage_maps(out, s)[:, :-1]
+                hits = keypoint_hits(maps[:b], kp, batch["visible"], frame=e.part_frame, half_size=e.half_size)
+                hits_noisy = (keypoint_hits(maps[b:], kp, batch["visible"], frame=e.part_frame,
+                                            half_size=e.half_size) if noisy else None)
+                part[s].update(hits, batch["visible"], batch["label"], hits_noisy=hits_noisy)
+
+    for meter in [acc, *cont.values(), *kerr.values(), *iou.values(), *part.values()]:
+        meter.all_reduce(D.all_reduce_sum)
+    result: dict = {}
+    if "acc" in requested:
+        result.update(acc.compute())
+    per_stage = []
+    for s in stage_ids:
+        row: dict = {"stage": s, "n_pro": n_pro[s] if n_pro else None}
+        if s in part:
+            scores = part[s].compute()
+            row.update({k: scores[k] for k in ("consistency", "stability") if k in requested})
+        if s in cont:
+            row.update(cont[s].compute())
+        if s in kerr:
+            row["kpr"] = kerr[s].compute()["kp_error"]
+        if s in iou:
+            row["fg_iou"] = iou[s].compute()["fg_iou"]
+        per_stage.append(row)
+    if chosen is not None:
+        top = next(r for r in per_stage if r["stage"] == chosen)
+        result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
+        result["stage"] = {"index": chosen, "n_pro": n_pro[chosen], "spec": str(e.stage)}
+        result["per_stage"] = per_stage
+    result["protocol"] = asdict(e)
+    result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
+                      "images": len(dataset), "num_classes": cfg.model.num_classes}
+    result["metrics_requested"] = sorted(requested)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def _imagefolder(cfg: Config, split: str, transform):
+    from .data import ImageFolderDataset
+
+    return ImageFolderDataset(cfg.data.root, split, transform=transform)
+
+
+def format_table(result: dict) -> str:
+    """A readable summary of an eval.json dict."""
+    names = [("top1", "top-1"), ("top5", "top-5"), ("balanced_top1", "balanced top-1"),
+             ("consistency", "consistency"), ("stability", "stability"), ("nmi", "NMI"), ("ari", "ARI"),
+             ("kpr", "keypoint error (lower better)"), ("fg_iou", "foreground IoU")]
+    lines = [f"{'metric':<32}{'value':>10}"]
+    for key, label in names:
+        if key in result:
+            lines.append(f"{label:<32}{result[key]:>10.2f}")
+    if "stage" in result:
+        st = result["stage"]
+        lines.append(f"(interpretability at stage {st['index']}, {st['n_pro']} prototypes, eval.stage={st['spec']})")
+    if result.get("per_stage"):
+        keys = [k for k in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou")
+                if any(k in r for r in result["per_stage"])]
+        lines.append("")
+        lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>13}" for k in keys))
+        for r in result["per_stage"]:
+            lines.append(f"{r['stage']:<7}{r['n_pro']:>6}" + "".join(
+                f"{r[k]:>13.2f}" if k in r else f"{'-':>13}" for k in keys))
+    return "\n".join(lines)

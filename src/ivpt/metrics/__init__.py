@@ -1,0 +1,65 @@
+"""Evaluation metrics of SPEC section 4 as pure functions on tensors plus streaming, DDP-summable meters.
+
+Every meter has ``update(..., valid=None)`` per batch, ``compute()`` (or ``fit()``) at the end, and a state made
+of fixed-shape tensors that add up: ``merge`` combines two meters, ``all_reduce`` sums them over processes
+(see :mod:`ivpt.metrics.state`). Meters report percent; pure functions report what their docstring says
+(NMI/ARI as fractions, consistency/stability/accuracy/keypoint error in percent or ×100 units).
+"""
+from __future__ import annotations
+
+from .accuracy import AccuracyMeter, topk_correct
+from .discovery import (
+    ContingencyMeter,
+    FgIoUMeter,
+    KeypointErrorMeter,
+    KeypointFitMeter,
+    KeypointRegressor,
+    centroid_features,
+    concepts_at_keypoints,
+    contingency_table,
+    fg_iou,
+    fit_keypoint_regressor,
+    keypoint_regression_error,
+    nmi_ari,
+    nmi_ari_from_contingency,
+    soft_centroids,
+)
+from .parts import (
+    PartMeter,
+    add_protocol_noise,
+    consistency_from_counts,
+    consistency_score,
+    keypoint_hits,
+    part_counts,
+    stability_from_counts,
+    stability_score,
+)
+from .state import SumState
+
+__all__ = [
+    "SumState",
+    "topk_correct",
+    "AccuracyMeter",
+    "keypoint_hits",
+    "add_protocol_noise",
+    "part_counts",
+    "consistency_from_counts",
+    "stability_from_counts",
+    "consistency_score",
+    "stability_score",
+    "PartMeter",
+    "nmi_ari_from_contingency",
+    "nmi_ari",
+    "contingency_table",
+    "concepts_at_keypoints",
+    "ContingencyMeter",
+    "soft_centroids",
+    "centroid_features",
+    "KeypointRegressor",
+    "fit_keypoint_regressor",
+    "keypoint_regression_error",
+    "KeypointFitMeter",
+    "KeypointErrorMeter",
+    "fg_iou",
+    "FgIoUMeter",
+]

@@ -1,0 +1,199 @@
+"""Part consistency and stability (Huang et al., ICCV 2023), as SPEC section 4 states them.
+
+Geometry lives in a ``frame``×``frame`` pixel frame (224 in the protocol) laid over the bounding-box crop that
+the model sees. Keypoints are (x, y) = (column, row) in that frame's pixel units, compared as given with the
+integer pixel indices of the map's argmax; the reference truncates keypoints to integers
+(``int(frame * offset / bbox_size)``), so pass ``floor``-ed coordinates to reproduce it exactly.
+
+The unit of both scores is the pair (class, prototype), over the classes that occur in the evaluated data.
+Both scores only need, per class, the number of images, how often each keypoint is visible, how often each
+prototype hits each keypoint and how often a prototype's keypoint vector survives the noise. The meter keeps
+exactly these counts — O(C·K·P) integers, independent of the number of images, and summable under DDP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .state import SumState
+
+__all__ = [
+    "keypoint_hits",
+    "add_protocol_noise",
+    "part_counts",
+    "consistency_from_counts",
+    "stability_from_counts",
+    "consistency_score",
+    "stability_score",
+    "PartMeter",
+]
+
+
+def keypoint_hits(maps: Tensor, keypoints: Tensor, visible: Tensor, *, frame: int = 224,
+                  half_size: int = 36) -> Tensor:
+    """Which visible keypoints fall in each prototype's box.
+
+    maps (B, K, h, w): the K prototype maps to score (foreground channels only — drop the background first);
+    keypoints (B, P, 2): (x, y) in frame pixels; visible (B, P) bool → hits (B, K, P) bool.
+
+    Each map is upsampled bicubically (``align_corners=False``, as OpenCV's ``INTER_CUBIC``) to frame×frame; the
+    argmax (first in row-major order on ties) gives the peak (row r, column c); the box is
+    [c - half_size, c + half_size] × [r - half_size, r + half_size] clipped to [0, frame], bounds inclusive.
+    hit = visible & x, y inside the box. Only keypoints outside the frame are affected by the clipping.
+    """
+    b = maps.shape[0]
+    if keypoints.shape[:1] != (b,) or keypoints.shape[-1] != 2 or visible.shape != keypoints.shape[:2]:
+        raise ValueError(f"keypoints {tuple(keypoints.shape)} / visible {tuple(visible.shape)} do not match "
+                         f"maps {tuple(maps.shape)} as (B, P, 2) / (B, P)")
+    up = F.interpolate(maps.float(), size=(frame, frame), mode="bicubic", align_corners=False)
+    peak = up.flatten(2).argmax(dim=2)  # (B, K)
+    row, col = (peak // frame).unsqueeze(-1), (peak % frame).unsqueeze(-1)  # (B, K, 1)
+    x = keypoints[..., 0].to(up.device, torch.float32).unsqueeze(1)  # (B, 1, P)
+    y = keypoints[..., 1].to(up.device, torch.float32).unsqueeze(1)
+    inside = ((x >= (col - half_size).clamp(min=0)) & (x <= (col + half_size).clamp(max=frame))
+              & (y >= (row - half_size).clamp(min=0)) & (y <= (row + half_size).clamp(max=frame)))
+    return inside & visible.to(up.device, torch.bool).unsqueeze(1)
+
+
+def add_protocol_noise(images: Tensor, *, std: float = 0.2, clip: float = 0.25,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """``images`` (already mean/std-normalised, any shape) plus N(0, std²) noise clamped to [-clip, clip].
+
+    With a ``generator`` the noise is drawn on the generator's device, then moved to the images' device.
+    """
+    device = images.device if generator is None else generator.device
+    noise = torch.randn(images.shape, generator=generator, device=device, dtype=torch.float32)
+    return images + noise.clamp_(-clip, clip).to(images.device, images.dtype)
+
+
+def part_counts(hits: Tensor, visible: Tensor, labels: Tensor, num_classes: int, *,
+                valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class sufficient statistics of the consistency score (int64).
+
+    hits (N, K, P) bool, visible (N, P) bool, labels (N,) long →
+    ``hit_counts`` (C, K, P): images of class c where prototype k hits keypoint j;
+    ``vis_counts`` (C, P): images of class c where keypoint j is visible; ``n_images`` (C,).
+    """
+    keep = torch.ones(labels.shape[0], dtype=torch.bool, device=hits.device) if valid is None \
+        else valid.to(hits.device, torch.bool)
+    lab = labels.to(hits.device).long()[keep]
+    _, k, p = hits.shape
+    hit_counts = torch.zeros(num_classes, k, p, dtype=torch.int64, device=hits.device)
+    hit_counts.index_add_(0, lab, hits[keep].long())
+    vis_counts = torch.zeros(num_classes, p, dtype=torch.int64, device=hits.device)
+    vis_counts.index_add_(0, lab, visible.to(hits.device)[keep].long())
+    n_images = torch.bincount(lab, minlength=num_classes)
+    return hit_counts, vis_counts, n_images
+
+
+def _unchanged_counts(hits_clean: Tensor, hits_noisy: Tensor, labels: Tensor, num_classes: int, *,
+                      valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(C, K) images of class c whose keypoint vector of prototype k is unchanged, and (C,) images."""
+    keep = torch.ones(labels.shape[0], dtype=torch.bool, device=hits_clean.device) if valid is None \
+        else valid.to(hits_clean.device, torch.bool)
+    lab = labels.to(hits_clean.device).long()[keep]
+    same = (hits_clean[keep] == hits_noisy.to(hits_clean.device)[keep]).all(dim=2)  # (n, K)
+    unchanged = torch.zeros(num_classes, hits_clean.shape[1], dtype=torch.int64, device=hits_clean.device)
+    unchanged.index_add_(0, lab, same.long())
+    return unchanged, torch.bincount(lab, minlength=num_classes)
+
+
+def consistency_from_counts(hit_counts: Tensor, vis_counts: Tensor, n_images: Tensor, *,
+                            threshold: float = 0.8) -> float:
+    """Percent of consistent (class, prototype) units over the classes with at least one image.
+
+    A unit is consistent when, for some keypoint j visible in at least one image of its class,
+    hit_counts / vis_counts ≥ threshold. A unit of a class that never shows any keypoint is inconsistent.
+    NaN when no class has an image.
+    """
+    present = n_images > 0
+    if not bool(present.any()):
+        return float("nan")
+    vis = vis_counts.unsqueeze(1).double()  # (C, 1, P)
+    ratio = torch.where(vis > 0, hit_counts.double() / vis.clamp(min=1), torch.zeros_like(vis))
+    consistent = ((ratio >= threshold) & (vis > 0)).any(dim=2)  # (C, K)
+    return 100.0 * float(consistent[present].double().mean())
+
+
+def stability_from_counts(unchanged: Tensor, n_images: Tensor) -> float:
+    """100 × mean over (class, prototype) units, classes with images only, of unchanged / n_images."""
+    present = n_images > 0
+    if not bool(present.any()):
+        return float("nan")
+    frac = unchanged[present].double() / n_images[present].double().unsqueeze(1)
+    return 100.0 * float(frac.mean())
+
+
+def consistency_score(hits: Tensor, visible: Tensor, labels: Tensor, *, threshold: float = 0.8) -> float:
+    """Consistency in percent from per-image hits (N, K, P) bool, visible (N, P) bool and labels (N,)."""
+    num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    return consistency_from_counts(*part_counts(hits, visible, labels, num_classes), threshold=threshold)
+
+
+def stability_score(hits_clean: Tensor, hits_noisy: Tensor, labels: Tensor) -> float:
+    """Stability in percent from clean and noisy hits (N, K, P) bool and labels (N,)."""
+    if hits_clean.shape != hits_noisy.shape:
+        raise ValueError(f"clean {tuple(hits_clean.shape)} and noisy {tuple(hits_noisy.shape)} hits differ")
+    num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    return stability_from_counts(*_unchanged_counts(hits_clean, hits_noisy, labels, num_classes))
+
+
+class PartMeter(SumState):
+    """Consistency and stability of one evaluated stage, accumulated batch by batch.
+
+    State (int64, summed under DDP): ``hit_counts`` (C, K, P), ``vis_counts`` (C, P), ``n_images`` (C,) for
+    consistency; ``unchanged`` (C, K), ``n_noisy`` (C,) for stability (only batches given ``hits_noisy``).
+    Use one meter per stage: K is that stage's number of foreground prototypes.
+    """
+
+    def __init__(self, num_classes: int, num_prototypes: int, num_keypoints: int, *, threshold: float = 0.8,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device=device)
+        self.num_classes, self.num_prototypes, self.num_keypoints = num_classes, num_prototypes, num_keypoints
+        self.threshold = threshold
+        c, k, p = num_classes, num_prototypes, num_keypoints
+        self._add_state("hit_counts", (c, k, p))
+        self._add_state("vis_counts", (c, p))
+        self._add_state("n_images", (c,))
+        self._add_state("unchanged", (c, k))
+        self._add_state("n_noisy", (c,))
+
+    def update(self, hits: Tensor, visible: Tensor, labels: Tensor, *, hits_noisy: Tensor | None = None,
+               valid: Tensor | None = None) -> None:
+        """Add a batch: hits (B, K, P) bool from :func:`keypoint_hits` on the clean input, visible (B, P) bool,
+        labels (B,), optionally hits_noisy (B, K, P) bool on the same images with :func:`add_protocol_noise`,
+        valid (B,) bool or None (False rows are padding)."""
+        if hits.shape[1:] != (self.num_prototypes, self.num_keypoints):
+            raise ValueError(f"hits {tuple(hits.shape)} do not match (B, {self.num_prototypes}, "
+                             f"{self.num_keypoints})")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        for state, add in zip((self.hit_counts, self.vis_counts, self.n_images),
+                              part_counts(hits, visible, labels, self.num_classes, valid=valid)):
+            state.add_(add.to(self.device))
+        if hits_noisy is not None:
+            if hits_noisy.shape != hits.shape:
+                raise ValueError(f"noisy hits {tuple(hits_noisy.shape)} != clean {tuple(hits.shape)}")
+            unchanged, n = _unchanged_counts(hits, hits_noisy, labels, self.num_classes, valid=valid)
+            self.unchanged.add_(unchanged.to(self.device))
+            self.n_noisy.add_(n.to(self.device))
+
+    def compute(self) -> dict[str, float]:
+        """{"consistency", "stability"} in percent (NaN when there was no data for one of them)."""
+        return {
+            "consistency": consistency_from_counts(self.hit_counts, self.vis_counts, self.n_images,
+                                                   threshold=self.threshold),
+            "stability": stability_from_counts(self.unchanged, self.n_noisy),
+        }
+
+    def per_prototype(self) -> dict[str, list[float]]:
+        """For reports: per prototype, the percent of classes in which it is consistent, and its stability."""
+        present = self.n_images > 0
+        vis = self.vis_counts.unsqueeze(1).double()
+        ratio = self.hit_counts.double() / vis.clamp(min=1)
+        consistent = ((ratio >= self.threshold) & (vis > 0)).any(dim=2)[present]  # (C', K)
+        noisy = self.n_noisy > 0
+        stab = self.unchanged[noisy].double() / self.n_noisy[noisy].double().unsqueeze(1)
+        return {"consistency": (100.0 * consistent.double().mean(0)).tolist(),
+                "stability": (100.0 * stab.mean(0)).tolist()}
