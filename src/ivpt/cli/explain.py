@@ -1,0 +1,84 @@
+"""``ivpt explain CHECKPOINT IMAGE... --out DIR``: concept regions, hierarchy and class evidence for each image,
+as PNGs plus ``DIR/index.html`` showing them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    parser.add_argument("--out", required=True, help="output folder (created if needed)")
+    parser.add_argument("--topk", type=int, default=5, help="classes kept in the prediction (default 5)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input side in pixels (default: the checkpoint's model.img_size)")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_names_of(meta: dict, num_classes: int) -> list[str] | None:
+    """Class names stored in a checkpoint's config.json (``class_names``), if they match the head."""
+    names = meta.get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return None
+
+
+def load_checkpoint(checkpoint: str | Path, *, weights: str | None, device: str):
+    """(model, run config, config.json) of a pretrained folder; the run config (data normalisation etc.) comes
+    from the run folder's config.yaml when there is one. Raises ValueError with a user-facing message."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..model import IVPT
+    from ..weights import WeightsError
+    from .eval import run_config
+
+    try:
+        cfg, meta = run_config(Path(checkpoint), [])
+        if cfg.model.kind != "ivpt":
+            raise ValueError(f"{checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt")
+        model = IVPT.from_pretrained(checkpoint, weights=weights, map_location=str(resolve_device(device)))
+    except (CheckpointError, ConfigError, WeightsError, FileNotFoundError) as exc:
+        raise ValueError(str(exc)) from exc
+    return model, cfg, meta
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..explain import Explanation, explain
+    from ..explain.images import load_images
+    from ..explain.report import write_explained_images
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        model, cfg, meta = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    size = args.img_size or cfg.model.img_size
+    # A run's data.resize belongs to its img_size; another size resizes the shorter side to itself.
+    data = dataclasses.replace(cfg.data, resize=0) if args.img_size else cfg.data
+    names = class_names_of(meta, cfg.model.num_classes)
+    paths = [Path(p) for p in args.images]
+    parts = []
+    for start in range(0, len(paths), args.batch_size):
+        x = load_images(paths[start : start + args.batch_size], size, data=data)
+        parts.append(explain(model, x, class_names=names, topk=args.topk, mean=cfg.data.mean, std=cfg.data.std))
+    index = write_explained_images(Explanation.concat(parts), [p.name for p in paths], args.out)
+    print(f"written {len(paths)} explanation(s) to {args.out}; open {index}")
+    return 0

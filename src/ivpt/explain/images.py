@@ -1,0 +1,30 @@
+"""Reading image files for explanation exactly as evaluation sees them (``ivpt.data``'s eval transform:
+shorter side to the model size, centre crop, normalise)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..config import DataConfig
+from ..data.transforms import Sample, apply_transform, build_eval_transform
+
+__all__ = ["load_images"]
+
+
+def load_images(paths: Sequence[str | Path], size: int, *, data: DataConfig | None = None) -> Tensor:
+    """Read ``paths`` with PIL and return normalised (B, 3, size, size) images.
+
+    Args:
+        size: model input side in pixels.
+        data: resize / mean / std settings (the defaults: ImageNet statistics, shorter side = ``size``).
+    """
+    transform = build_eval_transform(data or DataConfig(), size)
+    tensors = []
+    for path in paths:
+        with Image.open(path) as im:
+            tensors.append(apply_transform(Sample(image=im.convert("RGB")), transform).image)
+    return torch.stack(tensors)
