@@ -19,7 +19,7 @@ def eval_loader(dataset: Dataset, cfg: Config, info: D.DistInfo, *, batch_size: 
     sampler = ShardSampler(len(dataset), rank=info.rank, world_size=info.world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate_skip_corrupt,
-                      pin_memory=info.device.type == "cuda")
+                      pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()

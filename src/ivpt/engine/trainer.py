@@ -246,7 +246,7 @@ def train(
                                          seed=cfg.train.seed, epoch=epoch, start=first * o.grad_accum)
             loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                 collate_fn=collate_skip_corrupt, pin_memory=info.device.type == "cuda",
-                                persistent_workers=False)
+                                generator=_loader_generator(), persistent_workers=False)
             model.train()
             bar = _progress(progress and info.is_main, steps_per_epoch - first, f"epoch {epoch + 1}/{o.epochs}")
             micro = 0
@@ -388,6 +388,13 @@ def _flush(window: dict, epoch: int, step: int, optimizer: torch.optim.Optimizer
     row.update({k: v / window["n"] for k, v in window["sums"].items()})
     window.update(n=0, images=0, t=now, sums={})
     return row
+
+
+def _loader_generator() -> torch.Generator:
+    # A DataLoader draws its workers' base seed from the global RNG unless given a generator; that draw would
+    # shift the Gumbel-noise stream depending on when loaders are created (and break exact resume). Items are
+    # seeded by SeededDataset, so this generator's value does not matter.
+    return torch.Generator().manual_seed(0)
 
 
 def _progress(enabled: bool, total: int, desc: str):
