@@ -163,7 +163,9 @@ def evaluate(
     # ---- crop pass: consistency and stability, clean + noisy in one forward
     part = {}
     if has_maps and requested & {"consistency", "stability"}:
-        crops = CubDataset(cfg.data.root, split, transform=transform, with_parts=True, bbox_crop=True)
+        # The protocol resizes the whole box to the model input (no centre crop that would cut the object).
+        square = build_eval_transform(cfg.data, cfg.model.img_size, square=True)
+        crops = CubDataset(cfg.data.root, split, transform=square, with_parts=True, bbox_crop=True)
         noise_gen = torch.Generator().manual_seed(cfg.train.seed)
         noisy = "stability" in requested
         num_kp = len(crops.part_names)

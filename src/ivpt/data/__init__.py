@@ -1,0 +1,97 @@
+"""Datasets, joint transforms, splits and the synthetic part-world.
+
+:func:`build_datasets` turns a :class:`~ivpt.config.Config` into train / validation / test datasets; items are dicts
+(``image`` (3, H, W), ``label``, ``index``, plus ``keypoints``/``visible``/``bbox``/``mask`` with parts) and batch
+with :func:`collate_skip_corrupt`. Coordinate conventions are documented in :mod:`ivpt.data.transforms`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .common import (
+    CORRUPT_IMAGES,
+    CorruptImageCounter,
+    DatasetError,
+    MissingFileError,
+    collate_skip_corrupt,
+    corrupt_count,
+    reset_corrupt_count,
+)
+from .cub import CubDataset, CubMeta, read_cub
+from .imagefolder import ImageFolderDataset
+from .split import stratified_split
+from .transforms import Sample, build_eval_transform, build_train_transform
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = [
+    "CORRUPT_IMAGES",
+    "CorruptImageCounter",
+    "CubDataset",
+    "CubMeta",
+    "DatasetBundle",
+    "DatasetError",
+    "ImageFolderDataset",
+    "MissingFileError",
+    "Sample",
+    "build_datasets",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_skip_corrupt",
+    "corrupt_count",
+    "read_cub",
+    "reset_corrupt_count",
+    "stratified_split",
+]
+
+Dataset = CubDataset | ImageFolderDataset
+
+
+@dataclass
+class DatasetBundle:
+    """The datasets of a run. ``val`` is None when ``data.val_fraction`` is 0."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+
+
+def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
+    """Datasets for ``cfg``: format ``cfg.data.format`` at ``cfg.data.root``, images of ``cfg.model.img_size``.
+
+    The training transform (or the eval one when ``data.augment`` is false) goes on train; the deterministic eval
+    transform on val and test. Validation is carved from the official training split by
+    :func:`stratified_split` with ``data.val_fraction`` and ``train.seed``. ``data.bbox_crop`` crops every split to
+    its boxes (CUB format only). ``with_parts`` adds keypoints, boxes and masks to the items (CUB format only).
+    """
+    data = cfg.data
+    if not data.root:
+        raise DatasetError("no dataset given: set data.root=/path/to/CUB_200_2011 (or a class-per-folder dataset "
+                           "with data.format=imagefolder)")
+    size = cfg.model.img_size
+    train_tf = build_train_transform(data, size) if data.augment else build_eval_transform(data, size)
+    eval_tf = build_eval_transform(data, size)
+    if data.format == "cub":
+        def make(split, transform, indices=None):
+            return CubDataset(data.root, split, transform, indices, with_parts=with_parts, bbox_crop=data.bbox_crop)
+    else:
+        if with_parts or data.bbox_crop:
+            raise DatasetError("data.format=imagefolder has no part annotations or boxes; use data.format=cub for "
+                               "interpretability metrics and data.bbox_crop")
+
+        def make(split, transform, indices=None):
+            return ImageFolderDataset(data.root, split, transform, indices)
+
+    test = make("test", eval_tf)
+    full_train = make("train", None)
+    if data.val_fraction > 0:
+        train_idx, val_idx = stratified_split(full_train.labels, data.val_fraction, cfg.train.seed)
+        train, val = make("train", train_tf, train_idx), make("train", eval_tf, val_idx)
+    else:
+        train, val = make("train", train_tf), None
+    return DatasetBundle(train=train, val=val, test=test, num_classes=full_train.num_classes,
+                         class_names=list(full_train.class_names))

@@ -1,0 +1,122 @@
+"""Pieces shared by the dataset readers: the error type, image loading that survives corrupt files, and the
+collate function that drops them while keeping a count for the run summary.
+
+Corrupt images never turn into a wrong label: ``__getitem__`` logs a warning naming the file, counts it and
+returns ``None``; :func:`collate_skip_corrupt` removes the ``None`` items from the batch (and returns ``None``
+when nothing is left, which the training loop skips).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+__all__ = [
+    "CORRUPT_IMAGES",
+    "CorruptImageCounter",
+    "DatasetError",
+    "MissingFileError",
+    "collate_skip_corrupt",
+    "corrupt_count",
+    "load_image",
+    "report_missing",
+    "reset_corrupt_count",
+]
+
+logger = logging.getLogger("ivpt.data")
+
+# How many missing files an error message lists before it only gives the count.
+_LIST_AT_MOST = 5
+
+
+class DatasetError(ValueError):
+    """A dataset on disk that cannot be read as asked; the message names the file (and line) to fix."""
+
+
+class MissingFileError(DatasetError, FileNotFoundError):
+    """A file the dataset layout requires does not exist (also a ``FileNotFoundError``)."""
+
+
+class CorruptImageCounter:
+    """Number of images that failed to decode, shared by the training process and its DataLoader workers.
+
+    The count lives in a small shared-memory tensor with one slot per loading process (the main process and each
+    worker write only their own slot, so concurrent increments cannot be lost). Datasets keep a reference to the
+    counter, so it reaches workers started with ``fork`` (inherited mapping) as well as with ``spawn`` or
+    ``forkserver`` (torch passes shared storage between processes). A plain ``pickle``/``deepcopy`` copies it.
+    """
+
+    SLOTS = 64
+
+    def __init__(self) -> None:
+        self._counts: torch.Tensor | None = None
+
+    def _tensor(self) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+        return self._counts
+
+    def ensure_shared(self) -> None:
+        """Allocate the shared slots now, before DataLoader workers are forked from this process."""
+        self._tensor()
+
+    def add(self, n: int = 1) -> None:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._tensor()[slot] += n
+
+    def count(self) -> int:
+        return int(self._tensor().sum())
+
+    def reset(self) -> None:
+        self._tensor().zero_()
+
+
+CORRUPT_IMAGES = CorruptImageCounter()
+
+
+def corrupt_count() -> int:
+    """Images of this process (and its loader workers) skipped as corrupt since the last reset."""
+    return CORRUPT_IMAGES.count()
+
+
+def reset_corrupt_count() -> None:
+    CORRUPT_IMAGES.reset()
+
+
+def load_image(path: Path, mode: str, counter: CorruptImageCounter = CORRUPT_IMAGES) -> Image.Image | None:
+    """Decode ``path`` fully into ``mode`` ("RGB" or "L"); on failure log a warning, count it, return None."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)  # convert() forces the full decode, so truncated files fail here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        logger.warning("skipping corrupt image %s (%s: %s)", path, type(exc).__name__, exc)
+        counter.add(1)
+        return None
+
+
+def collate_skip_corrupt(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``default_collate`` after dropping ``None`` items (corrupt images, counted when they were read).
+
+    Returns ``None`` when every item of the batch was corrupt. Keys that only some items carry are dropped so a
+    batch mixing datasets still collates.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    keys = [k for k in kept[0] if all(k in item for item in kept[1:])]
+    return default_collate([{k: item[k] for k in keys} for item in kept])
+
+
+def report_missing(paths: Sequence[Path], what: str) -> None:
+    """Raise one :class:`DatasetError` listing how many of ``what`` are missing and the first few paths."""
+    if not paths:
+        return
+    shown = "\n  ".join(str(p) for p in paths[:_LIST_AT_MOST])
+    more = f"\n  ... and {len(paths) - _LIST_AT_MOST} more" if len(paths) > _LIST_AT_MOST else ""
+    raise DatasetError(f"{len(paths)} {what} listed by the dataset are missing on disk:\n  {shown}{more}")

@@ -1,0 +1,333 @@
+"""CUB-200-2011 (and NABirds, which shares the layout) with labels, splits, boxes, part keypoints and masks.
+
+Layout under ``root`` (paths inside the text files are relative to ``root/images``)::
+
+    images.txt               <image_id> <relative path>
+    image_class_labels.txt   <image_id> <class_id>
+    train_test_split.txt     <image_id> <1 = train, 0 = test>
+    bounding_boxes.txt       <image_id> <x> <y> <width> <height>
+    parts/parts.txt          <part_id> <name, may contain spaces>
+    parts/part_locs.txt      <image_id> <part_id> <x> <y> <visible>
+    classes.txt              <class_id> <name>                      (optional)
+    segmentations/<relative path with .png>                         (optional, CUB only)
+
+Image ids are kept as strings (NABirds uses UUIDs). Class ids are remapped to ``0 .. C-1`` in sorted order of the
+original ids that images use. A missing (image, part) row in ``part_locs.txt`` means "not visible". Coordinates
+follow :mod:`ivpt.data.transforms` (pixel centres; boxes as edges).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    CORRUPT_IMAGES,
+    DatasetError,
+    MissingFileError,
+    load_image,
+    report_missing,
+)
+from .transforms import Sample, apply_transform, is_joint
+
+__all__ = ["CubDataset", "CubMeta", "read_cub"]
+
+logger = logging.getLogger("ivpt.data")
+
+SPLITS = ("train", "test", "all")
+
+
+@dataclass(frozen=True)
+class CubMeta:
+    """Everything the text files say, one row per line of ``images.txt`` (N images, P parts).
+
+    Attributes:
+        root: dataset folder.
+        image_ids: (N,) ids as written.
+        paths: (N,) paths relative to ``root/images``.
+        labels: (N,) int64 remapped labels in 0..C-1.
+        is_train: (N,) bool.
+        boxes: (N, 4) float64 x0, y0, x1, y1 box edges (pixel-centre coordinates, see transforms).
+        keypoints: (N, P, 2) float64 (x, y); (0, 0) where not visible.
+        visible: (N, P) bool.
+        part_names: P names in part-id order.
+        class_names: C names (classes.txt, else the image folder name of the class's first image).
+        class_ids: C original class ids, sorted (label i is class_ids[i]).
+    """
+
+    root: Path
+    image_ids: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    is_train: np.ndarray
+    boxes: np.ndarray
+    keypoints: np.ndarray
+    visible: np.ndarray
+    part_names: list[str]
+    class_names: list[str]
+    class_ids: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise MissingFileError(f"missing dataset file {path} (expected the CUB-200-2011 layout; see ivpt.data.cub)")
+    return path
+
+
+def _rows(path: Path, min_fields: int, max_fields: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of the non-blank lines; the last field absorbs spaces when ``max_fields`` is set."""
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            fields = line.split(maxsplit=max_fields - 1) if max_fields else line.split()
+            if len(fields) < min_fields or (max_fields is None and len(fields) != min_fields):
+                yield lineno, []
+                continue
+            yield lineno, [f.strip() for f in fields]
+
+
+def _malformed(path: Path, lineno: int, expected: str) -> DatasetError:
+    return DatasetError(f"{path}, line {lineno}: malformed line, expected '{expected}'")
+
+
+def _number(path: Path, lineno: int, expected: str, text: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise _malformed(path, lineno, expected) from None
+
+
+def _read_images(root: Path) -> tuple[list[str], list[str], dict[str, int]]:
+    path = _require(root / "images.txt")
+    ids, paths, row_of = [], [], {}
+    for lineno, fields in _rows(path, 2, 2):
+        if not fields:
+            raise _malformed(path, lineno, "<image_id> <path>")
+        image_id, rel = fields
+        if image_id in row_of:
+            raise DatasetError(f"{path}, line {lineno}: image id {image_id} appears twice")
+        row_of[image_id] = len(ids)
+        ids.append(image_id)
+        paths.append(rel)
+    if not ids:
+        raise DatasetError(f"{path} lists no images")
+    return ids, paths, row_of
+
+
+def _per_image(root: Path, name: str, row_of: dict[str, int], fields: int, expected: str,
+               parse: Callable[[str], Any]) -> list[Any]:
+    """Read a file with exactly one line per image id of images.txt: values parsed with ``parse``."""
+    path = _require(root / name)
+    values: list[Any] = [None] * len(row_of)
+    for lineno, row in _rows(path, fields):
+        if not row:
+            raise _malformed(path, lineno, expected)
+        row_index = row_of.get(row[0])
+        if row_index is None:
+            raise DatasetError(f"{path}, line {lineno}: image id {row[0]} is not in images.txt")
+        if values[row_index] is not None:
+            raise DatasetError(f"{path}, line {lineno}: image id {row[0]} appears twice")
+        values[row_index] = [_number(path, lineno, expected, v, parse) for v in row[1:]]
+    missing = [image_id for image_id, v in zip(row_of, values) if v is None]
+    if missing:
+        raise DatasetError(
+            f"{path} has no line for {len(missing)} image id(s) of images.txt, e.g. {', '.join(missing[:5])}"
+        )
+    return values
+
+
+def _read_parts(root: Path) -> tuple[list[int], list[str]]:
+    path = _require(root / "parts" / "parts.txt")
+    ids, names = [], []
+    for lineno, row in _rows(path, 2, 2):
+        if not row:
+            raise _malformed(path, lineno, "<part_id> <name>")
+        part_id = _number(path, lineno, "<part_id> <name>", row[0], int)
+        if part_id in ids:
+            raise DatasetError(f"{path}, line {lineno}: part id {part_id} appears twice")
+        ids.append(part_id)
+        names.append(row[1])
+    order = np.argsort(ids)
+    return [ids[i] for i in order], [names[i] for i in order]
+
+
+def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    path = _require(root / "parts" / "part_locs.txt")
+    expected = "<image_id> <part_id> <x> <y> <visible>"
+    column = {pid: j for j, pid in enumerate(part_ids)}
+    keypoints = np.zeros((len(row_of), len(part_ids), 2))
+    visible = np.zeros((len(row_of), len(part_ids)), dtype=bool)
+    for lineno, row in _rows(path, 5):
+        if not row:
+            raise _malformed(path, lineno, expected)
+        row_index = row_of.get(row[0])
+        if row_index is None:
+            raise DatasetError(f"{path}, line {lineno}: image id {row[0]} is not in images.txt")
+        part = column.get(_number(path, lineno, expected, row[1], int))
+        if part is None:
+            raise DatasetError(f"{path}, line {lineno}: part id {row[1]} is not in parts/parts.txt")
+        x, y = (_number(path, lineno, expected, v, float) for v in row[2:4])
+        vis = _number(path, lineno, expected, row[4], lambda s: int(float(s)))
+        if vis:
+            keypoints[row_index, part] = (x, y)
+            visible[row_index, part] = True
+    return keypoints, visible
+
+
+def _read_class_names(root: Path, class_ids: list[int], paths: list[str], labels: np.ndarray) -> list[str]:
+    names: dict[int, str] = {}
+    path = root / "classes.txt"
+    if path.is_file():
+        for lineno, row in _rows(path, 2, 2):
+            if not row:
+                raise _malformed(path, lineno, "<class_id> <name>")
+            names[_number(path, lineno, "<class_id> <name>", row[0], int)] = row[1]
+    first_path = {}
+    for rel, label in zip(paths, labels.tolist()):
+        first_path.setdefault(label, rel)
+    return [names.get(cid) or Path(first_path[i]).parent.name or str(cid) for i, cid in enumerate(class_ids)]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cub_cached(root: str, stamp: tuple) -> CubMeta:
+    base = Path(root)
+    ids, paths, row_of = _read_images(base)
+    original = [v[0] for v in _per_image(base, "image_class_labels.txt", row_of, 2, "<image_id> <class_id>", int)]
+    class_ids = sorted(set(original))
+    remap = {cid: i for i, cid in enumerate(class_ids)}
+    labels = np.array([remap[c] for c in original], dtype=np.int64)
+    is_train = np.array(
+        [v[0] for v in _per_image(base, "train_test_split.txt", row_of, 2, "<image_id> <is_train>", int)], dtype=bool
+    )
+    xywh = np.array(_per_image(base, "bounding_boxes.txt", row_of, 5, "<image_id> <x> <y> <width> <height>", float))
+    boxes = np.concatenate([xywh[:, :2] - 0.5, xywh[:, :2] + xywh[:, 2:] - 0.5], axis=1)
+    part_ids, part_names = _read_parts(base)
+    keypoints, visible = _read_part_locs(base, row_of, part_ids)
+    return CubMeta(
+        root=base, image_ids=ids, paths=paths, labels=labels, is_train=is_train, boxes=boxes, keypoints=keypoints,
+        visible=visible, part_names=part_names, class_names=_read_class_names(base, class_ids, paths, labels),
+        class_ids=class_ids,
+    )
+
+
+def read_cub(root: str | Path) -> CubMeta:
+    """Parse and validate the text files of a CUB-layout dataset (cached while the files are unchanged).
+
+    Raises:
+        MissingFileError: a required file is absent (the message gives its full path).
+        DatasetError: a malformed line or an id that does not line up (the message gives file and line).
+    """
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise MissingFileError(f"dataset folder {base} does not exist")
+    names = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+             "parts/parts.txt", "parts/part_locs.txt", "classes.txt")
+    stamp = tuple((n, os.stat(base / n).st_mtime_ns if (base / n).exists() else None) for n in names)
+    return _read_cub_cached(str(base), stamp)
+
+
+class CubDataset:
+    """One split of a CUB-layout dataset.
+
+    Args:
+        root: dataset folder (see the module docstring for the layout).
+        split: "train", "test" (the official split) or "all".
+        transform: a joint transform taking a :class:`~ivpt.data.transforms.Sample` (e.g.
+            :func:`~ivpt.data.transforms.build_train_transform`); a pipeline not ending in ``ToTensorNormalize`` is
+            finished with ImageNet normalisation. A plain image-only callable is accepted when ``with_parts`` is
+            false. None: to tensor + ImageNet normalisation only.
+        indices: positions within the split to keep (e.g. from :func:`~ivpt.data.split.stratified_split`);
+            item ``i`` of the dataset is split item ``indices[i]``.
+        with_parts: add keypoints, visibility, box and (when segmentations exist for every image) mask.
+        bbox_crop: crop each image to its bounding box before ``transform``.
+
+    Items are dicts:
+        ``image`` float (3, H, W) normalised; ``label`` int; ``index`` int (position in this dataset).
+        With parts: ``keypoints`` float (P, 2) (x, y) in output pixels, (0, 0) when not visible; ``visible`` bool
+        (P,); ``bbox`` float (4,) x0, y0, x1, y1 box edges in output pixels; ``mask`` float (1, H, W) in [0, 1].
+        A corrupt image gives ``None`` (logged and counted; :func:`~ivpt.data.collate_skip_corrupt` drops it).
+
+    Raises:
+        DatasetError: bad split name, bad indices, unreadable metadata, or images missing on disk (all counted,
+            the first few listed).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:
+        if split not in SPLITS:
+            raise DatasetError(f"split={split!r} must be one of {', '.join(SPLITS)}")
+        self.meta = read_cub(root)
+        self.root, self.split = self.meta.root, split
+        self.transform, self.with_parts, self.bbox_crop = transform, with_parts, bbox_crop
+        if with_parts and transform is not None and not is_joint(transform):
+            raise DatasetError("with_parts=True needs a joint transform (ivpt.data.transforms) so that keypoints, "
+                               "boxes and masks follow the image")
+        in_split = {"train": self.meta.is_train, "test": ~self.meta.is_train,
+                    "all": np.ones_like(self.meta.is_train)}[split]
+        rows = np.flatnonzero(in_split)
+        if indices is not None:
+            indices = np.asarray(indices, dtype=np.int64)
+            if indices.size and (indices.min() < 0 or indices.max() >= rows.size):
+                raise DatasetError(f"indices must lie in [0, {rows.size}) for the {split} split of {self.root}")
+            rows = rows[indices]
+        self._rows = rows
+        self.labels: list[int] = self.meta.labels[rows].tolist()
+        self.num_classes = self.meta.num_classes
+        self.class_names, self.part_names = self.meta.class_names, self.meta.part_names
+        images = self.root / "images"
+        report_missing([images / self.meta.paths[r] for r in rows if not (images / self.meta.paths[r]).is_file()],
+                       "image(s)")
+        self.has_masks = with_parts and self._masks_complete()
+        self._counter = CORRUPT_IMAGES
+        self._counter.ensure_shared()
+
+    def _mask_path(self, row: int) -> Path:
+        return (self.root / "segmentations" / self.meta.paths[row]).with_suffix(".png")
+
+    def _masks_complete(self) -> bool:
+        if not (self.root / "segmentations").is_dir():
+            return False
+        missing = sum(not self._mask_path(r).is_file() for r in self._rows)
+        if missing:
+            logger.warning("%s: %d of %d images have no segmentation; items carry no 'mask'",
+                           self.root / "segmentations", missing, len(self._rows))
+        return missing == 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        row = int(self._rows[index])
+        image = load_image(self.root / "images" / self.meta.paths[row], "RGB", self._counter)
+        if image is None:
+            return None
+        mask = None
+        if self.has_masks:
+            mask = load_image(self._mask_path(row), "L", self._counter)
+            if mask is None:
+                return None
+        sample = Sample(image=image, keypoints=self.meta.keypoints[row].copy(),
+                        visible=self.meta.visible[row].copy(), bbox=self.meta.boxes[row].copy(), mask=mask)
+        item = apply_transform(sample, self.transform, bbox_crop=self.bbox_crop)
+        out: dict[str, Any] = {"image": item.image, "label": self.labels[index], "index": index}
+        if self.with_parts:
+            out.update(keypoints=item.keypoints, visible=item.visible, bbox=item.bbox)
+            if item.mask is not None:
+                out["mask"] = item.mask
+        return out
+
+    def __repr__(self) -> str:
+        return (f"CubDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+                f"classes={self.num_classes}, parts={len(self.part_names)}, with_parts={self.with_parts})")
+

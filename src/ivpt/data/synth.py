@@ -1,0 +1,515 @@
+"""A synthetic "part-world": stylised birds built from six parts, written in the CUB-200-2011 file layout.
+
+Every image shows one creature made of ``head``, ``beak``, ``body``, ``wing``, ``tail`` and ``legs`` at a random
+pose (mirror, rotation, scale, position) over a varied background (smooth gradients or noise textures, blurred
+clutter blobs, sometimes a branch in front of the bird). A class is a combination of four part attributes:
+
+* head colour (up to 6 hues), body colour (up to 4), wing pattern (solid / striped / dotted / checkered),
+  tail shape (fan / forked / pointed / square).
+
+With ``C`` classes each attribute uses ``min(K, max(2, C // 2))`` of its ``K`` values, balanced, so once ``C >= 4``
+every value in use is shared by at least two classes: no single part identifies the class, telling classes apart
+takes at least two parts. Nuisances (hue, saturation and
+brightness jitter, wing base colour, beak and leg colour, part sizes, tail tilt, pose, background, occluders,
+pixel noise) vary per image. Keypoints sit at one anchor per part that lies on the part; a keypoint is visible
+when the pixel it rounds to shows that part in the final image, i.e. not covered by a part or branch drawn on top
+and inside the frame. Output is a pure function of the arguments: each image draws from
+``numpy.random.default_rng([seed, 0, index])``, so any number of workers writes the same bytes.
+"""
+from __future__ import annotations
+
+import colorsys
+import itertools
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+__all__ = [
+    "ATTRIBUTES",
+    "PART_NAMES",
+    "Rendered",
+    "class_attributes",
+    "class_name",
+    "make_partworld",
+    "render_sample",
+]
+
+PART_NAMES = ("head", "beak", "body", "wing", "tail", "legs")  # part id = position + 1 (0 is background)
+HEAD, BEAK, BODY, WING, TAIL, LEGS = range(1, 7)
+
+HEAD_HUES = {"red": 0.0, "yellow": 55.0, "green": 120.0, "cyan": 185.0, "blue": 230.0, "magenta": 300.0}
+BODY_COLOURS = {"brown": (140, 92, 48), "grey": (128, 130, 134), "cream": (226, 212, 172), "black": (42, 42, 48)}
+WING_PATTERNS = ("solid", "striped", "dotted", "checkered")
+TAIL_SHAPES = ("fan", "forked", "pointed", "square")
+# (attribute name, its values) in the order of a class's attribute tuple.
+ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("head", tuple(HEAD_HUES)),
+    ("body", tuple(BODY_COLOURS)),
+    ("wing", WING_PATTERNS),
+    ("tail", TAIL_SHAPES),
+)
+MAX_CLASSES = 300  # below the 384 combinations so that a balanced, duplicate-free assignment is easy to find
+
+_WING_BASES = ((200, 70, 60), (70, 110, 190), (80, 150, 90), (210, 170, 60), (150, 90, 170), (110, 110, 110))
+_OBJECT_CENTRE = np.array([0.0, 0.06])  # middle of the creature's extent, in object units
+
+
+class Rendered(NamedTuple):
+    """One rendered sample.
+
+    Attributes:
+        image: PIL RGB ``size x size``.
+        part_mask: (H, W) int64, 0 = background, ``1..P`` = part id (``PART_NAMES[id - 1]``) of the visible pixel.
+        keypoints: (P, 2) float64 (x, y) part anchors in pixel-centre coordinates, rounded to 0.1 px; kept even
+            when not visible (CUB files write those as 0 0).
+        visible: (P,) bool.
+        bbox: (4,) float64 x0, y0, x1, y1 edges of the tight box of the visible object pixels.
+    """
+
+    image: Image.Image
+    part_mask: np.ndarray
+    keypoints: np.ndarray
+    visible: np.ndarray
+    bbox: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------- classes
+
+
+def class_attributes(classes: int) -> list[tuple[int, ...]]:
+    """Attribute indices (head, body, wing, tail) of each class, deterministic in ``classes``.
+
+    Each attribute uses ``min(K, max(2, classes // 2))`` values in a balanced way (counts differ by at most one), so
+    every value in use is shared by at least two classes once ``classes >= 4``; all combinations are distinct.
+    """
+    if not 2 <= classes <= MAX_CLASSES:
+        raise ValueError(f"classes={classes} must lie in [2, {MAX_CLASSES}]")
+    sizes = [min(len(values), max(2, classes // 2)) for _, values in ATTRIBUTES]
+    rng = np.random.default_rng(classes)
+    columns = [rng.permutation(np.arange(classes) % s) for s in sizes]
+    table = np.stack(columns, axis=1)
+    _remove_duplicates(table, rng)
+    return [tuple(int(v) for v in row) for row in table]
+
+
+def _remove_duplicates(table: np.ndarray, rng: np.random.Generator, max_moves: int = 500_000) -> None:
+    """Swap one attribute between two classes until all rows differ; swaps keep every column's value counts."""
+    counts: dict[tuple, int] = {}
+    for row in map(tuple, table):
+        counts[row] = counts.get(row, 0) + 1
+    duplicated = [i for i, row in enumerate(map(tuple, table)) if counts[row] > 1]
+    n, attrs = table.shape
+    for _ in range(max_moves):
+        duplicated = [i for i in duplicated if counts[tuple(table[i])] > 1]
+        if not duplicated:
+            return
+        i, k, j = duplicated[rng.integers(len(duplicated))], int(rng.integers(n)), int(rng.integers(attrs))
+        if table[i, j] == table[k, j]:
+            continue
+        old = [tuple(table[i]), tuple(table[k])]
+        table[i, j], table[k, j] = table[k, j], table[i, j]
+        new = [tuple(table[i]), tuple(table[k])]
+        if sum(counts.get(r, 0) for r in new) > sum(counts[r] - 1 for r in old):  # would not reduce clashes
+            table[i, j], table[k, j] = table[k, j], table[i, j]
+            continue
+        for r in old:
+            counts[r] -= 1
+        for r in new:
+            counts[r] = counts.get(r, 0) + 1
+        duplicated.append(k)
+    raise RuntimeError(f"could not give {n} classes distinct attributes")  # not reached for n <= MAX_CLASSES
+
+
+def class_name(attributes: Sequence[int]) -> str:
+    """E.g. ``red_head_brown_body_striped_wing_fan_tail``."""
+    return "_".join(f"{values[a]}_{name}" for (name, values), a in zip(ATTRIBUTES, attributes))
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+
+
+def _ellipse(cx: float, cy: float, a: float, b: float, tilt: float = 0.0, n: int = 28) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    u, v = a * np.cos(t), b * np.sin(t)
+    c, s = math.cos(tilt), math.sin(tilt)
+    return np.stack([cx + c * u - s * v, cy + s * u + c * v], axis=1)
+
+
+def _rotate(points: np.ndarray, angle: float, pivot: Sequence[float]) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    d = points - pivot
+    return np.stack([pivot[0] + c * d[:, 0] - s * d[:, 1], pivot[1] + s * d[:, 0] + c * d[:, 1]], axis=1)
+
+
+class _Pose:
+    """Object units -> pixel-centre coordinates: optional mirror, rotation, scale, translation."""
+
+    def __init__(self, rng: np.random.Generator, size: int) -> None:
+        self.mirror = rng.random() < 0.5
+        self.angle = math.radians(rng.uniform(-35, 35))
+        self.scale = rng.uniform(0.40, 0.60) * size  # pixels per object unit; the bird spans ~1.3 units
+        if rng.random() < 0.12:  # now and then the bird leans out of the frame
+            direction = rng.uniform(0, 2 * np.pi)
+            offset = rng.uniform(0.28, 0.42) * size * np.array([math.cos(direction), math.sin(direction)])
+        else:
+            offset = rng.uniform(-0.14, 0.14, size=2) * size
+        self.centre = (size - 1) / 2 + offset
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        p = np.asarray(points, dtype=np.float64) - _OBJECT_CENTRE
+        if self.mirror:
+            p = p * np.array([-1.0, 1.0])
+        return _rotate(p, self.angle, (0.0, 0.0)) * self.scale + self.centre
+
+
+def _flat(points: np.ndarray) -> list[float]:
+    return points.ravel().tolist()
+
+
+def _jitter_rgb(rgb: Sequence[int], rng: np.random.Generator, amount: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.uniform(-amount, amount), 0, 255)) for c in rgb)  # type: ignore[return-value]
+
+
+def _hsv(hue_deg: float, sat: float, val: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((hue_deg % 360) / 360, sat, val)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+# ---------------------------------------------------------------------------------------------------- drawing
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """Smooth gradient or low-frequency noise, plus blurred clutter blobs that never look like parts. Drawn at half
+    resolution and upsampled: the scene behind the bird is soft anyway, and it halves the cost."""
+    small = max(8, size // 2)
+    if rng.random() < 0.5:
+        c0, c1 = rng.uniform(40, 220, size=(2, 3))
+        theta = rng.uniform(0, 2 * np.pi)
+        ramp = np.linspace(0, 1, small, dtype=np.float32)
+        t = np.clip(0.5 + (ramp[None, :] - 0.5) * math.cos(theta) + (ramp[:, None] - 0.5) * math.sin(theta), 0, 1)
+        image = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8), "RGB")
+    else:
+        cells = int(rng.integers(3, 8))
+        grey = rng.uniform(60, 195, size=(cells, cells, 1))
+        coarse = np.clip(grey + rng.uniform(-45, 45, size=(cells, cells, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(coarse, "RGB").resize((small, small), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 9))):
+        centre = rng.uniform(0, small, size=2)
+        radius = rng.uniform(0.04, 0.18) * small
+        k = int(rng.integers(5, 9))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, size=k))
+        radii = radius * rng.uniform(0.5, 1.0, size=k)
+        blob = centre + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+        grey_level = rng.uniform(60, 200)
+        tint = rng.uniform(-25, 25, size=3)  # muted: close to grey, unlike the saturated parts
+        draw.polygon(_flat(blob), fill=tuple(int(v) for v in np.clip(grey_level + tint, 0, 255)))
+    blurred = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.0)) * small / 112))
+    return blurred.resize((size, size), Image.BILINEAR)
+
+
+class _Canvas:
+    """Draws each shape twice: in colour on the image and as its part id on the label mask (later shapes win)."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+        self.mask = Image.new("L", image.size, 0)
+        self.draw = ImageDraw.Draw(image)
+        self.draw_mask = ImageDraw.Draw(self.mask)
+
+    def polygon(self, points: np.ndarray, colour, part: int) -> None:
+        self.draw.polygon(_flat(points), fill=colour)
+        self.draw_mask.polygon(_flat(points), fill=part)
+
+    def disc(self, centre: np.ndarray, radius: float, colour, part: int) -> None:
+        box = [centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius]
+        self.draw.ellipse(box, fill=colour)
+        self.draw_mask.ellipse(box, fill=part)
+
+
+def _wing_texture(pattern: str, centre: np.ndarray, a: float, b: float, tilt: float) -> list[np.ndarray]:
+    """Polygons of the pattern in object units, laid out in the wing's own frame so they turn with it."""
+    shapes: list[np.ndarray] = []
+    period = 2 * a / 5
+    if pattern == "striped":
+        for u in np.arange(-a, a, period):
+            shapes.append(np.array([[u, -b], [u + period / 2, -b], [u + period / 2, b], [u, b]]))
+    elif pattern == "dotted":
+        for u, v in itertools.product(np.arange(-a + period / 2, a, period), (-b / 2, b / 2)):
+            shapes.append(_ellipse(u, v, period * 0.24, period * 0.24, n=10))
+    elif pattern == "checkered":
+        cell = period / 1.4
+        for i, u in enumerate(np.arange(-a, a, cell)):
+            for j, v in enumerate(np.arange(-b, b, cell)):
+                if (i + j) % 2 == 0:
+                    shapes.append(np.array([[u, v], [u + cell, v], [u + cell, v + cell], [u, v + cell]]))
+    return [_rotate(s, tilt, (0.0, 0.0)) + centre for s in shapes]
+
+
+def _tail_polygon(shape: str, base: float, length: float) -> np.ndarray:
+    """Tail pointing to -x from the body's rear at x = ``base``."""
+    if shape == "fan":
+        angles = np.radians(np.linspace(145, 215, 9))
+        arc = np.stack([base + 0.02 + length * np.cos(angles), length * np.sin(angles)], axis=1)
+        return np.vstack([[base + 0.02, 0.0], arc])
+    if shape == "forked":
+        return np.array([[base, -0.06], [base - length, -0.17], [base - 0.6 * length, 0.0],
+                         [base - length, 0.17], [base, 0.06]])
+    if shape == "pointed":
+        return np.array([[base, -0.07], [base - 1.25 * length, 0.0], [base, 0.07]])
+    return np.array([[base, -0.1], [base - 0.85 * length, -0.1], [base - 0.85 * length, 0.1], [base, 0.1]])
+
+
+def _draw_bird(canvas: _Canvas, rng: np.random.Generator, attributes: Sequence[int], pose: _Pose) -> np.ndarray:
+    """Draw the parts back to front (legs, tail, body, wing, head, beak); return the (P, 2) part anchors in
+    pixels, in part-id order."""
+    head_i, body_i, wing_i, tail_i = attributes
+    body_rgb = _jitter_rgb(list(BODY_COLOURS.values())[body_i], rng, 14)
+    body_a, body_b = 0.32 * rng.uniform(0.92, 1.08), 0.2 * rng.uniform(0.9, 1.1)
+    anchors = np.zeros((len(PART_NAMES), 2))
+    anchors[LEGS - 1] = _draw_legs(canvas, rng, pose)
+    anchors[TAIL - 1] = _draw_tail(canvas, rng, pose, TAIL_SHAPES[tail_i], -body_a + 0.05, body_rgb)
+    canvas.polygon(pose(_ellipse(0.0, 0.0, body_a, body_b)), body_rgb, BODY)
+    belly = _jitter_rgb([min(255, 0.5 * c + 110) for c in body_rgb], rng, 8)
+    canvas.polygon(pose(_ellipse(0.05, 0.5 * body_b, 0.6 * body_a, 0.4 * body_b)), belly, BODY)
+    anchors[BODY - 1] = (0.02, 0.42 * body_b)  # low on the body, clear of the wing
+    anchors[WING - 1] = _draw_wing(canvas, rng, WING_PATTERNS[wing_i], pose)
+    anchors[HEAD - 1], anchors[BEAK - 1] = _draw_head(canvas, rng, pose, list(HEAD_HUES.values())[head_i])
+    return pose(anchors)
+
+
+def _draw_legs(canvas: _Canvas, rng: np.random.Generator, pose: _Pose) -> np.ndarray:
+    rgb = _jitter_rgb((190, 120, 50) if rng.random() < 0.5 else (90, 85, 80), rng, 20)
+    length = 0.32 * rng.uniform(0.9, 1.1)
+    width = max(0.03, 2.2 / pose.scale)  # at least ~2 px wide, so small images keep their legs
+    half = np.array([width / 2, 0.0])
+    foot = np.array([[-0.02, -width / 2], [0.09, -width / 2], [0.09, width / 2], [-0.02, width / 2]])
+    for x in (0.06, -0.07):
+        top, bottom = np.array([x, 0.1]), np.array([x + 0.02, 0.12 + length])
+        canvas.polygon(pose(np.array([top - half, top + half, bottom + half, bottom - half])), rgb, LEGS)
+        canvas.polygon(pose(bottom + foot), rgb, LEGS)
+    return np.array([0.07, 0.12 + 0.7 * length])  # on the front leg, below the body
+
+
+def _draw_tail(canvas: _Canvas, rng: np.random.Generator, pose: _Pose, shape: str, base: float,
+               body_rgb: Sequence[int]) -> np.ndarray:
+    length, tilt = 0.3 * rng.uniform(0.85, 1.15), math.radians(rng.uniform(-15, 15))
+    tail = _rotate(_tail_polygon(shape, base, length), tilt, (base, 0.0))
+    canvas.polygon(pose(tail), _jitter_rgb([0.8 * c for c in body_rgb], rng, 10), TAIL)
+    return _rotate(np.array([[base - 0.11, 0.0]]), tilt, (base, 0.0))[0]  # behind the body, before any notch
+
+
+def _draw_head(canvas: _Canvas, rng: np.random.Generator, pose: _Pose, hue: float) -> tuple[np.ndarray, np.ndarray]:
+    """Head disc with an eye, then the beak on top; returns (head anchor, beak anchor) in object units."""
+    rgb = _hsv(hue + rng.uniform(-8, 8), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
+    radius = 0.14 * rng.uniform(0.88, 1.12)
+    head = np.array([0.38, -0.2]) + rng.uniform(-0.02, 0.02, size=2)
+    canvas.disc(pose(head[None])[0], radius * pose.scale, rgb, HEAD)
+    eye = pose((head + np.array([0.35, -0.25]) * radius)[None])[0]
+    canvas.disc(eye, max(0.22 * radius * pose.scale, 1.0), (15, 15, 20), HEAD)  # off the head anchor
+    length = 0.14 * rng.uniform(0.8, 1.2)
+    beak = head + np.array([[0.8 * radius, -0.045], [0.8 * radius, 0.045], [radius + length, 0.01]])
+    beak_rgb = _jitter_rgb((235, 160, 40) if rng.random() < 0.6 else (70, 70, 70), rng, 15)
+    canvas.polygon(pose(beak), beak_rgb, BEAK)
+    return head, (beak[0] + beak[1] + 2 * beak[2]) / 4  # inside the triangle, clear of the head disc
+
+
+def _draw_wing(canvas: _Canvas, rng: np.random.Generator, pattern: str, pose: _Pose) -> np.ndarray:
+    """Wing outline in a random base colour with its pattern on top; returns the anchor (the wing's centre)."""
+    centre, tilt = np.array([-0.08, -0.08]), math.radians(-12 + rng.uniform(-6, 6))
+    a, b = 0.24 * rng.uniform(0.92, 1.08), 0.095
+    outline = pose(_ellipse(centre[0], centre[1], a, b, tilt))
+    base_rgb = _jitter_rgb(_WING_BASES[int(rng.integers(len(_WING_BASES)))], rng, 15)
+    canvas.polygon(outline, base_rgb, WING)
+    shapes = _wing_texture(pattern, centre, a, b, tilt)
+    if not shapes:
+        return centre
+    # The pattern is drawn on its own layer and cut out by the wing outline (PIL cannot clip a polygon).
+    texture = Image.new("L", canvas.image.size, 0)
+    draw = ImageDraw.Draw(texture)
+    for shape in shapes:
+        draw.polygon(_flat(pose(shape)), fill=255)
+    inside = Image.new("L", canvas.image.size, 0)
+    ImageDraw.Draw(inside).polygon(_flat(outline), fill=255)
+    light = sum(base_rgb) > 3 * 128
+    ink = _jitter_rgb((30, 30, 35) if light else (240, 240, 230), rng, 10)
+    canvas.image.paste(ink, mask=ImageChops.multiply(texture, inside))
+    return centre
+
+
+def _draw_branch(canvas: _Canvas, rng: np.random.Generator, size: int) -> None:
+    """A bar across the frame in front of the bird: it hides whatever it covers (mask 0)."""
+    angle = rng.uniform(0, np.pi)
+    through = rng.uniform(0.3, 0.7, size=2) * size
+    direction = np.array([math.cos(angle), math.sin(angle)]) * size * 1.5
+    normal = np.array([-direction[1], direction[0]]) / np.linalg.norm(direction)
+    half = rng.uniform(0.02, 0.04) * size
+    bar = np.array([through - direction - half * normal, through + direction - half * normal,
+                    through + direction + half * normal, through - direction + half * normal])
+    canvas.polygon(bar, _jitter_rgb((105, 80, 60), rng, 25), 0)
+
+
+def render_sample(seed: int | Sequence[int] | np.random.Generator, class_id: int, size: int = 224, *,
+                  classes: int = 10) -> Rendered:
+    """Render one creature of class ``class_id`` (out of ``classes``) on a ``size x size`` image.
+
+    ``seed`` is an int, a sequence of ints (as ``make_partworld`` uses: ``[seed, 0, index]``) or a numpy Generator.
+    """
+    if not 0 <= class_id < classes:
+        raise ValueError(f"class_id={class_id} must lie in [0, {classes})")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    attributes = class_attributes(classes)[class_id]
+    canvas = _Canvas(_background(rng, size))
+    pose = _Pose(rng, size)
+    keypoints = np.round(_draw_bird(canvas, rng, attributes, pose), 1)
+    if rng.random() < 0.2:
+        _draw_branch(canvas, rng, size)
+    noise = rng.integers(-5, 6, size=(size, size, 3), dtype=np.int16)
+    pixels = np.clip(np.asarray(canvas.image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    part_mask = np.asarray(canvas.mask, dtype=np.int64)
+    return Rendered(Image.fromarray(pixels, "RGB"), part_mask, keypoints, _visibility(keypoints, part_mask),
+                    _tight_box(part_mask))
+
+
+def _visibility(keypoints: np.ndarray, part_mask: np.ndarray) -> np.ndarray:
+    height, width = part_mask.shape
+    cols, rows = np.floor(keypoints + 0.5).astype(np.int64).T
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    ids = np.zeros(len(keypoints), dtype=np.int64)
+    ids[inside] = part_mask[rows[inside], cols[inside]]
+    return inside & (ids == np.arange(1, len(keypoints) + 1))
+
+
+def _tight_box(part_mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(part_mask.any(1)), np.flatnonzero(part_mask.any(0))
+    if rows.size == 0:  # nothing visible: the whole frame
+        height, width = part_mask.shape
+        return np.array([-0.5, -0.5, width - 0.5, height - 0.5])
+    return np.array([cols[0] - 0.5, rows[0] - 0.5, cols[-1] + 0.5, rows[-1] + 0.5])
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+_LAYOUT = ("images", "parts", "segmentations", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+           "bounding_boxes.txt", "classes.txt")
+
+
+class _Job(NamedTuple):
+    out: str
+    seed: int
+    classes: int
+    per_class: int
+    size: int
+    folders: tuple[str, ...]
+
+
+def _write_range(job: _Job, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Render and save images ``start .. stop-1``; return their (keypoints, visible, bbox)."""
+    out, records = Path(job.out), []
+    for index in range(start, stop):
+        class_id = index // job.per_class
+        sample = render_sample([job.seed, 0, index], class_id, job.size, classes=job.classes)
+        rel = _image_path(job.folders[class_id], index % job.per_class)
+        sample.image.save(out / "images" / rel, quality=90)
+        Image.fromarray(((sample.part_mask > 0) * 255).astype(np.uint8), "L").save(
+            (out / "segmentations" / rel).with_suffix(".png"))
+        records.append((sample.keypoints, sample.visible, sample.bbox))
+    return records
+
+
+def _image_path(folder: str, k: int) -> str:
+    return f"{folder}/{folder.split('.', 1)[1]}_{k + 1:04d}.jpg"
+
+
+def _prepare(out: Path, overwrite: bool, folders: Sequence[str]) -> None:
+    present = [name for name in _LAYOUT if (out / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset ({', '.join(present)}); pass overwrite=True "
+                              "(--overwrite) to replace it")
+    for name in present:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for sub in ("images", "segmentations"):
+        for folder in folders:
+            (out / sub / folder).mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+
+
+def _chunks(n: int, pieces: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, pieces + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _render_all(job: _Job, total: int, workers: int, progress: bool) -> list[tuple]:
+    from tqdm.auto import tqdm
+
+    chunks = _chunks(total, max(1, min(total, workers * 8)))
+    records: list[tuple] = []
+    with tqdm(total=total, desc="synth", unit="img", disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        if workers <= 1:
+            for start, stop in chunks:
+                records += _write_range(job, start, stop)
+                bar.update(stop - start)
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                futures = [pool.submit(_write_range, job, start, stop) for start, stop in chunks]
+                for (start, stop), future in zip(chunks, futures):
+                    records += future.result()
+                    bar.update(stop - start)
+    return records
+
+
+def _write_text(out: Path, job: _Job, records: list[tuple], test_fraction: float) -> None:
+    per_class, n_test = job.per_class, math.floor(test_fraction * job.per_class + 0.5)
+    is_test = np.zeros(job.classes * per_class, dtype=bool)
+    for c in range(job.classes):
+        is_test[c * per_class + np.random.default_rng([job.seed, 1, c]).permutation(per_class)[:n_test]] = True
+    images, labels, split, boxes, locs = [], [], [], [], []
+    for index, (keypoints, visible, bbox) in enumerate(records):
+        image_id, class_id = index + 1, index // per_class
+        images.append(f"{image_id} {_image_path(job.folders[class_id], index % per_class)}")
+        labels.append(f"{image_id} {class_id + 1}")
+        split.append(f"{image_id} {0 if is_test[index] else 1}")
+        x, y = bbox[0] + 0.5, bbox[1] + 0.5
+        boxes.append(f"{image_id} {x:.1f} {y:.1f} {bbox[2] - bbox[0]:.1f} {bbox[3] - bbox[1]:.1f}")
+        for part, ((kx, ky), vis) in enumerate(zip(keypoints, visible), 1):
+            locs.append(f"{image_id} {part} {kx if vis else 0:.1f} {ky if vis else 0:.1f} {int(vis)}")
+    files = {
+        "images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": split,
+        "bounding_boxes.txt": boxes, "parts/part_locs.txt": locs,
+        "classes.txt": [f"{c + 1} {folder}" for c, folder in enumerate(job.folders)],
+        "parts/parts.txt": [f"{i} {name}" for i, name in enumerate(PART_NAMES, 1)],
+    }
+    for name, lines in files.items():
+        (out / name).write_text("\n".join(lines) + "\n")
+
+
+def make_partworld(out: str | Path, *, classes: int = 10, per_class: int = 40, size: int = 224, seed: int = 0,
+                   test_fraction: float = 0.5, workers: int = 1, progress: bool = False,
+                   overwrite: bool = False) -> Path:
+    """Write a part-world of ``classes x per_class`` images of ``size x size`` pixels to ``out`` in the full
+    CUB-200-2011 layout (images, labels 1..C, split, boxes, classes, parts, part locations, segmentations).
+
+    ``test_fraction`` of each class (round half up) goes to the test split, chosen by ``seed``. The bytes written
+    depend only on the arguments, not on ``workers``. Raises ``FileExistsError`` when ``out`` already holds a
+    dataset, unless ``overwrite``.
+    """
+    if per_class < 1 or size < 16:
+        raise ValueError(f"per_class={per_class} must be >= 1 and size={size} >= 16")
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"test_fraction={test_fraction} must lie in [0, 1]")
+    out = Path(out)
+    folders = tuple(f"{c + 1:03d}.{class_name(a)}" for c, a in enumerate(class_attributes(classes)))
+    _prepare(out, overwrite, folders)
+    job = _Job(str(out), seed, classes, per_class, size, folders)
+    records = _render_all(job, classes * per_class, max(1, min(workers, os.cpu_count() or 1)), progress)
+    _write_text(out, job, records, test_fraction)
+    return out
+
