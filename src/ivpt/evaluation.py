@@ -166,7 +166,6 @@ def evaluate(
         # The protocol resizes the whole box to the model input (no centre crop that would cut the object).
         square = build_eval_transform(cfg.data, cfg.model.img_size, square=True)
         crops = CubDataset(cfg.data.root, split, transform=square, with_parts=True, bbox_crop=True)
-        noise_gen = torch.Generator().manual_seed(cfg.train.seed)
         noisy = "stability" in requested
         num_kp = len(crops.part_names)
         part = {s: PartMeter(cfg.model.num_classes, n_pro[s] - 1, num_kp, threshold=e.threshold) for s in stage_ids}
@@ -174,8 +173,13 @@ def evaluate(
             images = batch["image"]
             b = images.shape[0]
             if noisy:
-                images = torch.cat([images, add_protocol_noise(images, std=e.noise_std, clip=e.noise_clip,
-                                                               generator=noise_gen)])
+                # Noise seeded per image index: the same numbers whatever the batch size or world size.
+                noisy_images = [
+                    add_protocol_noise(img, std=e.noise_std, clip=e.noise_clip,
+                                       generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + int(i)))
+                    for img, i in zip(images, batch["index"])
+                ]
+                images = torch.cat([images, torch.stack(noisy_images)])
             out = forward(images)
             # Part geometry lives in a part_frame × part_frame frame over the crop; the reference truncates.
             kp = (batch["keypoints"].float() * e.part_frame / images.shape[-1]).floor()

@@ -29,7 +29,9 @@ def _available() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ivpt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ivpt", description="Interpretable Visual Prompt Tuning: train, evaluate and explain concept prompts."
+    )
     from ivpt import __version__
 
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
@@ -41,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(f"ivpt.cli.{name}").add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positional overrides after options (``CKPT --out D a.b=1``); collect them here.
+    dotted = [a for a in extra if "=" in a and not a.startswith("-") and "." in a.split("=", 1)[0]]
+    if len(dotted) != len(extra) or (dotted and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in dotted or not hasattr(args, 'overrides'))}")
+    if dotted:
+        args.overrides = list(args.overrides or []) + dotted
     if args.command is None:
         parser.print_help()
         return 2

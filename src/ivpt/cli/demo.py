@@ -57,6 +57,7 @@ def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int):
 def run(args: argparse.Namespace) -> int:
     from ..data.synth import make_partworld
     from ..engine import train
+    from ..evaluation import format_table
 
     preset = PRESETS["quick" if args.quick else "full"]
     out = Path(args.out or f"ivpt-demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -70,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/3] training {cfg.model.backbone} at {cfg.model.img_size}px, n_pro={cfg.model.n_pro}, "
           f"{cfg.optim.epochs} epoch(s) -> {out / 'run'}")
     metrics = train(cfg, out / "run", progress=not args.no_progress)
-    print("[3/3] test split")
+    print("[3/3] evaluating the best checkpoint on the test split")
+    result = _evaluate(cfg, out / "run", progress=not args.no_progress)
+    print(format_table(result))
     summary = {
         "test_top1": metrics["test_top1"],
         "chance": metrics["chance"],
         "num_classes": metrics["num_classes"],
+        **{k: result[k] for k in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou") if k in result},
         "seconds": round(time.perf_counter() - t0, 1),
         "run": str(out / "run"),
         "checkpoint": str(out / "run" / "best"),
@@ -83,3 +87,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"test top-1 {100 * metrics['test_top1']:.1f}% (chance {100 * metrics['chance']:.1f}%) "
           f"in {summary['seconds']:.0f}s; outputs in {out}")
     return 0
+
+
+def _evaluate(cfg, run_dir: Path, *, progress: bool) -> dict:
+    """Every metric of the run's best checkpoint on the test split, written to ``run_dir/eval.json``."""
+    from ..checkpoint import atomic_write_text, load_pretrained, read_pretrained_config
+    from ..evaluation import evaluate
+    from ..model import create_model
+
+    _, meta = read_pretrained_config(run_dir / "best")
+    model = create_model(cfg.model)
+    load_pretrained(model, run_dir / "best", meta=meta)
+    result = evaluate(model, cfg, split="test", progress=progress)
+    result["checkpoint"] = {"path": str((run_dir / "best").resolve()), **meta.get("backbone", {})}
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    return result

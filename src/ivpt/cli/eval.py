@@ -42,6 +42,7 @@ def run_config(checkpoint: Path, overrides: list[str]):
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, load_pretrained
     from ..config import ConfigError
+    from ..engine import distributed as D
     from ..evaluation import evaluate, format_table
     from ..model import create_model
 
@@ -59,11 +60,16 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("no dataset: pass --data ROOT")
         model = create_model(cfg.model, weights=args.weights)
         load_pretrained(model, checkpoint, meta=meta)
+        info = D.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
         result = evaluate(model, cfg, split=args.split, metrics=[m for m in args.metrics.split(",") if m],
-                          progress=not args.no_progress)
+                          info=info, progress=not args.no_progress)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        D.teardown()
+    if not info.is_main:
+        return 0
     result["checkpoint"] = {"path": str(checkpoint.resolve()), **meta.get("backbone", {})}
     out = Path(args.out) if args.out else checkpoint.parent
     from ..checkpoint import atomic_write_text

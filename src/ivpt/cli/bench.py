@@ -1,0 +1,54 @@
+"""``ivpt bench``: forward and training-step speed and peak memory of every model kind against the plain frozen
+backbone, measured interleaved on this machine; writes ``OUT/bench.json`` and ``OUT/bench.md``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="folder for bench.json and bench.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="only every kind at --img-size with 3 repeats (about 2 min for ViT-S/14 on 2 CPU cores)")
+    parser.add_argument("--backbone", default="vit_small_patch14_dinov2", help="timm VisionTransformer name")
+    parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--img-size", type=int, default=224, help="image size of the main comparison (default 224)")
+    parser.add_argument("--sizes", type=_ints, default=[224, 336, 448, 518],
+                        help="image sizes of the growth table (full run; default 224,336,448,518)")
+    parser.add_argument("--stages", type=_ints, default=[2, 3, 4, 5], metavar="COUNTS",
+                        help="n_pro lengths of the stage-growth table (full run; default 2,3,4,5)")
+    parser.add_argument("--n-pro", type=_ints, default=[17, 14, 11, 8, 5], help="prototype counts (default paper)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 with --quick, else 7)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per physical core)")
+    parser.add_argument("--frozen-tokens", action="store_true",
+                        help="freeze pos/cls/reg tokens in every kind (default: the paper's set, they train)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time ivpt with one view, ivpt and vpt_deep with frozen tokens")
+    parser.add_argument("--profile", action="store_true",
+                        help="write torch.profiler tables of one ivpt and one vpt_deep train step")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    # For tests: JSON keyword arguments for timm.create_model (e.g. a tiny ViT).
+    parser.add_argument("--backbone-kwargs", type=json.loads, default={}, help=argparse.SUPPRESS)
+    parser.add_argument("--num-classes", type=int, default=200, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        out=args.out, quick=args.quick, backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
+        batch=args.batch, img_size=args.img_size, n_pro=args.n_pro, num_classes=args.num_classes,
+        train_tokens=not args.frozen_tokens, sizes=args.sizes, stage_counts=args.stages, repeats=args.repeats,
+        device=args.device, threads=args.threads, memory=not args.no_memory, variants=args.variants, profile=args.profile,
+    )
+    report = run_bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print((args.out / "bench.md").read_text())
+    return 0 if report["ratios"] else 1
