@@ -205,3 +205,25 @@ def test_wrong_shape_checkpoint_is_refused(tmp_path, model):
     fewer = tiny_model(n_pro=[4, 3])
     with pytest.raises(CheckpointError, match="not in model: .*stages.2"):
         load_pretrained(fewer, tmp_path / "ckpt")
+
+
+def test_maps_only_view_gives_the_same_gradients():
+    """The equivariance view without backbone autograd must train exactly what the full two-view pass trains."""
+    from ivpt.config import LossConfig
+    from ivpt.engine.trainer import _split_output
+    from ivpt.losses import ivpt_losses
+
+    model = tiny_model(train_gumbel=False).train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 4])
+    theta = random_affine(2, generator=torch.Generator().manual_seed(0))
+    both = torch.cat([x, warp(x, theta)])
+    grads = []
+    for kwargs in ({}, {"maps_only_from": 2}):
+        model.zero_grad(set_to_none=True)
+        out, warped = _split_output(model(both, **kwargs), 2)
+        total, _ = ivpt_losses(out, y, LossConfig(), warped_out=warped, theta=theta)
+        total.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name

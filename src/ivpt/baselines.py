@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .checkpoint import PretrainedMixin
 from .config import ConfigError, ModelConfig
 from .model import IVPT, IVPTOutput, _checked_groups, build_backbone
-from .prototypes import ConceptStage, region_pool, renormalise
+from .prototypes import ConceptStage, renormalise
 
 __all__ = ["BASELINE_KINDS", "VPT", "LastLayerParts", "LinearProbe", "build_baseline"]
 
@@ -200,6 +200,7 @@ class LastLayerParts(_FrozenViT):
     """
 
     param_groups = IVPT.param_groups  # stages without assigners simply give empty prompt/assigner groups
+    classify = IVPT.classify  # the same head, so the ablation differs from IVPT only in the prompted stages
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
@@ -217,15 +218,9 @@ class LastLayerParts(_FrozenViT):
             tokens, grid = self.embed(x)
             tokens = self.backbone.blocks(tokens)
         final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
-        # Classification exactly as IVPT's final stage (tests/test_baselines.py checks bit-equality with
-        # IVPT(insert_prompts=False) on shared weights): pool the NON-detached normed patches with the
-        # NON-detached map, one LayerNorm over (D, n), shared bias-free classifier, mean over foreground parts.
-        normed = self.backbone.norm(tokens)
-        parts, counts = region_pool(final.flatten(2), normed[:, self.num_prefix :])  # (B, n, D)
-        modulated = self.modulation(parts.transpose(1, 2).to(self.modulation.weight.dtype))  # (B, D, n)
-        part_logits = self.classifier(modulated[:, :, :-1].transpose(1, 2))  # (B, n-1, C)
+        logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
         return IVPTOutput(
-            logits=part_logits.mean(dim=1),
+            logits=logits,
             part_logits=part_logits,
             maps=[final],
             grouped_maps=[],

@@ -413,22 +413,27 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = lambda s: None
     """Measure every group of :func:`plan`; write ``bench.json`` and ``bench.md`` into ``opts.out``."""
     opts.out.mkdir(parents=True, exist_ok=True)
     device = _device(opts.device)
+    threads_before = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    started, load_start = time.perf_counter(), _loadavg()
-    groups_out = []
-    for group in plan(opts):
-        log(f"{group.name}: {len(group.entries)} models at {group.img_size}px, n_pro={group.n_pro}")
-        models = _summarise(time_group(opts, group, device, log), opts.batch)
-        groups_out.append({"name": group.name, "img_size": group.img_size, "n_pro": group.n_pro,
-                           "ratios": _group_ratios(models, "min"), "ratios_median": _group_ratios(models, "median"),
-                           "models": models})
+    try:
+        started, load_start = time.perf_counter(), _loadavg()
+        groups_out = []
+        for group in plan(opts):
+            log(f"{group.name}: {len(group.entries)} models at {group.img_size}px, n_pro={group.n_pro}")
+            models = _summarise(time_group(opts, group, device, log), opts.batch)
+            groups_out.append({"name": group.name, "img_size": group.img_size, "n_pro": group.n_pro,
+                               "ratios": _group_ratios(models, "min"),
+                               "ratios_median": _group_ratios(models, "median"), "models": models})
+        machine = _machine(device)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call must not change the caller's thread count
     main = groups_out[0]
     ratios = main["ratios"]
     report = {
         "schema": 1,
         "quick": opts.quick,
-        "machine": _machine(device),
+        "machine": machine,
         "load_average_start": load_start,
         "load_average_end": _loadavg(),
         "settings": {

@@ -154,8 +154,9 @@ class IVPT(PretrainedMixin, nn.Module):
         """Detached, final-normed patch tokens (B, L, D) that the concept stages look at."""
         return self.backbone.norm(tokens.detach())[:, self.num_prefix :]
 
-    def forward(self, x: Tensor, *, insert_prompts: bool = True) -> IVPTOutput:
-        """Run IVPT on normalised images (B, 3, H, W). ``insert_prompts=False`` runs the plain backbone."""
+    def trunk(self, x: Tensor, *, insert_prompts: bool = True):
+        """Backbone with prompts: (final tokens (B, T, D), grid, per-stage detached features (B, L, D) ×(m+1),
+        soft maps S_i ×(m+1), grouped maps ×m, assignments ×m, region counts ×m)."""
         bb, m = self.backbone, self.cfg.num_stages
         sample = self.cfg.train_gumbel if self.training else self.cfg.eval_gumbel
         # Nothing before the first prompted block is trainable when the tokens are frozen: no autograd there.
@@ -166,12 +167,13 @@ class IVPT(PretrainedMixin, nn.Module):
                 tokens = blk(tokens)
         T = tokens.shape[1]
 
-        maps, grouped, assignments, counts = [], [], [], []
+        feats, maps, grouped, assignments, counts = [], [], [], [], []
         for stage, blk in zip(self.stages[:m], bb.blocks[self.first_prompted :]):
-            feats = self.stage_features(tokens)
-            s = stage.maps(feats, grid)
-            regions, c = region_pool(s.detach().flatten(2), feats)
+            f = self.stage_features(tokens)
+            s = stage.maps(f, grid)
+            regions, c = region_pool(s.detach().flatten(2), f)
             q = stage.assign(regions[:, :-1], c[:, :-1], tau=self.cfg.gumbel_tau, sample=sample)
+            feats.append(f)
             maps.append(s)
             counts.append(c)
             assignments.append(q)
@@ -181,25 +183,43 @@ class IVPT(PretrainedMixin, nn.Module):
                 tokens = blk(torch.cat([tokens, prompts], dim=1))[:, :T]
             else:
                 tokens = blk(tokens)
+        feats.append(self.stage_features(tokens))
+        maps.append(self.stages[m].maps(feats[-1], grid))
+        return tokens, grid, feats, maps, grouped, assignments, counts
 
-        final = self.stages[m]
-        s = final.maps(self.stage_features(tokens), grid)
-        maps.append(s)
-        maps = [renormalise(s) for s in maps]
-
-        normed = bb.norm(tokens)
-        patches = normed[:, self.num_prefix :]
-        parts, c = region_pool(maps[-1].flatten(2), patches)  # (B, N+1, D), gradient through the final map
-        counts.append(c)
+    def classify(self, tokens: Tensor, final_map: Tensor):
+        """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT
+        detached: (logits (B, C), part_logits (B, N, C), modulated (B, D, N+1), counts (B, N+1), normed tokens)."""
+        normed = self.backbone.norm(tokens)
+        parts, counts = region_pool(final_map.flatten(2), normed[:, self.num_prefix :])  # (B, N+1, D)
         modulated = self.modulation(parts.transpose(1, 2).to(self.modulation.weight.dtype))  # (B, D, N+1)
         part_logits = self.classifier(modulated[:, :, :-1].transpose(1, 2))  # (B, N, C)
+        return part_logits.mean(dim=1), part_logits, modulated, counts, normed
+
+    def forward(self, x: Tensor, *, insert_prompts: bool = True, maps_only_from: int | None = None) -> IVPTOutput:
+        """Run IVPT on normalised images (B, 3, H, W). ``insert_prompts=False`` runs the plain backbone.
+
+        ``maps_only_from=k``: images k.. only need their concept maps (the equivariance view). Their backbone pass
+        runs without autograd — the maps see detached features, so their gradients to prototypes and biases are
+        unchanged — and every other field covers the first k images only.
+        """
+        if maps_only_from is not None and maps_only_from < x.shape[0]:
+            out = self.forward(x[:maps_only_from], insert_prompts=insert_prompts)
+            with torch.no_grad():
+                _, grid, feats, *_ = self.trunk(x[maps_only_from:], insert_prompts=insert_prompts)
+            extra = [renormalise(stage.maps(f, grid)) for stage, f in zip(self.stages, feats)]
+            out.maps = [torch.cat([a, b]) for a, b in zip(out.maps, extra)]
+            return out
+        tokens, _, _, maps, grouped, assignments, counts = self.trunk(x, insert_prompts=insert_prompts)
+        maps = [renormalise(s) for s in maps]
+        logits, part_logits, modulated, c, normed = self.classify(tokens, maps[-1])
         return IVPTOutput(
-            logits=part_logits.mean(dim=1),
+            logits=logits,
             part_logits=part_logits,
             maps=maps,
             grouped_maps=grouped,
             assignments=assignments,
-            region_counts=counts,
+            region_counts=counts + [c],
             modulated=modulated,
             tokens=normed,
         )

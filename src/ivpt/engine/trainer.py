@@ -363,8 +363,10 @@ def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, eq_gen:
         theta = random_affine(b, rotation_deg=cfg.loss.eq_rotation_deg, translate=cfg.loss.eq_translate,
                               scale=tuple(cfg.loss.eq_scale), device=device, generator=eq_gen)
         x = torch.cat([x, warp(x, theta)])
+    # IVPT needs only the concept maps of the warped view, so its backbone pass there skips autograd.
+    kwargs = {"maps_only_from": b} if theta is not None and cfg.model.kind == "ivpt" else {}
     with _autocast(device, cfg.optim.amp):
-        out = net(x)
+        out = net(x, **kwargs)
     warped = None
     if theta is not None:
         out, warped = _split_output(out, b)
