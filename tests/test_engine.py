@@ -101,3 +101,30 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     for k in single:
         assert torch.allclose(single[k], ddp[k], atol=1e-5, rtol=1e-4), k
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["test_images"] == 6
+
+
+@pytest.mark.parametrize("kind", ["linear", "vpt_deep", "last_layer_parts"])
+def test_baselines_train_and_evaluate(world, tmp_path, kind):
+    import csv
+
+    from ivpt.checkpoint import load_pretrained
+    from ivpt.evaluation import evaluate
+    from ivpt.model import create_model
+
+    cfg = tiny_config(world, model=dict(kind=kind, num_prompts=2), optim=dict(epochs=1), train=dict(max_steps=2))
+    metrics = train(cfg, tmp_path / kind, progress=False)
+    assert metrics["steps"] == 2
+    rows = list(csv.DictReader((tmp_path / kind / "log.csv").open()))
+    lr_concepts = float(rows[-1]["lr_concepts"])
+    if kind == "linear":  # a true probe: only the classifier trains, so there is no concept-rate group
+        assert lr_concepts != lr_concepts
+    else:
+        assert lr_concepts == pytest.approx(2e-4)
+    model = create_model(cfg.model)
+    load_pretrained(model, tmp_path / kind / "best")
+    result = evaluate(model, cfg, progress=False)
+    assert 0 <= result["top1"] <= 100
+    if kind == "last_layer_parts":  # concept maps, so the interpretability metrics apply (final stage)
+        assert result["stage"]["index"] == 2 and "nmi" in result and "consistency" in result
+    else:
+        assert "nmi" not in result and "stage" not in result

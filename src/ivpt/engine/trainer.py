@@ -385,7 +385,7 @@ def _flush(window: dict, epoch: int, step: int, optimizer: torch.optim.Optimizer
     now = time.perf_counter()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
-           "lr_concepts": lrs.get("prototypes", float("nan")),
+           "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
            "img_per_s": window["images"] / max(now - window["t"], 1e-9), "elapsed_s": now - t_start}
     row.update({k: v / window["n"] for k, v in window["sums"].items()})
     window.update(n=0, images=0, t=now, sums={})
