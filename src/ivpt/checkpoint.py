@@ -6,6 +6,7 @@ frozen backbone is rebuilt from its name and weight source, so a ViT-B checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -95,7 +96,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | No
     state = {k: v.cpu().contiguous() for k, v in adapter_state(model).items()}
     meta = {
         "format_version": FORMAT_VERSION,
-        "model": _asdict(model.cfg),
+        "model": dataclasses.asdict(model.cfg),
         "backbone": {"name": model.cfg.backbone, "weights": model.cfg.weights,
                      "fingerprint": backbone_fingerprint(model)},
         **(extra or {}),
@@ -150,12 +151,6 @@ def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | Non
                 stacklevel=2,
             )
     return model
-
-
-def _asdict(cfg: ModelConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 class PretrainedMixin:

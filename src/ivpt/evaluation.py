@@ -38,7 +38,7 @@ from .metrics import (
     soft_centroids,
 )
 
-__all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "format_table"]
+__all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table"]
 
 ALL_METRICS = ("acc", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
 
@@ -148,6 +148,7 @@ def evaluate(
         if not parts_needed:
             continue
         hw = tuple(batch["image"].shape[-2:])
+        landmarks = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float()) if kerr else None
         for s in stage_ids:
             maps = stage_maps(out, s)
             if s in cont:
@@ -155,8 +156,7 @@ def evaluate(
                 cont[s].update(c)
             if s in kerr:
                 x, act = _centroids_in_bbox(maps, batch["bbox"], hw, e.active_threshold)
-                y = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float())
-                kerr[s].update(regressors[s], x, y, batch["visible"], active=act)
+                kerr[s].update(regressors[s], x, landmarks, batch["visible"], active=act)
             if s in iou:
                 iou[s].update(maps, batch["mask"])
 
@@ -218,6 +218,20 @@ def evaluate(
                       "images": len(dataset), "num_classes": cfg.model.num_classes}
     result["metrics_requested"] = sorted(requested)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, meta: dict, *, weights: str | None = None,
+                        **kwargs) -> dict:
+    """Rebuild the pretrained folder ``checkpoint`` (its ``config.json`` content is ``meta``), evaluate it with
+    :func:`evaluate` (``kwargs``) and record the checkpoint's identity in the result."""
+    from .checkpoint import load_pretrained
+    from .model import create_model
+
+    model = create_model(cfg.model, weights=weights)
+    load_pretrained(model, checkpoint, meta=meta)
+    result = evaluate(model, cfg, **kwargs)
+    result["checkpoint"] = {"path": str(Path(checkpoint).resolve()), **meta.get("backbone", {})}
     return result
 
 

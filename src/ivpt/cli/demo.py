@@ -94,14 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(cfg, run_dir: Path, *, progress: bool) -> dict:
     """Every metric of the run's best checkpoint on the test split, written to ``run_dir/eval.json``."""
-    from ..checkpoint import atomic_write_text, load_pretrained, read_pretrained_config
-    from ..evaluation import evaluate
-    from ..model import create_model
+    from ..checkpoint import atomic_write_text, read_pretrained_config
+    from ..evaluation import evaluate_checkpoint
 
     _, meta = read_pretrained_config(run_dir / "best")
-    model = create_model(cfg.model)
-    load_pretrained(model, run_dir / "best", meta=meta)
-    result = evaluate(model, cfg, split="test", progress=progress)
-    result["checkpoint"] = {"path": str((run_dir / "best").resolve()), **meta.get("backbone", {})}
+    result = evaluate_checkpoint(run_dir / "best", cfg, meta, split="test", progress=progress)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     return result

@@ -40,11 +40,10 @@ def run_config(checkpoint: Path, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, load_pretrained
+    from ..checkpoint import CheckpointError, atomic_write_text
     from ..config import ConfigError
     from ..engine import distributed as D
-    from ..evaluation import evaluate, format_table
-    from ..model import create_model
+    from ..evaluation import evaluate_checkpoint, format_table
 
     checkpoint = Path(args.checkpoint)
     extra = list(args.overrides)
@@ -58,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
         cfg, meta = run_config(checkpoint, extra)
         if not cfg.data.root:
             raise ConfigError("no dataset: pass --data ROOT")
-        model = create_model(cfg.model, weights=args.weights)
-        load_pretrained(model, checkpoint, meta=meta)
         info = D.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
-        result = evaluate(model, cfg, split=args.split, metrics=[m for m in args.metrics.split(",") if m],
-                          info=info, progress=not args.no_progress)
+        result = evaluate_checkpoint(checkpoint, cfg, meta, weights=args.weights, split=args.split,
+                                     metrics=[m for m in args.metrics.split(",") if m], info=info,
+                                     progress=not args.no_progress)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -70,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
         D.teardown()
     if not info.is_main:
         return 0
-    result["checkpoint"] = {"path": str(checkpoint.resolve()), **meta.get("backbone", {})}
     out = Path(args.out) if args.out else checkpoint.parent
-    from ..checkpoint import atomic_write_text
-
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
     print(format_table(result))
     print(f"written {out / 'eval.json'}")

@@ -237,6 +237,13 @@ def train(
         log = _CsvLog(out / "log.csv", info.is_main)
         tb = _Tensorboard(out, info.is_main and cfg.train.tensorboard)
         reset_corrupt_count()
+
+        def emit(epoch: int) -> dict:
+            row = _flush(window, epoch, step, optimizer, t_start)
+            log.write(row)
+            tb.log(row, step)
+            return row
+
         t_start, window = time.perf_counter(), {"n": 0, "images": 0, "t": time.perf_counter(), "sums": {}}
         done = False
         for epoch in range(start_epoch, o.epochs):
@@ -283,9 +290,7 @@ def train(
                 batch_in_epoch += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0:
-                    row = _flush(window, epoch, step, optimizer, t_start)
-                    log.write(row)
-                    tb.log(row, step)
+                    row = emit(epoch)
                     bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['img_per_s']:.1f}")
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                     save_last(epoch, batch_in_epoch)
@@ -296,9 +301,7 @@ def train(
                     break
             bar.close()
             if window["n"]:
-                row = _flush(window, epoch, step, optimizer, t_start)
-                log.write(row)
-                tb.log(row, step)
+                emit(epoch)
             finished_epoch = not done or batch_in_epoch >= steps_per_epoch
             if finished_epoch:
                 scheduler.step()
