@@ -94,9 +94,8 @@ def test_stage_choice_and_subset(world, checkpoint):
 
 def test_cli_eval_writes_eval_json(world, checkpoint, tmp_path):
     path, _ = checkpoint
-    with pytest.warns(UserWarning, match="backbone weights differ"):  # a fresh random backbone, on purpose
-        code = main(["eval", str(path), "--data", str(world), "--out", str(tmp_path), "--weights", "random",
-                    "--no-progress", "--stage", "0", "eval.batch_size=4", "data.num_workers=0"])
+    code = main(["eval", str(path), "--data", str(world), "--out", str(tmp_path), "--weights", "random",
+                 "--no-progress", "--stage", "0", "eval.batch_size=4", "data.num_workers=0"])
     assert code == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert KEYS <= set(result) and result["stage"]["index"] == 0
@@ -125,5 +124,9 @@ def test_eval_under_torchrun_matches_one_process(world, checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "eval.json").read_text())
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
-    for key in KEYS - {"stage"}:
-        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    # Counts (accuracy, consistency, stability, NMI/ARI from an integer contingency table, IoU) are summed exactly;
+    # keypoint regression solves a least-squares fit from float32 features whose moments are summed in another
+    # order: relative error ~ (terms summed) x float32 eps, far below 1e-5.
+    for key in KEYS - {"stage", "kpr"}:
+        assert one[key] == pytest.approx(two[key], rel=1e-12, abs=1e-12), key
+    assert one["kpr"] == pytest.approx(two["kpr"], rel=1e-5), "kpr"

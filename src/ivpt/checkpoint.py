@@ -27,6 +27,9 @@ __all__ = [
     "atomic_torch_save",
     "adapter_state",
     "backbone_fingerprint",
+    "backbone_identity",
+    "check_backbone",
+    "load_adapter_state",
     "save_pretrained",
     "load_pretrained",
     "PretrainedMixin",
@@ -87,6 +90,60 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def backbone_identity(model: nn.Module) -> dict[str, str]:
+    """{name, weights (as configured), source (what they resolved to), fingerprint} of ``model``'s backbone."""
+    return {"name": model.cfg.backbone, "weights": model.cfg.weights,
+            "source": str(getattr(model.backbone, "weights_source", model.cfg.weights)),
+            "fingerprint": backbone_fingerprint(model)}
+
+
+def check_backbone(model: nn.Module, saved: dict | None, where: str | Path, *, allow_mismatch: bool = False) -> None:
+    """Refuse to load ``where`` (trained on the backbone ``saved`` describes) into ``model`` when their frozen
+    backbone weights differ, naming both sources; ``allow_mismatch`` turns the refusal into a warning."""
+    fingerprint = (saved or {}).get("fingerprint")
+    mine = backbone_identity(model)
+    if not fingerprint or fingerprint == mine["fingerprint"]:
+        return
+    trained_on = saved.get("source") or saved.get("weights", "?")
+    message = (
+        f"{where} was trained on other backbone weights: {saved.get('name', '?')} from {trained_on!r} "
+        f"(fingerprint {fingerprint}), but this model's backbone came from {mine['source']!r} "
+        f"(model.weights={mine['weights']!r}, fingerprint {mine['fingerprint']}). Give the original weights "
+        f"(model.weights=... or --weights ...)"
+    )
+    if not allow_mismatch:
+        raise CheckpointError(message + ", or allow the mismatch explicitly (--allow-backbone-mismatch)")
+    warnings.warn(message + "; loading anyway because the mismatch was allowed, results will differ",
+                  stacklevel=2)
+
+
+def check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or mis-shaped entry of ``loaded``."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(loaded) & set(expected))
+        if loaded[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {where} does not match the model:"]
+        if missing:
+            lines.append(f"  missing from checkpoint: {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  not in model: {', '.join(unexpected)}")
+        if shapes:
+            lines.append("  shape mismatch: " + "; ".join(shapes))
+        lines.append("  (was it saved with another config? compare model.n_pro, num_classes, backbone, img_size)")
+        raise CheckpointError("\n".join(lines))
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Load trained parameters strictly: every entry of :func:`adapter_state` and nothing else, shapes equal."""
+    check_state(adapter_state(model), state, where)
+    model.load_state_dict(state, strict=False)  # the frozen backbone is not in ``state``, by design
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for ``model`` (which has a ``cfg: ModelConfig``)."""
     from safetensors.torch import save_file
@@ -97,8 +154,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | No
     meta = {
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model.cfg),
-        "backbone": {"name": model.cfg.backbone, "weights": model.cfg.weights,
-                     "fingerprint": backbone_fingerprint(model)},
+        "backbone": backbone_identity(model),
         **(extra or {}),
     }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
@@ -115,41 +171,18 @@ def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     return ModelConfig(**meta["model"]), meta
 
 
-def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | None = None) -> nn.Module:
-    """Load ``model.safetensors`` from ``directory`` into ``model``, refusing any name or shape mismatch."""
+def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | None = None,
+                    allow_backbone_mismatch: bool = False) -> nn.Module:
+    """Load ``model.safetensors`` from ``directory`` into ``model``, refusing any name or shape mismatch and (when
+    ``meta``, the folder's config.json, is given) backbone weights other than those it was trained on."""
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
-    loaded = load_file(str(path))
-    expected = adapter_state(model)
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(loaded) & set(expected))
-        if loaded[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"checkpoint {path} does not match the model:"]
-        if missing:
-            lines.append(f"  missing from checkpoint: {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  not in model: {', '.join(unexpected)}")
-        if shapes:
-            lines.append("  shape mismatch: " + "; ".join(shapes))
-        lines.append("  (was it saved with another config? compare model.n_pro, num_classes, backbone, img_size)")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(loaded, strict=False)
     if meta is not None:
-        saved = meta.get("backbone", {}).get("fingerprint")
-        if saved and saved != backbone_fingerprint(model):
-            warnings.warn(
-                f"backbone weights differ from those {directory} was trained on "
-                f"(fingerprint {saved} vs {backbone_fingerprint(model)}); results will not match training",
-                stacklevel=2,
-            )
+        check_backbone(model, meta.get("backbone"), directory, allow_mismatch=allow_backbone_mismatch)
+    load_adapter_state(model, load_file(str(path)), path)
     return model
 
 
@@ -162,10 +195,13 @@ class PretrainedMixin:
         return save_pretrained(self, directory, extra=extra)  # type: ignore[arg-type]
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu"):
-        """Rebuild the model saved in ``directory``; ``weights`` overrides where the frozen backbone comes from."""
+    def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu",
+                        allow_backbone_mismatch: bool = False):
+        """Rebuild the model saved in ``directory``; ``weights`` overrides where the frozen backbone comes from.
+        Backbone weights other than those it was trained on are refused unless ``allow_backbone_mismatch``."""
         from .model import create_model
 
         cfg, meta = read_pretrained_config(directory)
         model = create_model(cfg, weights=weights)
-        return load_pretrained(model, directory, meta=meta).to(map_location)
+        load_pretrained(model, directory, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
+        return model.to(map_location)

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
     """A configuration value a user must change; the message says which and how."""
 
 
+AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
 MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts")
 
 
@@ -157,8 +158,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.base_lr <= 0:
             raise ConfigError(f"optim.base_lr={self.base_lr} must be > 0")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"optim.amp={self.amp!r} must be one of none, bf16, fp16")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"optim.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size", "grad_accum", "step_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be at least 1")
@@ -234,12 +235,17 @@ class EvalConfig:
     noise_clip: float = 0.25
     active_threshold: float = 0.5
     batch_size: int = 32
+    # Precision of every evaluation pass (validation too). The reference evaluates in fp32; bf16 features shift
+    # the argmax locations that consistency and stability score.
+    amp: str = "none"
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"eval.threshold={self.threshold} must lie in (0, 1]")
         if self.half_size < 1 or self.part_frame < 2:
             raise ConfigError("eval.half_size must be >= 1 and eval.part_frame >= 2")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"eval.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
 
 
 SECTIONS = {

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
-from .engine import distributed as D
+from . import runtime as R
 from .engine.evaluate import eval_loader
 from .metrics import (
     AccuracyMeter,
@@ -80,20 +80,19 @@ def evaluate(
     *,
     split: str = "test",
     metrics: Iterable[str] = ALL_METRICS,
-    info: D.DistInfo | None = None,
+    info: R.DistInfo | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
     from tqdm.auto import tqdm
 
     from .data import CubDataset, build_eval_transform
-    from .engine.trainer import _autocast
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
     if unknown:
         raise ConfigError(f"unknown metric(s) {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    info = info or D.setup(cfg.train.device)
+    info = info or R.setup(cfg.train.device)
     device, e = info.device, cfg.eval
     model = model.to(device).eval()
     n_pro = list(getattr(cfg.model, "n_pro", []))
@@ -110,7 +109,7 @@ def evaluate(
     bar = dict(disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
 
     def forward(images: torch.Tensor):
-        with _autocast(device, cfg.optim.amp):
+        with R.autocast(device, cfg.eval.amp):
             return model(images.to(device, non_blocking=True))
 
     def stage_maps(out, s: int) -> torch.Tensor:
@@ -130,7 +129,7 @@ def evaluate(
                                             e.active_threshold)
                 fit[s].update(x, y, batch["visible"], active=act)
         for s, meter in fit.items():
-            meter.all_reduce(D.all_reduce_sum)
+            meter.all_reduce(R.all_reduce_sum)
             regressors[s] = meter.fit()
 
     # ---- full pass: accuracy, NMI/ARI, keypoint error, foreground IoU
@@ -191,7 +190,7 @@ def evaluate(
                 part[s].update(hits, batch["visible"], batch["label"], hits_noisy=hits_noisy)
 
     for meter in [acc, *cont.values(), *kerr.values(), *iou.values(), *part.values()]:
-        meter.all_reduce(D.all_reduce_sum)
+        meter.all_reduce(R.all_reduce_sum)
     result: dict = {}
     if "acc" in requested:
         result.update(acc.compute())
@@ -222,14 +221,14 @@ def evaluate(
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, meta: dict, *, weights: str | None = None,
-                        **kwargs) -> dict:
+                        allow_backbone_mismatch: bool = False, **kwargs) -> dict:
     """Rebuild the pretrained folder ``checkpoint`` (its ``config.json`` content is ``meta``), evaluate it with
     :func:`evaluate` (``kwargs``) and record the checkpoint's identity in the result."""
     from .checkpoint import load_pretrained
     from .model import create_model
 
     model = create_model(cfg.model, weights=weights)
-    load_pretrained(model, checkpoint, meta=meta)
+    load_pretrained(model, checkpoint, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
     result = evaluate(model, cfg, **kwargs)
     result["checkpoint"] = {"path": str(Path(checkpoint).resolve()), **meta.get("backbone", {})}
     return result

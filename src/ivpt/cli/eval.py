@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. eval.half_size=36 data.format=cub")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--allow-backbone-mismatch", action="store_true",
+                        help="evaluate even if the backbone weights differ from those the checkpoint was trained on")
 
 
 def run_config(checkpoint: Path, overrides: list[str]):
@@ -42,7 +44,7 @@ def run_config(checkpoint: Path, overrides: list[str]):
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, atomic_write_text
     from ..config import ConfigError
-    from ..engine import distributed as D
+    from .. import runtime as R
     from ..evaluation import evaluate_checkpoint, format_table
 
     checkpoint = Path(args.checkpoint)
@@ -57,19 +59,20 @@ def run(args: argparse.Namespace) -> int:
         cfg, meta = run_config(checkpoint, extra)
         if not cfg.data.root:
             raise ConfigError("no dataset: pass --data ROOT")
-        info = D.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
+        info = R.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
         result = evaluate_checkpoint(checkpoint, cfg, meta, weights=args.weights, split=args.split,
+                                     allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      metrics=[m for m in args.metrics.split(",") if m], info=info,
                                      progress=not args.no_progress)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        D.teardown()
+        R.teardown()
     if not info.is_main:
         return 0
     out = Path(args.out) if args.out else checkpoint.parent
+    print(format_table(result))  # printed first: a failing write must not lose the numbers
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
-    print(format_table(result))
     print(f"written {out / 'eval.json'}")
     return 0

@@ -7,13 +7,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from . import distributed as D
+from .. import runtime as R
 from .ordering import ShardSampler
 
 __all__ = ["evaluate_accuracy", "eval_loader"]
 
 
-def eval_loader(dataset: Dataset, cfg: Config, info: D.DistInfo, *, batch_size: int | None = None) -> DataLoader:
+def eval_loader(dataset: Dataset, cfg: Config, info: R.DistInfo, *, batch_size: int | None = None) -> DataLoader:
     from ..data import collate_skip_corrupt
 
     sampler = ShardSampler(len(dataset), rank=info.rank, world_size=info.world_size)  # type: ignore[arg-type]
@@ -23,14 +23,12 @@ def eval_loader(dataset: Dataset, cfg: Config, info: D.DistInfo, *, batch_size: 
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, info: D.DistInfo, *,
+def evaluate_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, info: R.DistInfo, *,
                       progress: bool = False) -> dict[str, float]:
     """top1, top5 and balanced_top1 in percent over ``dataset``."""
     from tqdm.auto import tqdm
 
     from ..metrics import AccuracyMeter
-    from .trainer import _autocast
-
     was_training = model.training
     model.eval()
     meter = AccuracyMeter(cfg.model.num_classes)
@@ -38,9 +36,9 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, info: D.D
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
         if batch is None:
             continue
-        with _autocast(info.device, cfg.optim.amp):
+        with R.autocast(info.device, cfg.eval.amp):
             logits = model(batch["image"].to(info.device, non_blocking=True)).logits
         meter.update(logits.float().cpu(), batch["label"])
-    meter.all_reduce(D.all_reduce_sum)
+    meter.all_reduce(R.all_reduce_sum)
     model.train(was_training)
     return meter.compute()

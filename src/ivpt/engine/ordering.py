@@ -25,10 +25,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
         global_batch: images per global (micro-)batch over all processes.
         seed, epoch: the permutation is ``randperm(n)`` under ``seed * 1000003 + epoch``.
         start: global batches of this epoch already consumed (resume).
+        num_batches: global batches per epoch (default: all full ones, ``n // global_batch``); the trainer asks
+            for a multiple of ``optim.grad_accum`` so that no micro-batch is left without an optimiser step.
     """
 
     def __init__(self, n: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, start: int = 0) -> None:
+                 epoch: int = 0, start: int = 0, num_batches: int | None = None) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} does not divide over {world_size} processes")
         if n < global_batch:
@@ -36,15 +38,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
                              "lower optim.batch_size")
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world_size
         self.seed, self.epoch, self.start = seed, epoch, start
+        self.num_batches = n // global_batch if num_batches is None else min(num_batches, n // global_batch)
 
     def __len__(self) -> int:
-        return self.n // self.global_batch - self.start
+        return max(self.num_batches - self.start, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         per_rank = self.global_batch // self.world
-        for i in range(self.start, self.n // self.global_batch):
+        for i in range(self.start, self.num_batches):
             lo = i * self.global_batch + self.rank * per_rank
             yield perm[lo : lo + per_rank]
 
@@ -83,12 +86,13 @@ class SeededDataset(Dataset):
     def __getitem__(self, index: int):
         item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         # Restore the caller's RNG afterwards: with num_workers=0 this runs in the training process, whose
-        # stream (Gumbel noise, equivariance transforms) must not depend on data loading.
+        # stream (Gumbel noise, equivariance transforms) must not depend on data loading. Only the CPU generator
+        # is seeded: torch.manual_seed would also reseed every CUDA generator and reset the GPU's Gumbel stream.
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             random.seed(item_seed)
             np.random.seed(item_seed % 2**32)
-            torch.manual_seed(item_seed)
+            torch.default_generator.manual_seed(item_seed)
             return self.dataset[index]
         finally:
             random.setstate(saved[0])

@@ -1,15 +1,22 @@
 """The training loop: one code path for CPU, one GPU and ``torchrun`` (plain DDP).
 
+Read :class:`Trainer` top to bottom: ``__init__`` sets the run up (process group, data, model, optimiser, resume),
+:meth:`Trainer.fit` runs the epochs, :meth:`Trainer.train_epoch` the optimiser steps of one epoch,
+:meth:`Trainer.optimizer_step` one step over ``optim.grad_accum`` micro-batches, :meth:`Trainer.end_epoch`
+validation and checkpoints, :meth:`Trainer.finish` the test pass and ``metrics.json``.
+
 Each optimiser step sees a global batch of ``optim.batch_size`` images (split over processes and
-``optim.grad_accum`` micro-batches). The clean batch and its randomly warped copy go through the model as ONE
-forward pass of twice the batch, so DDP sees a single forward per backward and the equivariance view costs no
-extra launch overhead. Checkpoints (``last.pt``) hold everything needed to continue bit-for-bit on CPU.
+``optim.grad_accum`` micro-batches). An epoch has ``len(train) // batch_size`` steps: the partial global batch at
+its end is dropped, so no micro-batch is ever back-propagated without a step. The clean batch and its randomly
+warped copy go through the model as ONE forward pass of twice the batch, so DDP sees a single forward per
+backward. Checkpoints (``last.pt``) hold everything needed to continue bit-for-bit on CPU.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import random
 import time
@@ -21,32 +28,355 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import adapter_state, atomic_torch_save, atomic_write_text
-from ..config import LOSS_TERMS, Config
-from ..losses import random_affine, warp
+from .. import runtime as R
+from ..checkpoint import (
+    CheckpointError,
+    adapter_state,
+    atomic_torch_save,
+    atomic_write_text,
+    backbone_identity,
+    check_backbone,
+    load_adapter_state,
+    load_pretrained,
+    read_pretrained_config,
+)
+from ..config import LOSS_TERMS, Config, EvalConfig
+from ..losses import ivpt_losses, random_affine, warp
 from ..model import create_model
-from . import distributed as D
 from .evaluate import evaluate_accuracy
 from .ordering import GlobalBatchSampler, SeededDataset
 
-__all__ = ["TrainingError", "train", "SimulatedCrash"]
+__all__ = ["TrainingError", "Trainer", "train", "load_run_config", "RESUMABLE_CHANGES"]
 
 LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s"]
+
+# Config keys that may differ between a run and its resume without changing what the resumed run computes.
+RESUMABLE_CHANGES = frozenset({
+    "optim.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.tensorboard",
+    "train.device", "data.num_workers", "data.root",
+    *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
+})
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-class SimulatedCrash(RuntimeError):
-    """Raised by the test hook ``crash_after_step`` to imitate a process killed mid-epoch."""
+def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` into folder ``out``; with ``resume`` continue from ``out/last.pt``.
+
+    Writes ``config.yaml``, ``log.csv``, ``last.pt`` (full training state), ``best/`` (pretrained folder chosen
+    on the validation split, or the last epoch without one) and ``metrics.json`` (test accuracy of ``best``).
+    Returns the content of ``metrics.json``.
+    """
+    trainer = Trainer(cfg, out, resume=resume, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def load_run_config(out: str | Path) -> Config:
+    """The config a run folder was trained with (its ``config.yaml``)."""
+    import yaml
+
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
+    return Config.from_dict(yaml.safe_load(path.read_text()))
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+class Trainer:
+    """One training run in ``out``; see the module docstring for the order of its parts."""
+
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+        from ..data import build_datasets, reset_corrupt_count
+
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.info = R.setup(cfg.train.device)
+        self.device = self.info.device
+        state = self._read_resume_state() if resume else None  # read and checked before anything is written
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.data = build_datasets(cfg)
+        if self.data.num_classes != cfg.model.num_classes:
+            raise TrainingError(
+                f"the dataset at {cfg.data.root} has {self.data.num_classes} classes but model.num_classes="
+                f"{cfg.model.num_classes}; set model.num_classes={self.data.num_classes}"
+            )
+        self.train_set = SeededDataset(self.data.train, cfg.train.seed)
+        o = cfg.optim
+        if o.batch_size % (o.grad_accum * self.info.world_size):
+            raise TrainingError(
+                f"optim.batch_size={o.batch_size} must divide by optim.grad_accum x processes "
+                f"= {o.grad_accum} x {self.info.world_size}"
+            )
+        self.micro_global = o.batch_size // o.grad_accum
+        self.steps_per_epoch = len(self.train_set) // o.batch_size
+
+        self.model = create_model(cfg.model, seed=cfg.train.seed).to(self.device)
+        groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_epochs, gamma=o.gamma)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.amp == "fp16")
+        # Every training random number comes from train.seed (and the rank): the global generator drives the
+        # Gumbel noise, eq_gen (identical on every rank) the one equivariance transform per step.
+        torch.manual_seed(cfg.train.seed + self.info.rank)
+        random.seed(cfg.train.seed + self.info.rank)
+        np.random.seed(cfg.train.seed + self.info.rank)
+        self.eq_gen = torch.Generator().manual_seed(cfg.train.seed)
+
+        self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, -math.inf
+        if state is not None:
+            self._restore(state)
+        elif self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.info.is_main:
+            _save_config(cfg, self.out)
+
+        unused = cfg.model.kind != "ivpt" or any(w == 0 for w in cfg.loss.weights().values())
+        self.net: nn.Module = self.model
+        if self.info.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+        self.log = _CsvLog(self.out / "log.csv", self.info.is_main)
+        self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
+        self.window = _Window(self.device)
+        self.t_start = time.perf_counter()
+        reset_corrupt_count()
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def _read_resume_state(self) -> dict:
+        """last.pt, checked against the config before the run folder is touched."""
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise TrainingError(f"cannot resume: {path} not found; nothing to resume")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or foreign files fail in many ways
+            raise TrainingError(f"cannot resume: {path} is unreadable ({type(exc).__name__}: {exc}); "
+                                "it was not written by a finished checkpoint save") from exc
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
+            raise TrainingError(f"cannot resume: {path} is not a training checkpoint written by `ivpt train`")
+        changed = [k for k in config_changes(Config.from_dict(state["config"]), self.cfg)
+                   if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise TrainingError(
+                f"cannot resume {self.out}: the config differs from the checkpoint's in {', '.join(changed)}, "
+                "which would not continue the same run exactly; start a new run with --out (only "
+                "optim.epochs, train.max_steps, logging, checkpoint, device, worker and eval settings may change)"
+            )
+        return state
+
+    def _restore(self, state: dict) -> None:
+        path = self.out / "last.pt"
+        try:
+            check_backbone(self.model, state.get("backbone"), path)
+            load_adapter_state(self.model, state["model"], path)
+        except CheckpointError as exc:
+            raise TrainingError(f"cannot resume: {exc}") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best_val = state["best_val"]
+        rng = state["rng"]
+        _set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0], self.eq_gen)
+        if self.info.is_main:
+            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    # ----------------------------------------------------------------------------------------------- the run
+    def fit(self) -> dict:
+        """Every remaining epoch, then the test pass; returns ``metrics.json``'s content."""
+        for epoch in range(self.epoch, self.cfg.optim.epochs):
+            done = self.train_epoch(epoch)
+            self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
+            if done:
+                break
+        self.log.close()
+        self.tb.close()
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Optimiser steps of ``epoch`` from ``self.batch_in_epoch`` on; True when ``train.max_steps`` is reached."""
+        o = self.cfg.optim
+        self.train_set.set_epoch(epoch)
+        first = self.batch_in_epoch
+        sampler = GlobalBatchSampler(
+            len(self.train_set), self.micro_global, rank=self.info.rank, world_size=self.info.world_size,
+            seed=self.cfg.train.seed, epoch=epoch, start=first * o.grad_accum,
+            num_batches=self.steps_per_epoch * o.grad_accum,
+        )
+        from ..data import collate_skip_corrupt
+
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+                            collate_fn=collate_skip_corrupt, pin_memory=self.device.type == "cuda",
+                            generator=_loader_generator(), persistent_workers=False)
+        self.model.train()
+        bar = _progress(self.progress and self.info.is_main, self.steps_per_epoch - first,
+                        f"epoch {epoch + 1}/{o.epochs}")
+        done = False
+        micro: list[dict | None] = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) < o.grad_accum:
+                continue
+            self.optimizer_step(epoch, micro)
+            micro = []
+            bar.update(1)
+            if self.step % self.cfg.train.log_every == 0:
+                row = self.emit(epoch)
+                bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['img_per_s']:.1f}")
+            if self.cfg.train.ckpt_every_steps and self.step % self.cfg.train.ckpt_every_steps == 0:
+                self.save_last(epoch, self.batch_in_epoch)
+            if self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps:
+                done = True
+                break
+        bar.close()
+        if self.window.n:
+            self.emit(epoch)
+        return done
+
+    def optimizer_step(self, epoch: int, micro_batches: list[dict | None]) -> None:
+        """Forward/backward every micro-batch, then ONE finite check (one host sync), clip and step.
+
+        A non-finite loss in ANY micro-batch (or, outside fp16 where the scaler skips such steps, a non-finite
+        gradient) stops the run before the optimiser or a checkpoint sees the corrupted gradients."""
+        o = self.cfg.optim
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        terms_seen = []
+        for i, batch in enumerate(micro_batches):
+            if batch is None:  # every image of the micro-batch was unreadable
+                continue
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
+            with sync:
+                total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen)
+                self.scaler.scale(total / o.grad_accum).backward()
+            finite &= torch.isfinite(total.detach())
+            terms_seen.append(terms)
+            self.window.add(terms, total, x.shape[0] * self.info.world_size)
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip if o.grad_clip > 0 else math.inf)
+        if o.amp != "fp16":
+            finite &= torch.isfinite(norm)
+        if R.any_true(~finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = next((t for t in terms_seen if not all(torch.isfinite(v) for v in t.values())), None)
+            names = [k for k, v in (bad or {}).items() if not torch.isfinite(v)] or ["gradients"]
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: term(s) {', '.join(names)}. "
+                f"Nothing was stepped or saved; the last good checkpoint {self.out / 'last.pt'} is kept. Lower the "
+                "learning rates or try optim.amp=none"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.batch_in_epoch += 1
+
+    def end_epoch(self, epoch: int, *, finished: bool) -> None:
+        """Scheduler step (when the epoch ran to its end), validation, ``best/`` and ``last.pt``."""
+        if finished:
+            self.scheduler.step()
+        val = None
+        if self.data.val is not None:
+            val = evaluate_accuracy(self.model, self.data.val, self.cfg, self.info, progress=False)["top1"]
+        improved = val is None or val > self.best_val
+        if improved:
+            self.best_val = val if val is not None else self.best_val
+            if self.info.is_main:
+                self.model.save_pretrained(self.out / "best", extra={
+                    "epoch": epoch + 1, "step": self.step, "val_top1": val,
+                    "class_names": list(self.data.class_names)})
+        self.save_last(epoch + 1 if finished else epoch, 0 if finished else self.batch_in_epoch)
+        self.batch_in_epoch = 0 if finished else self.batch_in_epoch
+        if self.info.is_main:
+            msg = f"epoch {epoch + 1}: step {self.step}"
+            if val is not None:
+                msg += f", val top-1 {val:.2f}%" + (" (best)" if improved else "")
+            print(msg)
+
+    def finish(self) -> dict:
+        """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""
+        from ..data import corrupt_count
+
+        R.barrier()  # rank 0 has written best/
+        _, meta = read_pretrained_config(self.out / "best")
+        load_pretrained(self.model, self.out / "best", meta=meta)
+        test = evaluate_accuracy(self.model, self.data.test, self.cfg, self.info,
+                                 progress=self.progress and self.info.is_main)
+        skipped = R.all_reduce_sum(torch.tensor([float(corrupt_count())], device=self.device))
+        metrics = {
+            "test_top1": test["top1"] / 100,
+            "test_top5": test["top5"] / 100,
+            "test_balanced_top1": test["balanced_top1"] / 100,
+            "num_classes": self.data.num_classes,
+            "chance": 1.0 / self.data.num_classes,
+            "best_val_top1": None if self.best_val == -math.inf else self.best_val / 100,
+            "best_epoch": meta.get("epoch"),
+            "steps": self.step,
+            "train_images": len(self.train_set),
+            "test_images": len(self.data.test),
+            "corrupt_images_skipped": int(skipped.item()),
+            "seconds": time.perf_counter() - self.t_start,
+        }
+        if self.info.is_main:
+            atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
+
+    def close(self) -> None:
+        R.teardown()
+
+    # ------------------------------------------------------------------------------------------ logs, state
+    def emit(self, epoch: int) -> dict:
+        row = self.window.flush(epoch, self.step, self.optimizer, self.t_start)
+        self.log.write(row)
+        self.tb.log(row, self.step)
+        return row
+
+    def save_last(self, epoch: int, batch_in_epoch: int) -> None:
+        """Atomically write ``last.pt``: trained parameters, optimiser, scheduler, scaler, position and every
+        process's RNG state (all ranks take part in gathering the RNG states)."""
+        rng = R.all_gather_object(_rng_state(self.eq_gen), self.info.world_size)
+        if self.info.is_main:
+            atomic_torch_save({
+                "model": adapter_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_val": self.best_val,
+                "rng": rng, "config": self.cfg.to_dict(), "backbone": backbone_identity(self.model),
+            }, self.out / "last.pt")
+
+
+def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
+                 eq_gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss."""
+    b = x.shape[0]
+    theta = None
+    if cfg.model.kind in ("ivpt", "last_layer_parts") and cfg.loss.equivariance > 0:
+        theta = random_affine(b, rotation_deg=cfg.loss.eq_rotation_deg, translate=cfg.loss.eq_translate,
+                              scale=tuple(cfg.loss.eq_scale), device=x.device, generator=eq_gen)
+        x = torch.cat([x, warp(x, theta)])
+    # IVPT needs only the concept maps of the warped view, so its backbone pass there skips autograd.
+    kwargs = {"maps_only_from": b} if theta is not None and cfg.model.kind == "ivpt" else {}
+    with R.autocast(x.device, cfg.optim.amp):
+        out = net(x, **kwargs)
+    warped = None
+    if theta is not None:
+        out, warped = _split_output(out, b)
+    return ivpt_losses(out, y, cfg.loss, warped_out=warped, theta=theta)
 
 
 def _split_output(out: Any, n: int) -> tuple[Any, Any]:
@@ -61,6 +391,36 @@ def _split_output(out: Any, n: int) -> tuple[Any, Any]:
         else:
             first[f.name] = rest[f.name] = value
     return type(out)(**first), type(out)(**rest)
+
+
+class _Window:
+    """Loss terms summed on the device since the last log row; read back (one sync) only when a row is written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.n, self.images, self.t, self.sums = 0, 0, now, {}
+
+    def add(self, terms: dict, total: torch.Tensor, images: int) -> None:
+        self.n += 1
+        self.images += images
+        for k, v in {**terms, "total": total.detach()}.items():
+            v = v.detach().float().to(self.device)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def flush(self, epoch: int, step: int, optimizer: torch.optim.Optimizer, t_start: float) -> dict:
+        now = time.perf_counter()
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
+               "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
+               "img_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start}
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).tolist() if names else []  # one host sync
+        row.update({k: v / max(self.n, 1) for k, v in zip(names, values)})
+        self.reset(now)
+        return row
 
 
 def _rng_state(eq_gen: torch.Generator) -> dict:
@@ -78,17 +438,6 @@ def _set_rng_state(state: dict, eq_gen: torch.Generator) -> None:
     eq_gen.set_state(state["equivariance"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng(eq_gen: torch.Generator, info: D.DistInfo) -> list[dict]:
-    mine = _rng_state(eq_gen)
-    if not info.distributed:
-        return [mine]
-    import torch.distributed as dist
-
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, mine)
-    return states
 
 
 class _CsvLog:
@@ -139,260 +488,6 @@ def _save_config(cfg: Config, out: Path) -> None:
     import yaml
 
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def load_run_config(out: Path) -> Config:
-    import yaml
-
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    return Config.from_dict(yaml.safe_load(path.read_text()))
-
-
-def train(
-    cfg: Config,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    crash_after_step: int | None = None,
-) -> dict:
-    """Train ``cfg`` into folder ``out``; with ``resume`` continue from ``out/last.pt``.
-
-    Writes ``config.yaml``, ``log.csv``, ``last.pt`` (full training state), ``best/`` (pretrained folder chosen
-    on the validation split, or the last epoch without one) and ``metrics.json`` (test accuracy of ``best``).
-    Returns the content of ``metrics.json``.
-    """
-    from ..data import build_datasets, collate_skip_corrupt, corrupt_count, reset_corrupt_count
-
-    out = Path(out)
-    info = D.setup(cfg.train.device)
-    try:
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            _save_config(cfg, out)
-        torch.manual_seed(cfg.train.seed + info.rank)
-        random.seed(cfg.train.seed + info.rank)
-        np.random.seed(cfg.train.seed + info.rank)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        eq_gen = torch.Generator().manual_seed(cfg.train.seed)  # same on every rank: one transform per step
-
-        data = build_datasets(cfg)
-        if data.num_classes != cfg.model.num_classes:
-            raise TrainingError(
-                f"the dataset at {cfg.data.root} has {data.num_classes} classes but model.num_classes="
-                f"{cfg.model.num_classes}; set model.num_classes={data.num_classes}"
-            )
-        train_set = SeededDataset(data.train, cfg.train.seed)
-        o = cfg.optim
-        micro_global = o.batch_size // o.grad_accum
-        if o.batch_size % (o.grad_accum * info.world_size):
-            raise TrainingError(
-                f"optim.batch_size={o.batch_size} must divide by optim.grad_accum x processes "
-                f"= {o.grad_accum} x {info.world_size}"
-            )
-        steps_per_epoch = (len(train_set) // micro_global) // o.grad_accum
-
-        model = create_model(cfg.model).to(info.device)
-        groups = model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
-        optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_epochs, gamma=o.gamma)
-        scaler = torch.amp.GradScaler(info.device.type, enabled=o.amp == "fp16")
-        trainable = [p for g in groups for p in g["params"]]
-
-        start_epoch, start_batch, step, best_val = 0, 0, 0, -math.inf
-        if resume:
-            state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-            best_val = state["best_val"]
-            rng = state["rng"]
-            _set_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0], eq_gen)
-            if info.is_main:
-                print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, step {step}")
-
-        unused = cfg.model.kind != "ivpt" or any(w == 0 for w in cfg.loss.weights().values())
-        net: nn.Module = model
-        if info.distributed:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                find_unused_parameters=unused,
-            )
-
-        def save_last(epoch: int, batch_in_epoch: int) -> None:
-            rng = _gather_rng(eq_gen, info)
-            if info.is_main:
-                atomic_torch_save({
-                    "model": adapter_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_val": best_val,
-                    "rng": rng, "config": cfg.to_dict(),
-                }, out / "last.pt")
-
-        log = _CsvLog(out / "log.csv", info.is_main)
-        tb = _Tensorboard(out, info.is_main and cfg.train.tensorboard)
-        reset_corrupt_count()
-
-        def emit(epoch: int) -> dict:
-            row = _flush(window, epoch, step, optimizer, t_start)
-            log.write(row)
-            tb.log(row, step)
-            return row
-
-        t_start, window = time.perf_counter(), {"n": 0, "images": 0, "t": time.perf_counter(), "sums": {}}
-        done = False
-        for epoch in range(start_epoch, o.epochs):
-            train_set.set_epoch(epoch)
-            first = start_batch if epoch == start_epoch else 0
-            sampler = GlobalBatchSampler(len(train_set), micro_global, rank=info.rank, world_size=info.world_size,
-                                         seed=cfg.train.seed, epoch=epoch, start=first * o.grad_accum)
-            loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                collate_fn=collate_skip_corrupt, pin_memory=info.device.type == "cuda",
-                                generator=_loader_generator(), persistent_workers=False)
-            model.train()
-            bar = _progress(progress and info.is_main, steps_per_epoch - first, f"epoch {epoch + 1}/{o.epochs}")
-            micro = 0
-            batch_in_epoch = first
-            for batch in loader:
-                if batch is None:
-                    continue
-                x = batch["image"].to(info.device, non_blocking=True)
-                y = batch["label"].to(info.device, non_blocking=True)
-                micro += 1
-                last_micro = micro % o.grad_accum == 0
-                sync = contextlib.nullcontext() if (last_micro or not info.distributed) else net.no_sync()
-                with sync:
-                    total, terms = _loss(net, x, y, cfg, eq_gen, info.device)
-                    scaler.scale(total / o.grad_accum).backward()
-                _accumulate(window, terms, total, x.shape[0] * info.world_size)
-                if not last_micro:
-                    continue
-                bad = not torch.isfinite(total).item()
-                if D.broadcast_flag(bad, info.device):
-                    names = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
-                    raise TrainingError(
-                        f"non-finite loss at epoch {epoch + 1}, step {step + 1}: term(s) {', '.join(names)}. "
-                        f"The last good checkpoint {out / 'last.pt'} is kept; lower the learning rates or try "
-                        "optim.amp=none"
-                    )
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_in_epoch += 1
-                bar.update(1)
-                if step % cfg.train.log_every == 0:
-                    row = emit(epoch)
-                    bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['img_per_s']:.1f}")
-                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                    save_last(epoch, batch_in_epoch)
-                if crash_after_step is not None and step == crash_after_step:
-                    raise SimulatedCrash(f"simulated crash after step {step}")
-                if cfg.train.max_steps and step >= cfg.train.max_steps:
-                    done = True
-                    break
-            bar.close()
-            if window["n"]:
-                emit(epoch)
-            finished_epoch = not done or batch_in_epoch >= steps_per_epoch
-            if finished_epoch:
-                scheduler.step()
-            val = None
-            if data.val is not None:
-                val = evaluate_accuracy(model, data.val, cfg, info, progress=False)["top1"]
-            improved = val is None or val > best_val
-            if improved:
-                best_val = val if val is not None else best_val
-                if info.is_main:
-                    model.save_pretrained(out / "best", extra={"epoch": epoch + 1, "step": step, "val_top1": val})
-            save_last(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_in_epoch)
-            if info.is_main:
-                msg = f"epoch {epoch + 1}: step {step}"
-                print(msg + (f", val top-1 {val:.2f}%" + (" (best)" if improved else "") if val is not None else ""))
-            if done:
-                break
-        log.close()
-        tb.close()
-
-        from ..checkpoint import load_pretrained, read_pretrained_config
-
-        if info.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0 has written best/
-        _, meta = read_pretrained_config(out / "best")
-        load_pretrained(model, out / "best")
-        test = evaluate_accuracy(model, data.test, cfg, info, progress=progress and info.is_main)
-        skipped = int(D.all_reduce_sum(torch.tensor([float(corrupt_count())])).item())
-        metrics = {
-            "test_top1": test["top1"] / 100,
-            "test_top5": test["top5"] / 100,
-            "test_balanced_top1": test["balanced_top1"] / 100,
-            "num_classes": data.num_classes,
-            "chance": 1.0 / data.num_classes,
-            "best_val_top1": None if best_val == -math.inf else best_val / 100,
-            "best_epoch": meta.get("epoch"),
-            "steps": step,
-            "train_images": len(train_set),
-            "test_images": len(data.test),
-            "corrupt_images_skipped": skipped,
-            "seconds": time.perf_counter() - t_start,
-        }
-        if info.is_main:
-            import json
-
-            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        return metrics
-    finally:
-        D.teardown()
-
-
-def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, eq_gen: torch.Generator,
-          device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss."""
-    from ..losses import ivpt_losses
-
-    b = x.shape[0]
-    theta = None
-    if cfg.model.kind in ("ivpt", "last_layer_parts") and cfg.loss.equivariance > 0:
-        theta = random_affine(b, rotation_deg=cfg.loss.eq_rotation_deg, translate=cfg.loss.eq_translate,
-                              scale=tuple(cfg.loss.eq_scale), device=device, generator=eq_gen)
-        x = torch.cat([x, warp(x, theta)])
-    # IVPT needs only the concept maps of the warped view, so its backbone pass there skips autograd.
-    kwargs = {"maps_only_from": b} if theta is not None and cfg.model.kind == "ivpt" else {}
-    with _autocast(device, cfg.optim.amp):
-        out = net(x, **kwargs)
-    warped = None
-    if theta is not None:
-        out, warped = _split_output(out, b)
-    return ivpt_losses(out, y, cfg.loss, warped_out=warped, theta=theta)
-
-
-def _accumulate(window: dict, terms: dict, total: torch.Tensor, images: int) -> None:
-    window["n"] += 1
-    window["images"] += images
-    sums = window["sums"]
-    for k, v in {**terms, "total": total.detach()}.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-
-
-def _flush(window: dict, epoch: int, step: int, optimizer: torch.optim.Optimizer, t_start: float) -> dict:
-    now = time.perf_counter()
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
-           "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
-           "img_per_s": window["images"] / max(now - window["t"], 1e-9), "elapsed_s": now - t_start}
-    row.update({k: v / window["n"] for k, v in window["sums"].items()})
-    window.update(n=0, images=0, t=now, sums={})
-    return row
 
 
 def _loader_generator() -> torch.Generator:

@@ -17,25 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from .. import runtime as R
 
 __all__ = ["SumState", "ReduceFn"]
 
 ReduceFn = Callable[[Tensor], "Tensor | None"]
-
-
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo (and a single process) work on CPU.
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _default_reduce(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class SumState:
@@ -75,12 +63,12 @@ class SumState:
     def all_reduce(self, reduce_fn: ReduceFn | None = None) -> SumState:
         """Sum the state over all processes, in place; a no-op without a process group. Returns ``self``.
 
-        ``reduce_fn`` sums a tensor over processes in place (e.g. ``ivpt.engine.distributed.all_reduce_sum``);
-        by default ``torch.distributed.all_reduce(SUM)``. State tensors of one dtype are packed into one buffer,
-        moved to the device the backend needs (CUDA for NCCL) and copied back to ``self.device``.
+        ``reduce_fn`` sums a tensor over processes in place; by default :func:`ivpt.runtime.all_reduce_sum`. State
+        tensors of one dtype are packed into one buffer, moved to the device the process group reduces on (CUDA for
+        NCCL) and copied back to ``self.device``.
         """
-        reduce_fn = reduce_fn or _default_reduce
-        device = _collective_device()
+        reduce_fn = reduce_fn or R.all_reduce_sum
+        device = R.group_device() or self.device
         by_dtype: dict[torch.dtype, list[str]] = {}
         for name in self._names:
             by_dtype.setdefault(self._specs[name][1], []).append(name)

@@ -1,0 +1,152 @@
+"""Where and how a process computes: its device, its precision, and its place in a ``torchrun`` process group.
+
+One code path for one process and for ``torchrun``: the launcher decides, not the device count.
+
+Launched by ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set), every process
+joins a process group — NCCL when it drives a GPU, gloo on CPU — even when the world has ONE process, so
+``torchrun --nproc_per_node=1`` on one GPU runs every collective through NCCL. Launched plainly, the process is
+rank 0 of a world of 1 and no group is created.
+
+Every collective of the package goes through the helpers below. They refuse a tensor that does not live on the
+device the group reduces on (CUDA for NCCL, CPU for gloo) with an error that names the fix, instead of NCCL's
+crash at the end of a run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import AMP_MODES
+
+__all__ = [
+    "AMP_MODES",
+    "autocast",
+    "resolve_device",
+    "DistInfo",
+    "DistributedError",
+    "setup",
+    "teardown",
+    "launched_by_torchrun",
+    "group_device",
+    "all_reduce_sum",
+    "any_true",
+    "all_gather_object",
+    "barrier",
+]
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of precision ``amp`` (``none`` | ``bf16`` | ``fp16``) on ``device``; ``none`` runs fp32."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} must be one of {', '.join(AMP_MODES)}")
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class DistributedError(RuntimeError):
+    """A collective was called with a tensor the process group cannot reduce."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when this process is in a process group (under torchrun, even with one process)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → this process's GPU if torch sees one, else CPU; ``cuda`` → ``cuda:LOCAL_RANK``; else as named."""
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} asks for CUDA but torch sees no GPU; use cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment of a torchrun (torch.distributed.run) worker is present."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def setup(requested_device: str = "auto") -> DistInfo:
+    """Join the process group if launched by torchrun (any world size); pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
+    if launched_by_torchrun() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def group_device() -> torch.device | None:
+    """The device the current process group reduces on (CUDA for NCCL, CPU otherwise); None without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check(t: torch.Tensor, what: str) -> None:
+    expected = group_device()
+    if expected is not None and t.device.type != expected.type:
+        raise DistributedError(
+            f"{what}: tensor on {t.device} but the {dist.get_backend()} process group reduces {expected.type} "
+            f"tensors; create it on the process's device (DistInfo.device = {expected})"
+        )
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over processes in place and return it; identity without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        _check(t, "all_reduce_sum")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_true(flag: torch.Tensor) -> bool:
+    """True if the boolean/0-1 tensor ``flag`` (on the process's device) is true on any process. One host sync."""
+    t = flag.detach().reshape(1).to(torch.float32)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def all_gather_object(obj: Any, world_size: int) -> list[Any]:
+    """Every process's ``obj`` in rank order; ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
