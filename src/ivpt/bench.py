@@ -4,7 +4,7 @@ What is measured, per group of models built at one image size and one ``n_pro``:
 
 - forward: eval mode, ``torch.no_grad``, one batch of ``batch`` images; the reference is the plain frozen timm
   backbone's ``forward_features`` on the same batch;
-- train step: exactly what the trainer does per optimiser step — :func:`ivpt.engine.trainer._loss` (one forward
+- train step: exactly what the trainer does per optimiser step — :func:`ivpt.engine.trainer.compute_loss` (one forward
   of the clean and the warped view together for ivpt / last_layer_parts with equivariance on, all loss terms),
   backward, global grad-norm clip, Adam step on the model's ``param_groups``, ``zero_grad``;
 - peak memory of the first forward / first train step (the warm-up run) above what was resident before it
@@ -174,11 +174,11 @@ class _Runner:
                 self.model(self.x)
 
     def train_step(self) -> None:
-        """One optimiser step as the trainer takes it (forward via the trainer's ``_loss``)."""
-        from .engine.trainer import _loss
+        """One optimiser step as the trainer takes it (forward via the trainer's ``compute_loss``)."""
+        from .engine.trainer import compute_loss
 
         self.model.train()
-        total, _ = _loss(self.model, self.x, self.y, self.cfg, self.eq_gen, self.device)
+        total, _ = compute_loss(self.model, self.x, self.y, self.cfg, self.eq_gen)
         total.backward()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
@@ -445,7 +445,7 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = lambda s: None
                 "and last_layer_parts; the linear probe keeps them frozen"
                 if opts.train_tokens else "tokens frozen (model.train_tokens=false) in every kind"
             ),
-            "train_step": "trainer _loss (ivpt / last_layer_parts: clean + warped view in one forward, all loss "
+            "train_step": "trainer compute_loss (ivpt / last_layer_parts: clean + warped view in one forward, all loss "
                           "weights 1) + backward + grad-norm clip 2.0 + Adam step; time per image = step / batch",
             "forward": "eval mode, torch.no_grad; backbone = timm forward_features",
             "memory": ("peak of the first (warm-up) run above what was allocated before it, in MB: "

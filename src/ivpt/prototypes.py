@@ -98,10 +98,11 @@ class ConceptStage(nn.Module):
     def assign(self, regions: Tensor, counts: Tensor, *, tau: float, sample: bool) -> Tensor:
         """Fine→coarse assignment Q (B, P, N) of the P foreground regions (B, P, D).
 
-        Gumbel-softmax when ``sample`` (training), plain softmax otherwise; rows of empty regions are uniform.
+        Gumbel-softmax when ``sample`` (training), plain softmax otherwise, in float32; rows of empty regions are
+        uniform.
         """
         assert self.assigner is not None, "the final stage has no assigner"
-        z = self.assigner(regions)
+        z = self.assigner(regions).float()  # rows of Q sum to one in float32 even when the Linear ran in bf16
         q = F.gumbel_softmax(z, tau=tau, hard=False, dim=-1) if sample else (z / tau).softmax(dim=-1)
         empty = (counts == 0).unsqueeze(-1)
         return torch.where(empty, torch.full_like(q, 1.0 / q.shape[-1]), q)

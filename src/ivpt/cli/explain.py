@@ -19,57 +19,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def class_names_of(meta: dict, num_classes: int) -> list[str] | None:
-    """Class names stored in a checkpoint's config.json (``class_names``), if they match the head."""
-    names = meta.get("class_names")
-    if isinstance(names, list) and len(names) == num_classes:
-        return [str(n) for n in names]
-    return None
-
-
-def load_checkpoint(checkpoint: str | Path, *, weights: str | None, device: str):
-    """(model, run config, config.json) of a pretrained folder; the run config (data normalisation etc.) comes
-    from the run folder's config.yaml when there is one. Raises ValueError with a user-facing message."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..model import IVPT
-    from ..weights import WeightsError
-    from .eval import run_config
-
-    try:
-        cfg, meta = run_config(Path(checkpoint), [])
-        if cfg.model.kind != "ivpt":
-            raise ValueError(f"{checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt")
-        model = IVPT.from_pretrained(checkpoint, weights=weights, map_location=str(resolve_device(device)))
-    except (CheckpointError, ConfigError, WeightsError, FileNotFoundError) as exc:
-        raise ValueError(str(exc)) from exc
-    return model, cfg, meta
+    parser.add_argument("--allow-backbone-mismatch", action="store_true",
+                        help="load even if the backbone weights differ from those the checkpoint was trained on")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from ..explain import Explanation, explain
     from ..explain.images import load_images
     from ..explain.report import write_explained_images
+    from ..runs import class_names_of, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    try:
-        model, cfg, meta = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model, cfg, meta = load_run(args.checkpoint, weights=args.weights, device=args.device,
+                                allow_backbone_mismatch=args.allow_backbone_mismatch)
+    if cfg.model.kind != "ivpt":
+        raise ConfigError(f"{args.checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt")
     size = args.img_size or cfg.model.img_size
     # A run's data.resize belongs to its img_size; another size resizes the shorter side to itself.
     data = dataclasses.replace(cfg.data, resize=0) if args.img_size else cfg.data

@@ -3,8 +3,6 @@ metrics, training curves, dataset-level concept hierarchy, prototype galleries a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,55 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-
-
-def open_dataset(cfg, root: str, split: str):
-    """The ``split`` of the dataset at ``root`` in the run's format, with the deterministic eval transform."""
-    from ..data import CubDataset, ImageFolderDataset, build_eval_transform
-
-    transform = build_eval_transform(cfg.data, cfg.model.img_size)
-    if cfg.data.format == "imagefolder":
-        return ImageFolderDataset(root, split, transform=transform)
-    return CubDataset(root, split, transform=transform)
+    parser.add_argument("--allow-backbone-mismatch", action="store_true",
+                        help="load even if the backbone weights differ from those the checkpoint was trained on")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DatasetError
-    from ..explain.charts import read_log
-    from ..explain.report import build_report, read_metrics
-    from .explain import class_names_of, load_checkpoint
+    from ..explain.report import report_checkpoint
 
-    checkpoint = Path(args.checkpoint)
-    try:
-        model, cfg, meta = load_checkpoint(checkpoint, weights=args.weights, device=args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    root = args.data or cfg.data.root
-    if not root:
-        print("error: no dataset: pass --data ROOT", file=sys.stderr)
-        return 2
-    try:
-        dataset = open_dataset(cfg, root, args.split)
-    except (DatasetError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_dir = checkpoint.resolve().parent
-    eval_file = Path(args.eval_file) if args.eval_file else run_dir / "eval.json"
-    if not eval_file.is_file() and not args.eval_file:
-        eval_file = run_dir / "metrics.json"  # the trainer's test accuracy, when no evaluation was run
-    log_file = Path(args.log) if args.log else run_dir / "log.csv"
-    names = class_names_of(meta, cfg.model.num_classes) or list(getattr(dataset, "class_names", []) or []) or None
-    m = cfg.model
-    subtitle = (f"{checkpoint} · {m.backbone} at {m.img_size}px · n_pro {','.join(map(str, m.n_pro))} · "
-                f"{m.num_classes} classes · {args.split} split of {root} ({len(dataset)} images)")
-    path = build_report(
-        model, dataset, args.out,
-        metrics=read_metrics(eval_file),
-        log=read_log(log_file) if log_file.is_file() else None,
-        samples=args.samples, class_names=names, title=f"IVPT report — {checkpoint.resolve().parent.name}",
-        subtitle=subtitle, batch_size=args.batch_size, num_workers=args.workers, limit=args.limit,
-        gallery_topk=args.gallery_topk, mean=cfg.data.mean, std=cfg.data.std,
+    path = report_checkpoint(
+        args.checkpoint, args.out, data_root=args.data, split=args.split, samples=args.samples,
+        eval_file=args.eval_file, log_file=args.log, limit=args.limit, gallery_topk=args.gallery_topk,
+        weights=args.weights, device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
     )
     print(f"written {path}")
     return 0

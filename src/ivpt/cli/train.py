@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import TrainingError, load_run_config, train
+    from ..engine import load_run_config, train
 
     if args.resume:
         out = Path(args.resume)
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         cfg = load_run_config(out)
         if args.overrides:
-            cfg = cfg.with_overrides(args.overrides)  # e.g. more epochs
+            cfg = cfg.with_overrides(args.overrides)  # e.g. more epochs; the trainer refuses inexact changes
     else:
         if not args.out:
             print("error: --out DIR is required (or --resume DIR)", file=sys.stderr)
@@ -38,10 +38,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {out} already holds a run; use --resume {out} or another --out", file=sys.stderr)
             return 2
         cfg = config_from_args(args)
-    try:
-        metrics = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    metrics = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -365,3 +365,37 @@ def build_report(
     path = out / "index.html"
     path.write_text(page(title, "\n".join(sections), header=header))
     return path
+
+
+def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str | None = None,
+                      split: str = "test", samples: int = 8, eval_file: str | Path | None = None,
+                      log_file: str | Path | None = None, limit: int | None = None, gallery_topk: int = 8,
+                      weights: str | None = None, device: str = "auto", batch_size: int = 32, num_workers: int = 0,
+                      allow_backbone_mismatch: bool = False) -> Path:
+    """:func:`build_report` for the pretrained folder ``checkpoint`` of a run: its run's dataset split, its
+    ``eval.json`` (else the trainer's ``metrics.json``) and ``log.csv`` beside it, its class names. Returns
+    the path of ``out/index.html``."""
+    from ..runs import class_names_of, load_run, open_split
+    from .charts import read_log
+
+    checkpoint = Path(checkpoint)
+    model, cfg, meta = load_run(checkpoint, weights=weights, device=device,
+                                allow_backbone_mismatch=allow_backbone_mismatch)
+    root = data_root or cfg.data.root
+    dataset = open_split(cfg, split, root=root)
+    run_dir = checkpoint.resolve().parent
+    if eval_file is None:
+        eval_file = run_dir / "eval.json"
+        if not eval_file.is_file():
+            eval_file = run_dir / "metrics.json"  # the trainer's test accuracy, when no evaluation was run
+    log_file = Path(log_file) if log_file else run_dir / "log.csv"
+    names = class_names_of(meta, cfg.model.num_classes) or list(getattr(dataset, "class_names", []) or []) or None
+    m = cfg.model
+    subtitle = (f"{checkpoint} · {m.backbone} at {m.img_size}px · n_pro {','.join(map(str, m.n_pro))} · "
+                f"{m.num_classes} classes · {split} split of {root} ({len(dataset)} images)")
+    return build_report(
+        model, dataset, out, metrics=read_metrics(eval_file), log=read_log(log_file) if log_file.is_file() else None,
+        samples=samples, class_names=names, title=f"IVPT report — {run_dir.name}", subtitle=subtitle,
+        batch_size=batch_size, num_workers=num_workers, limit=limit, gallery_topk=gallery_topk,
+        mean=cfg.data.mean, std=cfg.data.std,
+    )
