@@ -134,6 +134,8 @@ class AnnotatedDataset:
         self.class_names, self.part_names = rec.class_names, rec.part_names
         self.num_classes = len(rec.class_names)
         report_missing([rec.paths[r] for r in rows if not rec.paths[r].is_file()], "image(s)")
+        if with_parts and rec.part_masks is not None:
+            report_missing([rec.part_masks[r] for r in rows if not rec.part_masks[r].is_file()], "part mask(s)")
         self.has_fg_masks = self._fg_masks_complete()
         self.has_masks = with_parts and self.has_fg_masks  # items carry "mask"
         self._counter = CORRUPT_IMAGES
