@@ -27,12 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_dataset(cfg, root: str, split: str):
     """The ``split`` of the dataset at ``root`` in the run's format, with the deterministic eval transform."""
-    from ..data import CubDataset, ImageFolderDataset, build_eval_transform
+    from ..data import build_eval_transform, open_dataset
 
-    transform = build_eval_transform(cfg.data, cfg.model.img_size)
-    if cfg.data.format == "imagefolder":
-        return ImageFolderDataset(root, split, transform=transform)
-    return CubDataset(root, split, transform=transform)
+    return open_dataset(cfg.data, split, build_eval_transform(cfg.data, cfg.model.img_size), root=root)
 
 
 def run(args: argparse.Namespace) -> int:
