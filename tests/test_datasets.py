@@ -465,3 +465,15 @@ def test_train_and_eval_end_to_end(tmp_path, fmt, capsys):
         assert not {"consistency", "nmi", "fg_iou"} & set(result)
     for metric in skipped:
         assert f"skipped {metric}: " in printed
+
+
+@pytest.mark.parametrize("fmt, classes", [("nabirds", 555), ("partimagenet", 158), ("flowers102", 102),
+                                          ("stanford_dogs", 120), ("stanford_cars", 196)])
+def test_bundled_configs_per_dataset(fmt, classes):
+    from ivpt.config import load_config
+
+    for name, backbone, size in ((f"{fmt}_cpu", "vit_small_patch14_dinov2.lvd142m", 224),
+                                 (f"{fmt}_vitb14_reg4_paper", "vit_base_patch14_reg4_dinov2.lvd142m", 518)):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert (cfg.data.format, cfg.model.num_classes) == (fmt, classes), name
+        assert (cfg.model.backbone, cfg.model.img_size, cfg.model.n_pro) == (backbone, size, [17, 14, 11, 8, 5])
