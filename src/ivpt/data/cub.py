@@ -159,7 +159,8 @@ def _read_parts(root: Path, need: Need) -> tuple[list[int], list[str]]:
     return [ids[i] for i in order], [names[i] for i in order]
 
 
-def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int], need: Need) -> tuple[np.ndarray, np.ndarray]:
+def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int],
+                    need: Need) -> tuple[np.ndarray, np.ndarray]:
     path = need(root / "parts" / "part_locs.txt")
     expected = "<image_id> <part_id> <x> <y> <visible>"
     column = {pid: j for j, pid in enumerate(part_ids)}

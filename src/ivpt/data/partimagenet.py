@@ -16,6 +16,7 @@ part purity/coverage over pixels, and foreground IoU; there are no keypoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,9 @@ class PartImageNetDataset(AnnotatedDataset):
     has_bbox = True
     has_part_masks = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:
+        super().__init__(root, split, transform, indices, with_parts=with_parts, bbox_crop=bbox_crop)
         self.wnids: list[str] = list(self.class_names)
         self.supercategories: list[str] = self.records.extra["supercategories"]
 

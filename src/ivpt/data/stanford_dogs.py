@@ -90,5 +90,6 @@ class StanfordDogsDataset(AnnotatedDataset):
         remap = {c: i for i, c in enumerate(class_ids)}
         return Records(
             paths=[root / "Images" / f for f in files], labels=np.array([remap[n] for n in numbers], dtype=np.int64),
-            splits=np.array(splits), class_names=[breed[c] for c in class_ids], boxes=boxes_from_corners(x1, y1, x2, y2),
+            splits=np.array(splits), class_names=[breed[c] for c in class_ids],
+            boxes=boxes_from_corners(x1, y1, x2, y2),
         )
