@@ -477,3 +477,19 @@ def test_bundled_configs_per_dataset(fmt, classes):
         cfg = load_config(f"configs/{name}.yaml")
         assert (cfg.data.format, cfg.model.num_classes) == (fmt, classes), name
         assert (cfg.model.backbone, cfg.model.img_size, cfg.model.n_pro) == (backbone, size, [17, 14, 11, 8, 5])
+
+
+def test_unsupported_metrics_name_their_reason():
+    from ivpt.config import Config
+    from ivpt.evaluation import ALL_METRICS, unsupported_metrics
+
+    def cfg(fmt, kind="ivpt"):
+        return Config.from_dict({"model": {"kind": kind}, "data": {"format": fmt}})
+
+    assert unsupported_metrics(cfg("cub"), ALL_METRICS) == {}
+    assert unsupported_metrics(cfg("partimagenet"), ALL_METRICS) == {
+        m: "partimagenet has no part keypoints" for m in ("consistency", "stability", "kpr")}
+    assert set(unsupported_metrics(cfg("stanford_cars"), ALL_METRICS)) == {"consistency", "stability", "kpr",
+                                                                           "nmi_ari"}
+    assert unsupported_metrics(cfg("cub", "linear"), ["acc", "nmi_ari"]) == {
+        "nmi_ari": "model.kind=linear has no concept maps"}

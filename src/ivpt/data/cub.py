@@ -1,4 +1,4 @@
-"""CUB-200-2011 (and NABirds, which shares the layout) with labels, splits, boxes, part keypoints and masks.
+"""CUB-200-2011 with labels, splits, boxes, part keypoints and masks (NABirds reuses this reader: ivpt.data.nabirds).
 
 Layout under ``root`` (paths inside the text files are relative to ``root/images``)::
 
