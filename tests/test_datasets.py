@@ -455,6 +455,7 @@ def test_train_and_eval_end_to_end(tmp_path, fmt, capsys):
         assert result["nmi_ari_from"] == "part masks"
         assert skipped == {m: "partimagenet has no part keypoints" for m in ("consistency", "kpr", "stability")}
         assert 0 <= result["part_purity"] <= 100 and 0 <= result["fg_iou"] <= 100
+        assert "  part_purity  part_coverage" in printed  # per-stage columns stay apart
     elif fmt == "flowers102":  # foreground masks only
         assert "fg_iou" in result and "nmi" not in result
         assert set(skipped) == {"consistency", "stability", "kpr", "nmi_ari"}

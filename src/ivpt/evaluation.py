@@ -282,10 +282,11 @@ def format_table(result: dict) -> str:
         keys = [k for k in ("consistency", "stability", "nmi", "ari", "part_purity", "part_coverage", "kpr", "fg_iou")
                 if any(k in r for r in result["per_stage"])]
         lines.append("")
-        lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>13}" for k in keys))
+        width = {k: max(13, len(k) + 2) for k in keys}
+        lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>{width[k]}}" for k in keys))
         for r in result["per_stage"]:
             lines.append(f"{r['stage']:<7}{r['n_pro']:>6}" + "".join(
-                f"{r[k]:>13.2f}" if k in r else f"{'-':>13}" for k in keys))
+                f"{r[k]:>{width[k]}.2f}" if k in r else f"{'-':>{width[k]}}" for k in keys))
     for metric, reason in result.get("skipped", {}).items():
         lines.append(f"skipped {metric}: {reason}")
     return "\n".join(lines)
