@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from .formats import DATASET_FORMATS
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -175,7 +177,7 @@ class DataConfig:
     """Dataset location, format and the augmentations of the paper setting."""
 
     root: str = ""
-    format: str = "cub"  # cub | imagefolder
+    format: str = "cub"  # one of ivpt.formats.DATASET_FORMATS: cub, nabirds, partimagenet, flowers102, ...
     val_fraction: float = 0.1
     num_workers: int = 2
     resize: int = 0  # shorter side before cropping; 0 means the model's img_size
@@ -190,8 +192,8 @@ class DataConfig:
     augment: bool = True  # false: training images get the deterministic eval transform
 
     def __post_init__(self) -> None:
-        if self.format not in ("cub", "imagefolder"):
-            raise ConfigError(f"data.format={self.format!r} must be 'cub' or 'imagefolder'")
+        if self.format not in DATASET_FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is unknown; choose one of {', '.join(DATASET_FORMATS)}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
         if not 0 <= self.hflip <= 1:

@@ -30,6 +30,7 @@ from .metrics import (
     FgIoUMeter,
     KeypointErrorMeter,
     KeypointFitMeter,
+    PartMaskMeter,
     PartMeter,
     add_protocol_noise,
     centroid_features,
@@ -38,7 +39,7 @@ from .metrics import (
     soft_centroids,
 )
 
-__all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table"]
+__all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table", "unsupported_metrics"]
 
 ALL_METRICS = ("acc", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
 
@@ -73,6 +74,23 @@ def _centroids_in_bbox(maps: torch.Tensor, bbox: torch.Tensor, image_hw: tuple[i
     return centroid_features(_to_bbox_frame(cent * scale, bbox.to(cent.dtype)), active)
 
 
+def unsupported_metrics(cfg: Config, metrics: Iterable[str]) -> dict[str, str]:
+    """The metrics of ``metrics`` that the model kind or the dataset format cannot give, each with its reason
+    (``eval.json`` lists them under "skipped"). Foreground IoU also depends on masks on disk: see :func:`evaluate`."""
+    from .data import dataset_class
+
+    fmt, reader = cfg.data.format, dataset_class(cfg.data.format)
+    interpretability = [m for m in metrics if m != "acc"]
+    if cfg.model.kind not in ("ivpt", "last_layer_parts"):
+        return {m: f"model.kind={cfg.model.kind} has no concept maps" for m in interpretability}
+    reasons = {"consistency": None if reader.has_keypoints else f"{fmt} has no part keypoints",
+               "stability": None if reader.has_keypoints else f"{fmt} has no part keypoints",
+               "kpr": None if reader.has_keypoints else f"{fmt} has no part keypoints",
+               "nmi_ari": (None if reader.has_keypoints or reader.has_part_masks
+                           else f"{fmt} has no part keypoints or part masks")}
+    return {m: reasons[m] for m in interpretability if reasons.get(m)}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -86,7 +104,7 @@ def evaluate(
     """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
     from tqdm.auto import tqdm
 
-    from .data import CubDataset, build_eval_transform
+    from .data import build_eval_transform, open_dataset
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
@@ -97,9 +115,9 @@ def evaluate(
     model = model.to(device).eval()
     n_pro = list(getattr(cfg.model, "n_pro", []))
     has_maps = cfg.model.kind in ("ivpt", "last_layer_parts")
-    parts_needed = has_maps and bool(requested & {"consistency", "stability", "nmi_ari", "kpr", "fg_iou"})
-    if parts_needed and cfg.data.format != "cub":
-        raise ConfigError("interpretability metrics need keypoints: use a CUB-layout dataset (data.format=cub)")
+    skipped = unsupported_metrics(cfg, sorted(requested))
+    active = requested - set(skipped)
+    parts_needed = has_maps and bool(active & {"consistency", "stability", "nmi_ari", "kpr", "fg_iou"})
     stage_ids = list(range(len(n_pro))) if cfg.model.kind == "ivpt" else [len(n_pro) - 1]
     chosen = resolve_stage(e.stage, len(n_pro)) if has_maps else None
     if has_maps and chosen not in stage_ids:
@@ -117,8 +135,8 @@ def evaluate(
 
     # ---- train pass: keypoint regressors
     regressors = {}
-    if has_maps and "kpr" in requested:
-        train_set = CubDataset(cfg.data.root, "train", transform=transform, with_parts=True)
+    if "kpr" in active:
+        train_set = open_dataset(cfg.data, "train", transform, with_parts=True)
         # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
         fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
         for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
@@ -133,14 +151,18 @@ def evaluate(
             regressors[s] = meter.fit()
 
     # ---- full pass: accuracy, NMI/ARI, keypoint error, foreground IoU
-    dataset = (CubDataset(cfg.data.root, split, transform=transform, with_parts=parts_needed)
-               if cfg.data.format == "cub" else _imagefolder(cfg, split, transform))
+    dataset = open_dataset(cfg.data, split, transform, with_parts=parts_needed)
+    if "fg_iou" in active and not dataset.has_fg_masks:
+        skipped["fg_iou"] = f"{cfg.data.format} at {cfg.data.root} has no foreground mask for every {split} image"
+        active.discard("fg_iou")
     acc = AccuracyMeter(cfg.model.num_classes)
-    num_parts = len(getattr(dataset, "part_names", []) or [])
-    with_masks = parts_needed and "fg_iou" in requested and bool(getattr(dataset, "has_masks", False))
-    cont = {s: ContingencyMeter(num_parts, n_pro[s]) for s in stage_ids} if parts_needed and "nmi_ari" in requested else {}
+    num_parts = len(dataset.part_names)
+    by_keypoints = "nmi_ari" in active and dataset.has_keypoints
+    cont = {s: ContingencyMeter(num_parts, n_pro[s]) for s in stage_ids} if by_keypoints else {}
+    pmask = ({s: PartMaskMeter(num_parts + 1, n_pro[s]) for s in stage_ids}
+             if "nmi_ari" in active and not by_keypoints else {})
     kerr = {s: KeypointErrorMeter() for s in regressors}
-    iou = {s: FgIoUMeter() for s in stage_ids} if with_masks else {}
+    iou = {s: FgIoUMeter() for s in stage_ids} if "fg_iou" in active else {}
     for batch in tqdm(eval_loader(dataset, cfg, info), desc=f"evaluate ({split})", **bar):
         out = forward(batch["image"])
         acc.update(out.logits.float().cpu(), batch["label"])
@@ -153,6 +175,8 @@ def evaluate(
             if s in cont:
                 c = concepts_at_keypoints(maps, batch["keypoints"], batch["visible"], hw)
                 cont[s].update(c)
+            if s in pmask:
+                pmask[s].update(maps, batch["part_mask"])
             if s in kerr:
                 x, act = _centroids_in_bbox(maps, batch["bbox"], hw, e.active_threshold)
                 kerr[s].update(regressors[s], x, landmarks, batch["visible"], active=act)
@@ -161,11 +185,11 @@ def evaluate(
 
     # ---- crop pass: consistency and stability, clean + noisy in one forward
     part = {}
-    if has_maps and requested & {"consistency", "stability"}:
+    if active & {"consistency", "stability"}:
         # The protocol resizes the whole box to the model input (no centre crop that would cut the object).
         square = build_eval_transform(cfg.data, cfg.model.img_size, square=True)
-        crops = CubDataset(cfg.data.root, split, transform=square, with_parts=True, bbox_crop=True)
-        noisy = "stability" in requested
+        crops = open_dataset(cfg.data, split, square, with_parts=True, bbox_crop=True)
+        noisy = "stability" in active
         num_kp = len(crops.part_names)
         part = {s: PartMeter(cfg.model.num_classes, n_pro[s] - 1, num_kp, threshold=e.threshold) for s in stage_ids}
         for batch in tqdm(eval_loader(crops, cfg, info), desc="consistency/stability", **bar):
@@ -189,7 +213,7 @@ def evaluate(
                                             half_size=e.half_size) if noisy else None)
                 part[s].update(hits, batch["visible"], batch["label"], hits_noisy=hits_noisy)
 
-    for meter in [acc, *cont.values(), *kerr.values(), *iou.values(), *part.values()]:
+    for meter in [acc, *cont.values(), *pmask.values(), *kerr.values(), *iou.values(), *part.values()]:
         meter.all_reduce(R.all_reduce_sum)
     result: dict = {}
     if "acc" in requested:
@@ -199,9 +223,11 @@ def evaluate(
         row: dict = {"stage": s, "n_pro": n_pro[s] if n_pro else None}
         if s in part:
             scores = part[s].compute()
-            row.update({k: scores[k] for k in ("consistency", "stability") if k in requested})
+            row.update({k: scores[k] for k in ("consistency", "stability") if k in active})
         if s in cont:
             row.update(cont[s].compute())
+        if s in pmask:
+            row.update(pmask[s].compute())
         if s in kerr:
             row["kpr"] = kerr[s].compute()["kp_error"]
         if s in iou:
@@ -216,6 +242,10 @@ def evaluate(
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
                       "images": len(dataset), "num_classes": cfg.model.num_classes}
     result["metrics_requested"] = sorted(requested)
+    if cont or pmask:
+        result["nmi_ari_from"] = "keypoints" if cont else "part masks"
+    if skipped:
+        result["skipped"] = dict(sorted(skipped.items()))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -234,16 +264,11 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, meta: dict, *, weig
     return result
 
 
-def _imagefolder(cfg: Config, split: str, transform):
-    from .data import ImageFolderDataset
-
-    return ImageFolderDataset(cfg.data.root, split, transform=transform)
-
-
 def format_table(result: dict) -> str:
     """A readable summary of an eval.json dict."""
     names = [("top1", "top-1"), ("top5", "top-5"), ("balanced_top1", "balanced top-1"),
              ("consistency", "consistency"), ("stability", "stability"), ("nmi", "NMI"), ("ari", "ARI"),
+             ("part_purity", "part purity"), ("part_coverage", "part coverage"),
              ("kpr", "keypoint error (lower better)"), ("fg_iou", "foreground IoU")]
     lines = [f"{'metric':<32}{'value':>10}"]
     for key, label in names:
@@ -253,11 +278,14 @@ def format_table(result: dict) -> str:
         st = result["stage"]
         lines.append(f"(interpretability at stage {st['index']}, {st['n_pro']} prototypes, eval.stage={st['spec']})")
     if result.get("per_stage"):
-        keys = [k for k in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou")
+        keys = [k for k in ("consistency", "stability", "nmi", "ari", "part_purity", "part_coverage", "kpr", "fg_iou")
                 if any(k in r for r in result["per_stage"])]
         lines.append("")
-        lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>13}" for k in keys))
+        width = {k: max(13, len(k) + 2) for k in keys}
+        lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>{width[k]}}" for k in keys))
         for r in result["per_stage"]:
             lines.append(f"{r['stage']:<7}{r['n_pro']:>6}" + "".join(
-                f"{r[k]:>13.2f}" if k in r else f"{'-':>13}" for k in keys))
+                f"{r[k]:>{width[k]}.2f}" if k in r else f"{'-':>{width[k]}}" for k in keys))
+    for metric, reason in result.get("skipped", {}).items():
+        lines.append(f"skipped {metric}: {reason}")
     return "\n".join(lines)

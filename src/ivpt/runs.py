@@ -57,13 +57,8 @@ def class_names_of(meta: dict, num_classes: int) -> list[str] | None:
 
 
 def open_split(cfg: Config, split: str, *, root: str | None = None):
-    """The ``split`` of the run's dataset (``root`` or ``cfg.data.root``) with the deterministic eval transform."""
-    from .data import CubDataset, DatasetError, ImageFolderDataset, build_eval_transform
+    """The ``split`` of the run's dataset (``root`` or ``cfg.data.root``, format ``cfg.data.format``) with the
+    deterministic eval transform."""
+    from .data import build_eval_transform, open_dataset
 
-    root = root or cfg.data.root
-    if not root:
-        raise DatasetError("no dataset: pass --data ROOT (or set data.root)")
-    transform = build_eval_transform(cfg.data, cfg.model.img_size)
-    if cfg.data.format == "imagefolder":
-        return ImageFolderDataset(root, split, transform=transform)
-    return CubDataset(root, split, transform=transform)
+    return open_dataset(cfg.data, split, build_eval_transform(cfg.data, cfg.model.img_size), root=root)

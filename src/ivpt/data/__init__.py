@@ -6,8 +6,12 @@ with :func:`collate_skip_corrupt`. Coordinate conventions are documented in :mod
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from ..formats import DATASET_FORMATS
 
 from .common import (
     CORRUPT_IMAGES,
@@ -18,15 +22,17 @@ from .common import (
     corrupt_count,
     reset_corrupt_count,
 )
+from .base import AnnotatedDataset, Records
 from .cub import CubDataset, CubMeta, read_cub
 from .imagefolder import ImageFolderDataset
 from .split import stratified_split
 from .transforms import Sample, build_eval_transform, build_train_transform
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, DataConfig
 
 __all__ = [
+    "AnnotatedDataset",
     "CORRUPT_IMAGES",
     "CorruptImageCounter",
     "CubDataset",
@@ -35,8 +41,11 @@ __all__ = [
     "DatasetError",
     "ImageFolderDataset",
     "MissingFileError",
+    "Records",
     "Sample",
     "build_datasets",
+    "dataset_class",
+    "open_dataset",
     "build_eval_transform",
     "build_train_transform",
     "collate_skip_corrupt",
@@ -46,7 +55,23 @@ __all__ = [
     "stratified_split",
 ]
 
-Dataset = CubDataset | ImageFolderDataset
+Dataset = AnnotatedDataset | ImageFolderDataset
+
+
+def dataset_class(fmt: str) -> type[Dataset]:
+    """The reader class of ``data.format`` name ``fmt`` (from the one table, :data:`ivpt.formats.DATASET_FORMATS`)."""
+    if fmt not in DATASET_FORMATS:
+        raise DatasetError(f"data.format={fmt!r} is unknown; choose one of {', '.join(DATASET_FORMATS)}")
+    module, name = DATASET_FORMATS[fmt]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def open_dataset(data: DataConfig, split: str, transform: Callable | None = None,
+                 indices: Sequence[int] | None = None, *, with_parts: bool = False, bbox_crop: bool = False,
+                 root: str | None = None) -> Dataset:
+    """Split ``split`` of the dataset at ``root`` (default ``data.root``) read as ``data.format``."""
+    return dataset_class(data.format)(root or data.root, split, transform, indices, with_parts=with_parts,
+                                      bbox_crop=bbox_crop)
 
 
 @dataclass
@@ -66,25 +91,19 @@ def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
     The training transform (or the eval one when ``data.augment`` is false) goes on train; the deterministic eval
     transform on val and test. Validation is carved from the official training split by
     :func:`stratified_split` with ``data.val_fraction`` and ``train.seed``. ``data.bbox_crop`` crops every split to
-    its boxes (CUB format only). ``with_parts`` adds keypoints, boxes and masks to the items (CUB format only).
+    its boxes (formats with boxes). ``with_parts`` adds the dataset's annotations to the items (keypoints, boxes,
+    masks: see the reader's ``has_*`` flags).
     """
     data = cfg.data
     if not data.root:
-        raise DatasetError("no dataset given: set data.root=/path/to/CUB_200_2011 (or a class-per-folder dataset "
-                           "with data.format=imagefolder)")
+        raise DatasetError("no dataset given: set data.root=/path/to/CUB_200_2011 (and data.format for another "
+                           f"dataset: {', '.join(DATASET_FORMATS)})")
     size = cfg.model.img_size
     train_tf = build_train_transform(data, size) if data.augment else build_eval_transform(data, size)
     eval_tf = build_eval_transform(data, size)
-    if data.format == "cub":
-        def make(split, transform, indices=None):
-            return CubDataset(data.root, split, transform, indices, with_parts=with_parts, bbox_crop=data.bbox_crop)
-    else:
-        if with_parts or data.bbox_crop:
-            raise DatasetError("data.format=imagefolder has no part annotations or boxes; use data.format=cub for "
-                               "interpretability metrics and data.bbox_crop")
 
-        def make(split, transform, indices=None):
-            return ImageFolderDataset(data.root, split, transform, indices)
+    def make(split, transform, indices=None):
+        return open_dataset(data, split, transform, indices, with_parts=with_parts, bbox_crop=data.bbox_crop)
 
     test = make("test", eval_tf)
     full_train = make("train", None)

@@ -1,4 +1,4 @@
-"""CUB-200-2011 (and NABirds, which shares the layout) with labels, splits, boxes, part keypoints and masks.
+"""CUB-200-2011 with labels, splits, boxes, part keypoints and masks (NABirds reuses this reader: ivpt.data.nabirds).
 
 Layout under ``root`` (paths inside the text files are relative to ``root/images``)::
 
@@ -18,7 +18,6 @@ follow :mod:`ivpt.data.transforms` (pixel centres; boxes as edges).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,20 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .common import (
-    CORRUPT_IMAGES,
-    DatasetError,
-    MissingFileError,
-    load_image,
-    report_missing,
-)
-from .transforms import Sample, apply_transform, is_joint
+from .base import AnnotatedDataset, Records, require_file
+from .common import DatasetError, MissingFileError
 
 __all__ = ["CubDataset", "CubMeta", "read_cub"]
 
-logger = logging.getLogger("ivpt.data")
+Need = Callable[[Path], Path]
 
-SPLITS = ("train", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -78,10 +70,15 @@ class CubMeta:
         return len(self.class_ids)
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise MissingFileError(f"missing dataset file {path} (expected the CUB-200-2011 layout; see ivpt.data.cub)")
-    return path
+LAYOUT = """\
+CUB_200_2011/
+├── images.txt, image_class_labels.txt, train_test_split.txt, bounding_boxes.txt, classes.txt
+├── images/<class folder>/<name>.jpg
+├── parts/parts.txt, parts/part_locs.txt
+└── segmentations/<class folder>/<name>.png   (optional, separate download)
+"""
+_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+          "parts/parts.txt", "parts/part_locs.txt", "classes.txt")
 
 
 def _rows(path: Path, min_fields: int, max_fields: int | None = None) -> Iterator[tuple[int, list[str]]]:
@@ -108,8 +105,8 @@ def _number(path: Path, lineno: int, expected: str, text: str, kind: Callable[[s
         raise _malformed(path, lineno, expected) from None
 
 
-def _read_images(root: Path) -> tuple[list[str], list[str], dict[str, int]]:
-    path = _require(root / "images.txt")
+def _read_images(root: Path, need: Need) -> tuple[list[str], list[str], dict[str, int]]:
+    path = need(root / "images.txt")
     ids, paths, row_of = [], [], {}
     for lineno, fields in _rows(path, 2, 2):
         if not fields:
@@ -126,9 +123,9 @@ def _read_images(root: Path) -> tuple[list[str], list[str], dict[str, int]]:
 
 
 def _per_image(root: Path, name: str, row_of: dict[str, int], fields: int, expected: str,
-               parse: Callable[[str], Any]) -> list[Any]:
+               parse: Callable[[str], Any], need: Need) -> list[Any]:
     """Read a file with exactly one line per image id of images.txt: values parsed with ``parse``."""
-    path = _require(root / name)
+    path = need(root / name)
     values: list[Any] = [None] * len(row_of)
     for lineno, row in _rows(path, fields):
         if not row:
@@ -147,8 +144,8 @@ def _per_image(root: Path, name: str, row_of: dict[str, int], fields: int, expec
     return values
 
 
-def _read_parts(root: Path) -> tuple[list[int], list[str]]:
-    path = _require(root / "parts" / "parts.txt")
+def _read_parts(root: Path, need: Need) -> tuple[list[int], list[str]]:
+    path = need(root / "parts" / "parts.txt")
     ids, names = [], []
     for lineno, row in _rows(path, 2, 2):
         if not row:
@@ -162,8 +159,9 @@ def _read_parts(root: Path) -> tuple[list[int], list[str]]:
     return [ids[i] for i in order], [names[i] for i in order]
 
 
-def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    path = _require(root / "parts" / "part_locs.txt")
+def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int],
+                    need: Need) -> tuple[np.ndarray, np.ndarray]:
+    path = need(root / "parts" / "part_locs.txt")
     expected = "<image_id> <part_id> <x> <y> <visible>"
     column = {pid: j for j, pid in enumerate(part_ids)}
     keypoints = np.zeros((len(row_of), len(part_ids), 2))
@@ -200,20 +198,25 @@ def _read_class_names(root: Path, class_ids: list[int], paths: list[str], labels
 
 
 @functools.lru_cache(maxsize=4)
-def _read_cub_cached(root: str, stamp: tuple) -> CubMeta:
+def _read_cub_cached(root: str, stamp: tuple, fmt: str, layout: str) -> CubMeta:
     base = Path(root)
-    ids, paths, row_of = _read_images(base)
-    original = [v[0] for v in _per_image(base, "image_class_labels.txt", row_of, 2, "<image_id> <class_id>", int)]
+
+    def need(path: Path) -> Path:
+        return require_file(path, fmt, layout)
+
+    ids, paths, row_of = _read_images(base, need)
+    original = [v[0] for v in _per_image(base, "image_class_labels.txt", row_of, 2, "<image_id> <class_id>", int,
+                                         need)]
     class_ids = sorted(set(original))
     remap = {cid: i for i, cid in enumerate(class_ids)}
     labels = np.array([remap[c] for c in original], dtype=np.int64)
-    is_train = np.array(
-        [v[0] for v in _per_image(base, "train_test_split.txt", row_of, 2, "<image_id> <is_train>", int)], dtype=bool
-    )
-    xywh = np.array(_per_image(base, "bounding_boxes.txt", row_of, 5, "<image_id> <x> <y> <width> <height>", float))
+    is_train = np.array([v[0] for v in _per_image(base, "train_test_split.txt", row_of, 2,
+                                                  "<image_id> <is_train>", int, need)], dtype=bool)
+    xywh = np.array(_per_image(base, "bounding_boxes.txt", row_of, 5, "<image_id> <x> <y> <width> <height>", float,
+                               need))
     boxes = np.concatenate([xywh[:, :2] - 0.5, xywh[:, :2] + xywh[:, 2:] - 0.5], axis=1)
-    part_ids, part_names = _read_parts(base)
-    keypoints, visible = _read_part_locs(base, row_of, part_ids)
+    part_ids, part_names = _read_parts(base, need)
+    keypoints, visible = _read_part_locs(base, row_of, part_ids, need)
     return CubMeta(
         root=base, image_ids=ids, paths=paths, labels=labels, is_train=is_train, boxes=boxes, keypoints=keypoints,
         visible=visible, part_names=part_names, class_names=_read_class_names(base, class_ids, paths, labels),
@@ -221,113 +224,47 @@ def _read_cub_cached(root: str, stamp: tuple) -> CubMeta:
     )
 
 
-def read_cub(root: str | Path) -> CubMeta:
+def read_cub(root: str | Path, *, fmt: str = "cub", layout: str = LAYOUT) -> CubMeta:
     """Parse and validate the text files of a CUB-layout dataset (cached while the files are unchanged).
 
+    ``fmt`` and ``layout`` only shape the error for a missing file (NABirds shares the layout).
+
     Raises:
-        MissingFileError: a required file is absent (the message gives its full path).
+        MissingFileError: a required file is absent (the message gives its full path and the expected layout).
         DatasetError: a malformed line or an id that does not line up (the message gives file and line).
     """
     base = Path(root).expanduser().resolve()
     if not base.is_dir():
         raise MissingFileError(f"dataset folder {base} does not exist")
-    names = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
-             "parts/parts.txt", "parts/part_locs.txt", "classes.txt")
-    stamp = tuple((n, os.stat(base / n).st_mtime_ns if (base / n).exists() else None) for n in names)
-    return _read_cub_cached(str(base), stamp)
+    stamp = tuple((n, os.stat(base / n).st_mtime_ns if (base / n).exists() else None) for n in _FILES)
+    return _read_cub_cached(str(base), stamp, fmt, layout)
 
 
-class CubDataset:
-    """One split of a CUB-layout dataset.
+class CubDataset(AnnotatedDataset):
+    """One split of a CUB-layout dataset (see the module docstring; items and arguments as
+    :class:`~ivpt.data.base.AnnotatedDataset`). ``meta`` holds the parsed text files; ``mask`` items come from
+    ``segmentations/`` when every image of the split has one."""
 
-    Args:
-        root: dataset folder (see the module docstring for the layout).
-        split: "train", "test" (the official split) or "all".
-        transform: a joint transform taking a :class:`~ivpt.data.transforms.Sample` (e.g.
-            :func:`~ivpt.data.transforms.build_train_transform`); a pipeline not ending in ``ToTensorNormalize`` is
-            finished with ImageNet normalisation. A plain image-only callable is accepted when ``with_parts`` is
-            false. None: to tensor + ImageNet normalisation only.
-        indices: positions within the split to keep (e.g. from :func:`~ivpt.data.split.stratified_split`);
-            item ``i`` of the dataset is split item ``indices[i]``.
-        with_parts: add keypoints, visibility, box and (when segmentations exist for every image) mask.
-        bbox_crop: crop each image to its bounding box before ``transform``.
-
-    Items are dicts:
-        ``image`` float (3, H, W) normalised; ``label`` int; ``index`` int (position in this dataset).
-        With parts: ``keypoints`` float (P, 2) (x, y) in output pixels, (0, 0) when not visible; ``visible`` bool
-        (P,); ``bbox`` float (4,) x0, y0, x1, y1 box edges in output pixels; ``mask`` float (1, H, W) in [0, 1].
-        A corrupt image gives ``None`` (logged and counted; :func:`~ivpt.data.collate_skip_corrupt` drops it).
-
-    Raises:
-        DatasetError: bad split name, bad indices, unreadable metadata, or images missing on disk (all counted,
-            the first few listed).
-    """
+    FORMAT = "cub"
+    LAYOUT = LAYOUT
+    ANNOTATION_FILES = _FILES
+    has_keypoints = True
+    has_bbox = True
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:
-        if split not in SPLITS:
-            raise DatasetError(f"split={split!r} must be one of {', '.join(SPLITS)}")
-        self.meta = read_cub(root)
-        self.root, self.split = self.meta.root, split
-        self.transform, self.with_parts, self.bbox_crop = transform, with_parts, bbox_crop
-        if with_parts and transform is not None and not is_joint(transform):
-            raise DatasetError("with_parts=True needs a joint transform (ivpt.data.transforms) so that keypoints, "
-                               "boxes and masks follow the image")
-        in_split = {"train": self.meta.is_train, "test": ~self.meta.is_train,
-                    "all": np.ones_like(self.meta.is_train)}[split]
-        rows = np.flatnonzero(in_split)
-        if indices is not None:
-            indices = np.asarray(indices, dtype=np.int64)
-            if indices.size and (indices.min() < 0 or indices.max() >= rows.size):
-                raise DatasetError(f"indices must lie in [0, {rows.size}) for the {split} split of {self.root}")
-            rows = rows[indices]
-        self._rows = rows
-        self.labels: list[int] = self.meta.labels[rows].tolist()
-        self.num_classes = self.meta.num_classes
-        self.class_names, self.part_names = self.meta.class_names, self.meta.part_names
-        images = self.root / "images"
-        report_missing([images / self.meta.paths[r] for r in rows if not (images / self.meta.paths[r]).is_file()],
-                       "image(s)")
-        self.has_masks = with_parts and self._masks_complete()
-        self._counter = CORRUPT_IMAGES
-        self._counter.ensure_shared()
+        super().__init__(root, split, transform, indices, with_parts=with_parts, bbox_crop=bbox_crop)
+        self.meta: CubMeta = self.records.extra["meta"]
 
-    def _mask_path(self, row: int) -> Path:
-        return (self.root / "segmentations" / self.meta.paths[row]).with_suffix(".png")
-
-    def _masks_complete(self) -> bool:
-        if not (self.root / "segmentations").is_dir():
-            return False
-        missing = sum(not self._mask_path(r).is_file() for r in self._rows)
-        if missing:
-            logger.warning("%s: %d of %d images have no segmentation; items carry no 'mask'",
-                           self.root / "segmentations", missing, len(self._rows))
-        return missing == 0
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        row = int(self._rows[index])
-        image = load_image(self.root / "images" / self.meta.paths[row], "RGB", self._counter)
-        if image is None:
-            return None
-        mask = None
-        if self.has_masks:
-            mask = load_image(self._mask_path(row), "L", self._counter)
-            if mask is None:
-                return None
-        sample = Sample(image=image, keypoints=self.meta.keypoints[row].copy(),
-                        visible=self.meta.visible[row].copy(), bbox=self.meta.boxes[row].copy(), mask=mask)
-        item = apply_transform(sample, self.transform, bbox_crop=self.bbox_crop)
-        out: dict[str, Any] = {"image": item.image, "label": self.labels[index], "index": index}
-        if self.with_parts:
-            out.update(keypoints=item.keypoints, visible=item.visible, bbox=item.bbox)
-            if item.mask is not None:
-                out["mask"] = item.mask
-        return out
-
-    def __repr__(self) -> str:
-        return (f"CubDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
-                f"classes={self.num_classes}, parts={len(self.part_names)}, with_parts={self.with_parts})")
-
+    @classmethod
+    def read(cls, root: Path) -> Records:
+        meta = read_cub(root, fmt=cls.FORMAT, layout=cls.LAYOUT)
+        images, segmentations = root / "images", root / "segmentations"
+        return Records(
+            paths=[images / p for p in meta.paths], labels=meta.labels,
+            splits=np.where(meta.is_train, "train", "test"), class_names=meta.class_names, boxes=meta.boxes,
+            keypoints=meta.keypoints, visible=meta.visible, part_names=meta.part_names,
+            fg_masks=([(segmentations / p).with_suffix(".png") for p in meta.paths] if segmentations.is_dir()
+                      else None),
+            extra={"meta": meta},
+        )

@@ -45,10 +45,22 @@ class ImageFolderDataset:
         indices: positions within the split to keep; item ``i`` is split item ``indices[i]``.
 
     Items: ``image`` float (3, H, W) normalised, ``label`` int, ``index`` int; ``None`` for a corrupt image.
+    Class folders carry no annotations: ``with_parts`` and ``bbox_crop`` are errors.
     """
 
+    FORMAT = "imagefolder"
+    has_keypoints = False
+    has_bbox = False
+    has_part_masks = False
+    has_fg_masks = False
+    part_names: list[str] = []
+
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
-                 indices: Sequence[int] | None = None) -> None:
+                 indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:
+        if with_parts or bbox_crop:
+            raise DatasetError("data.format=imagefolder has no part annotations or boxes; use a dataset format "
+                               "with annotations (cub, nabirds, partimagenet, ...) for interpretability metrics "
+                               "and data.bbox_crop")
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise MissingFileError(f"dataset folder {self.root} does not exist")

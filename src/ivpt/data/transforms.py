@@ -45,6 +45,7 @@ __all__ = [
     "CenterCrop",
     "ColorJitter",
     "Crop",
+    "IGNORE",
     "JointCompose",
     "JointOp",
     "RandomAffine",
@@ -75,6 +76,9 @@ class Sample:
         visible: (P,) bool, or None.
         bbox: (4,) float64 x0, y0, x1, y1 box edges, or None.
         mask: PIL "L" image (0..255), or None. After ToTensorNormalize a float tensor (1, H, W) in [0, 1].
+        part_mask: PIL "L" label image (part j = j, background = the number of parts, :data:`IGNORE` = no
+            label), or None; resampled with nearest neighbour, areas a crop or warp exposes become IGNORE.
+            After ToTensorNormalize an int64 tensor (H, W) with IGNORE turned into -1.
     """
 
     image: Image.Image | Tensor
@@ -82,6 +86,7 @@ class Sample:
     visible: np.ndarray | None = None
     bbox: np.ndarray | None = None
     mask: Image.Image | Tensor | None = None
+    part_mask: Image.Image | Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -92,6 +97,8 @@ class Sample:
 
 
 JointTransform = Callable[[Sample], Sample]
+
+IGNORE = 255  # part-mask value of pixels without a label (outside the image after a crop or warp)
 
 
 class JointOp:
@@ -174,6 +181,8 @@ class Crop(JointOp):
         out.image = _crop(sample.image, left, top, width, height, self.fill)
         if sample.mask is not None:
             out.mask = _crop(sample.mask, left, top, width, height, 0)
+        if sample.part_mask is not None:
+            out.part_mask = _crop(sample.part_mask, left, top, width, height, IGNORE)
         return out
 
     def __repr__(self) -> str:
@@ -207,6 +216,8 @@ def _resize(sample: Sample, new_w: int, new_h: int) -> Sample:
     out.image = sample.image.resize((new_w, new_h), Image.BILINEAR)
     if sample.mask is not None:
         out.mask = sample.mask.resize((new_w, new_h), Image.BILINEAR)
+    if sample.part_mask is not None:
+        out.part_mask = sample.part_mask.resize((new_w, new_h), Image.NEAREST)
     return out
 
 
@@ -270,6 +281,8 @@ def hflip(sample: Sample) -> Sample:
     out.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
     if sample.mask is not None:
         out.mask = sample.mask.transpose(Image.FLIP_LEFT_RIGHT)
+    if sample.part_mask is not None:
+        out.part_mask = sample.part_mask.transpose(Image.FLIP_LEFT_RIGHT)
     return out
 
 
@@ -289,14 +302,13 @@ def affine_matrix(size: tuple[int, int], angle: float, translate: tuple[float, f
     ])
 
 
-def _warp(img: Image.Image, matrix: np.ndarray, fill) -> Image.Image:
+def _warp(img: Image.Image, matrix: np.ndarray, fill, resample: int = Image.BILINEAR) -> Image.Image:
     """Resample ``img`` under the forward centre-coordinate ``matrix``. PIL wants the inverse map in pixel-edge
     coordinates (edge = centre + 0.5), output to input."""
     shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     forward = np.vstack([matrix, [0.0, 0.0, 1.0]])
     inverse = np.linalg.inv(shift @ forward @ np.linalg.inv(shift))
-    return img.transform(img.size, Image.AFFINE, tuple(inverse[:2].ravel()), resample=Image.BILINEAR,
-                         fillcolor=fill)
+    return img.transform(img.size, Image.AFFINE, tuple(inverse[:2].ravel()), resample=resample, fillcolor=fill)
 
 
 class RandomAffine(JointOp):
@@ -335,6 +347,8 @@ def apply_affine(sample: Sample, angle: float, translate: tuple[float, float], s
     out.image = _warp(sample.image, matrix, fill)
     if sample.mask is not None:
         out.mask = _warp(sample.mask, matrix, 0)
+    if sample.part_mask is not None:
+        out.part_mask = _warp(sample.part_mask, matrix, IGNORE, Image.NEAREST)
     return out
 
 
@@ -394,8 +408,8 @@ class ColorJitter(JointOp):
 
 class ToTensorNormalize(JointOp):
     """End of a pipeline: image -> float tensor (3, H, W) normalised by ``mean``/``std``; mask -> float (1, H, W)
-    in [0, 1]; keypoints -> float32 (P, 2) with invisible ones set to (0, 0); visible -> bool (P,);
-    bbox -> float32 (4,)."""
+    in [0, 1]; part_mask -> int64 (H, W) with IGNORE as -1; keypoints -> float32 (P, 2) with invisible ones set to
+    (0, 0); visible -> bool (P,); bbox -> float32 (4,)."""
 
     def __init__(self, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
@@ -413,7 +427,11 @@ class ToTensorNormalize(JointOp):
                 keypoints[~visible] = 0.0
         if bbox is not None:
             bbox = torch.from_numpy(np.asarray(bbox, dtype=np.float32).copy())
-        return Sample(image=image, keypoints=keypoints, visible=visible, bbox=bbox, mask=mask)
+        part_mask = None
+        if sample.part_mask is not None:
+            part_mask = torch.from_numpy(np.asarray(sample.part_mask, dtype=np.int64).copy())
+            part_mask[part_mask == IGNORE] = -1
+        return Sample(image=image, keypoints=keypoints, visible=visible, bbox=bbox, mask=mask, part_mask=part_mask)
 
     def __repr__(self) -> str:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"

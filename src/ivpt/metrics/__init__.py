@@ -24,6 +24,7 @@ from .discovery import (
     nmi_ari_from_contingency,
     soft_centroids,
 )
+from .masks import PartMaskMeter, concepts_at_pixels, mask_contingency, purity_coverage_from_contingency
 from .parts import (
     PartMeter,
     add_protocol_noise,
@@ -62,4 +63,8 @@ __all__ = [
     "KeypointErrorMeter",
     "fg_iou",
     "FgIoUMeter",
+    "concepts_at_pixels",
+    "mask_contingency",
+    "purity_coverage_from_contingency",
+    "PartMaskMeter",
 ]
