@@ -32,10 +32,12 @@ from .metrics import (
     KeypointFitMeter,
     PartMeter,
     add_protocol_noise,
-    centroid_features,
+    bbox_centroid_features,
     concepts_at_keypoints,
+    discovery_input,
     keypoint_hits,
-    soft_centroids,
+    part_frame_keypoints,
+    to_bbox_frame,
 )
 
 __all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table"]
@@ -60,17 +62,13 @@ def resolve_stage(spec: str | int, num_stages: int) -> int:
     return index % num_stages
 
 
-def _to_bbox_frame(points: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
-    """(B, P, 2) pixel coordinates → the bbox-normalised frame ((x - x0)/w, (y - y0)/h)."""
-    origin = bbox[:, None, :2]
-    size = (bbox[:, None, 2:] - bbox[:, None, :2]).clamp(min=1e-6)
-    return (points - origin) / size
-
-
-def _centroids_in_bbox(maps: torch.Tensor, bbox: torch.Tensor, image_hw: tuple[int, int], threshold: float):
-    cent, active = soft_centroids(maps, active_threshold=threshold)  # (B, K-1, 2) in [0, 1] of the image
-    scale = torch.tensor([image_hw[1], image_hw[0]], dtype=cent.dtype)
-    return centroid_features(_to_bbox_frame(cent * scale, bbox.to(cent.dtype)), active)
+def _original_parts(dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Full-image keypoints, visibility and boxes of ``dataset``'s items ``index`` (what the reference protocol
+    measures consistency from)."""
+    rows = dataset._rows[index.numpy()]
+    meta = dataset.meta
+    return {"keypoints": torch.from_numpy(meta.keypoints[rows]), "visible": torch.from_numpy(meta.visible[rows]),
+            "boxes": torch.from_numpy(meta.boxes[rows])}
 
 
 @torch.no_grad()
@@ -106,7 +104,8 @@ def evaluate(
     if has_maps and chosen not in stage_ids:
         chosen = stage_ids[-1]
     t0 = time.perf_counter()
-    transform = build_eval_transform(cfg.data, cfg.model.img_size)
+    # Boxes stay unclipped by the centre crop: keypoint regression clips them per eval.protocol.
+    transform = build_eval_transform(cfg.data, cfg.model.img_size, clip_box=False)
     bar = dict(disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
 
     def forward(images: torch.Tensor):
@@ -123,11 +122,12 @@ def evaluate(
         # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
         fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
         for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
-            out = forward(batch["image"])
-            y = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float())
+            out = forward(discovery_input(batch["image"], cfg.data.mean, cfg.data.std, e.protocol))
+            hw = tuple(batch["image"].shape[-2:])
+            y = to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float(), hw, protocol=e.protocol)
             for s in stage_ids:
-                x, act = _centroids_in_bbox(stage_maps(out, s), batch["bbox"], tuple(batch["image"].shape[-2:]),
-                                            e.active_threshold)
+                x, act = bbox_centroid_features(stage_maps(out, s), batch["bbox"], hw,
+                                                active_threshold=e.active_threshold, protocol=e.protocol)
                 fit[s].update(x, y, batch["visible"], active=act)
         for s, meter in fit.items():
             meter.all_reduce(D.all_reduce_sum)
@@ -141,21 +141,26 @@ def evaluate(
     with_masks = parts_needed and "fg_iou" in requested and bool(getattr(dataset, "has_masks", False))
     cont = {s: ContingencyMeter(num_parts, n_pro[s]) for s in stage_ids} if parts_needed and "nmi_ari" in requested else {}
     kerr = {s: KeypointErrorMeter() for s in regressors}
-    iou = {s: FgIoUMeter() for s in stage_ids} if with_masks else {}
+    # The reference's foreground IoU upsamples with align_corners=True (PDiscoFormer's evaluation).
+    iou = {s: FgIoUMeter(align_corners=e.protocol == "reference") for s in stage_ids} if with_masks else {}
     for batch in tqdm(eval_loader(dataset, cfg, info), desc=f"evaluate ({split})", **bar):
         out = forward(batch["image"])
         acc.update(out.logits.float().cpu(), batch["label"])
         if not parts_needed:
             continue
         hw = tuple(batch["image"].shape[-2:])
-        landmarks = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float()) if kerr else None
+        landmarks = to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float(), hw, protocol=e.protocol) \
+            if kerr else None
+        images = discovery_input(batch["image"], cfg.data.mean, cfg.data.std, e.protocol)
+        out = out if images is batch["image"] else forward(images)  # the reference's raw [0, 1] inputs
         for s in stage_ids:
             maps = stage_maps(out, s)
             if s in cont:
                 c = concepts_at_keypoints(maps, batch["keypoints"], batch["visible"], hw)
                 cont[s].update(c)
             if s in kerr:
-                x, act = _centroids_in_bbox(maps, batch["bbox"], hw, e.active_threshold)
+                x, act = bbox_centroid_features(maps, batch["bbox"], hw, active_threshold=e.active_threshold,
+                                                protocol=e.protocol)
                 kerr[s].update(regressors[s], x, landmarks, batch["visible"], active=act)
             if s in iou:
                 iou[s].update(maps, batch["mask"])
@@ -181,14 +186,16 @@ def evaluate(
                 ]
                 images = torch.cat([images, torch.stack(noisy_images)])
             out = forward(images)
-            # Part geometry lives in a part_frame × part_frame frame over the crop; the reference truncates.
-            kp = (batch["keypoints"].float() * e.part_frame / images.shape[-1]).floor()
+            # Part geometry lives in a part_frame × part_frame frame over the crop, placed per eval.protocol.
+            kp, vis = part_frame_keypoints(batch["keypoints"], batch["visible"], images.shape[-1],
+                                           **_original_parts(crops, batch["index"]), frame=e.part_frame,
+                                           protocol=e.protocol)
             for s in stage_ids:
                 maps = stage_maps(out, s)[:, :-1]
-                hits = keypoint_hits(maps[:b], kp, batch["visible"], frame=e.part_frame, half_size=e.half_size)
-                hits_noisy = (keypoint_hits(maps[b:], kp, batch["visible"], frame=e.part_frame,
+                hits = keypoint_hits(maps[:b], kp, vis, frame=e.part_frame, half_size=e.half_size)
+                hits_noisy = (keypoint_hits(maps[b:], kp, vis, frame=e.part_frame,
                                             half_size=e.half_size) if noisy else None)
-                part[s].update(hits, batch["visible"], batch["label"], hits_noisy=hits_noisy)
+                part[s].update(hits, vis, batch["label"], hits_noisy=hits_noisy)
 
     for meter in [acc, *cont.values(), *kerr.values(), *iou.values(), *part.values()]:
         meter.all_reduce(D.all_reduce_sum)
@@ -213,6 +220,7 @@ def evaluate(
         result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
         result["stage"] = {"index": chosen, "n_pro": n_pro[chosen], "spec": str(e.stage)}
         result["per_stage"] = per_stage
+    result["eval_protocol"] = e.protocol  # corrected | reference: which way every interpretability score was measured
     result["protocol"] = asdict(e)
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
                       "images": len(dataset), "num_classes": cfg.model.num_classes}
