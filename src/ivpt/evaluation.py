@@ -43,6 +43,7 @@ from .metrics import (
 __all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table"]
 
 ALL_METRICS = ("acc", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
+ACCURACY_KEYS = ("top1", "top5", "balanced_top1")  # the same under both eval.protocol values
 
 
 def resolve_stage(spec: str | int, num_stages: int) -> int:
@@ -254,10 +255,12 @@ def format_table(result: dict) -> str:
     names = [("top1", "top-1"), ("top5", "top-5"), ("balanced_top1", "balanced top-1"),
              ("consistency", "consistency"), ("stability", "stability"), ("nmi", "NMI"), ("ari", "ARI"),
              ("kpr", "keypoint error (lower better)"), ("fg_iou", "foreground IoU")]
-    lines = [f"{'metric':<32}{'value':>10}"]
+    # Accuracy is measured one way; every interpretability score depends on eval.protocol (docs/deviations.md).
+    protocol = result.get("eval_protocol", "corrected")
+    lines = [f"{'metric':<32}{'value':>10}  protocol"]
     for key, label in names:
         if key in result:
-            lines.append(f"{label:<32}{result[key]:>10.2f}")
+            lines.append(f"{label:<32}{result[key]:>10.2f}  {'-' if key in ACCURACY_KEYS else protocol}")
     if "stage" in result:
         st = result["stage"]
         lines.append(f"(interpretability at stage {st['index']}, {st['n_pro']} prototypes, eval.stage={st['spec']})")
@@ -265,6 +268,7 @@ def format_table(result: dict) -> str:
         keys = [k for k in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou")
                 if any(k in r for r in result["per_stage"])]
         lines.append("")
+        lines.append(f"per stage, eval.protocol={protocol}:")
         lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>13}" for k in keys))
         for r in result["per_stage"]:
             lines.append(f"{r['stage']:<7}{r['n_pro']:>6}" + "".join(
