@@ -60,7 +60,8 @@ def test_part_frame_keypoints_reference_truncates_from_the_full_image_annotation
     kp, vis = part_frame_keypoints(crop_kp, visible, 56, keypoints=keypoints, visible=visible, boxes=boxes,
                                    frame=224, protocol="reference")
     # int(224·(int(x) − 10)/100), int(224·(int(y) − 20)/50):
-    #   (60, 45) → (112, 112); (150, 45) → (int(313.6), 112) = (313, 112); (9, 30.7) → (int(-2.24), int(44.8)) = (-2, 44)
+    #   (60, 45) → (112, 112); (150, 45) → (int(313.6), 112) = (313, 112);
+    #   (9, 30.7) → (int(-2.24), int(44.8)) = (-2, 44)
     # wide box, int(224·(int(x) − 10)/300):
     #   (60.9, 45) → int(37.33) = 37; (9, 30) → int(-0.747) = 0 (truncation toward zero); (310, 70) → (224, 224)
     assert kp.tolist() == [[[112, 112], [313, 112], [-2, 44]], [[37, 112], [0, 44], [224, 224]]]

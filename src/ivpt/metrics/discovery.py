@@ -202,10 +202,11 @@ def to_bbox_frame(points: Tensor, bbox: Tensor, image_size: tuple[int, int], *,
     height, width = image_size
     low = torch.tensor([-0.5, -0.5], dtype=bbox.dtype, device=bbox.device)
     high = torch.tensor([width - 0.5, height - 0.5], dtype=bbox.dtype, device=bbox.device)
-    origin = torch.maximum(torch.minimum(bbox[:, None, :2], high), low)
-    far = bbox[:, None, 2:]
-    size = (far - bbox[:, None, :2]) if protocol == "reference" else torch.maximum(torch.minimum(far, high), low) - origin
-    return (points - origin) / size.clamp(min=1e-6)
+    corner, far = bbox[:, None, :2], bbox[:, None, 2:]
+    origin = torch.maximum(torch.minimum(corner, high), low)
+    if protocol == "corrected":
+        corner, far = origin, torch.maximum(torch.minimum(far, high), low)
+    return (points - origin) / (far - corner).clamp(min=1e-6)
 
 
 # ------------------------------------------------------------------------------------ keypoint regression
