@@ -169,6 +169,28 @@ def test_equivariance_inverse_warp_bilinear_vs_nearest():
     assert equivariance_loss(maps, maps, theta, interpolation="nearest").item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_nearest_inverse_warp_is_the_references_torchvision_procedure():
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    # torchvision's affine(angle, translate t px, scale s) on a W×W map samples input = A (output − t) about the
+    # centre, A = R(angle)/s: in affine_grid's [-1, 1] units theta = [A | −A·2t/W].
+    size, angle, t, s = 37, 23.0, (3, -2), 1.2
+    c, n = math.cos(math.radians(angle)) / s, math.sin(math.radians(angle)) / s
+    a = torch.tensor([[c, n], [-n, c]])
+    theta = torch.cat([a, -a @ (2 * torch.tensor([[t[0]], [t[1]]], dtype=torch.float32) / size)], dim=1)[None]
+    g = torch.Generator().manual_seed(3)
+    x, maps = torch.rand(1, 3, size, size, generator=g), torch.rand(1, 3, size, size, generator=g)
+    forward = TF.affine(x, angle=angle, translate=list(t), scale=s, shear=[0.0],
+                        interpolation=InterpolationMode.BILINEAR)
+    assert torch.allclose(warp(x, theta), forward, atol=1e-5)  # the same transform as torchvision's
+    # The reference's inverse: translate back, then rotate/scale back, interpolation not passed (nearest).
+    untranslated = TF.affine(maps, angle=0.0, translate=[-t[0], -t[1]], scale=1.0, shear=[0.0])
+    reference = TF.affine(untranslated, angle=-angle, translate=[0, 0], scale=1 / s, shear=[0.0])
+    assert torch.allclose(warp_back(maps, theta, interpolation="nearest"), reference, atol=1e-6)
+    assert not torch.allclose(warp_back(maps, theta), reference, atol=1e-2)
+
+
 def test_nearest_inverse_warp_undoes_a_whole_cell_rotation_exactly():
     # A 90° rotation maps cells onto cells: both back-warps recover the map exactly.
     g = torch.Generator().manual_seed(0)
