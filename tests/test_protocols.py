@@ -307,3 +307,66 @@ def test_protocols_share_accuracy_and_label_the_table(world):
     assert lines[0].split() == ["metric", "value", "protocol"]
     assert next(ln for ln in lines if ln.startswith("top-1 ")).split()[-1] == "-"
     assert next(ln for ln in lines if ln.startswith("consistency")).split()[-1] == "reference"
+
+
+def test_reference_consistency_matches_the_authors_formula_on_text_annotations(world, tmp_path):
+    # Narrow every box to its middle half, so some visible keypoints fall outside it; then recompute the
+    # reference protocol from the annotation files with plain Python int(), as the authors' script reads them.
+    import shutil
+
+    from ivpt.data import CubDataset, build_eval_transform
+
+    from .conftest import tiny_model
+
+    root = tmp_path / "narrow"
+    shutil.copytree(world, root)
+    lines = (root / "bounding_boxes.txt").read_text().split("\n")
+    narrowed = []
+    for line in filter(None, lines):
+        image_id, x, y, w, h = line.split()
+        w_int = int(float(w))
+        narrowed.append(f"{image_id} {float(x) + w_int // 4:.1f} {y} {float(w_int // 2):.1f} {h}")
+    (root / "bounding_boxes.txt").write_text("\n".join(narrowed) + "\n")
+
+    model = tiny_model(num_classes=3, n_pro=[5, 4, 3], seed=7)
+    with torch.no_grad():
+        for s in model.stages:
+            s.spatial_bias.normal_(std=2.0)
+            s.spatial_bias[0, 1:3, 1:3] += 30.0  # concept 0 owns the centre of the 4×4 grid: hits near the middle
+    cfg = Config.from_dict({
+        "model": dict(backbone="vit_small_patch14_reg4_dinov2", img_size=56, num_classes=3, n_pro=[5, 4, 3],
+                      weights="random", backbone_kwargs=dict(TINY)),
+        "data": dict(root=str(root), num_workers=0),
+        "eval": dict(protocol="reference", batch_size=4),
+    })
+    result = evaluate(model, cfg, metrics=["consistency"], progress=False)
+
+    def table(name):
+        return [line.split() for line in (root / name).read_text().splitlines() if line.strip()]
+
+    test_ids = [i for i, train in table("train_test_split.txt") if train == "0"]
+    boxes = {i: (int(x.split(".")[0]), int(y.split(".")[0]), int(w.split(".")[0]), int(h.split(".")[0]))
+             for i, x, y, w, h in table("bounding_boxes.txt")}
+    parts = {}
+    for i, part, x, y, vis in table("parts/part_locs.txt"):
+        parts.setdefault(i, []).append((int(part) - 1, int(float(x)), int(float(y)), vis == "1"))
+    crops = CubDataset(root, "test", transform=build_eval_transform(cfg.data, 56, square=True), with_parts=True,
+                       bbox_crop=True)
+    kp = torch.zeros(len(test_ids), 6, 2)
+    vis = torch.zeros(len(test_ids), 6, dtype=torch.bool)
+    outside = 0
+    for n, i in enumerate(test_ids):
+        bx, by, bw, bh = boxes[i]
+        for part, x, y, visible in parts[i]:
+            kp[n, part] = torch.tensor([int(224 * ((x - bx) / bw)), int(224 * ((y - by) / bh))])
+            vis[n, part] = visible
+            outside += visible and not (bx <= x < bx + bw and by <= y < by + bh)
+    assert outside > 0  # the case this test is about
+    model.eval()
+    with torch.no_grad():
+        stage_maps = [model(crops[n]["image"][None]).maps for n in range(len(crops))]
+    labels = torch.tensor(crops.labels)
+    for s, row in enumerate(result["per_stage"]):
+        maps = torch.cat([m[s][:, :-1] for m in stage_maps])
+        expected = consistency_score(keypoint_hits(maps, kp, vis), vis, labels)
+        assert row["consistency"] == pytest.approx(expected), s  # 25.0, 33.3, 50.0 here: not a trivial 0 or 100
