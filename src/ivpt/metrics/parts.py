@@ -57,11 +57,11 @@ def part_frame_keypoints(crop_keypoints: Tensor, crop_visible: Tensor, crop_size
 
     ``corrected``: floor(crop_keypoints · frame / crop_size); a keypoint outside the box is invisible, so it
     leaves both the numerator and the denominator of consistency.
-    ``reference`` (the authors' code): x' = int(frame · (int(x) - int(bx)) / int(bw)) with the CUB box x, width
-    bx, bw (Python ``int``: truncation toward zero), same for y; EVERY annotated-visible keypoint counts, so one
-    outside the box lands outside the frame and is a miss that still counts in the denominator (truncation
-    toward zero puts one less than bw/frame pixels left of or above the box on the frame's edge, 0, where it
-    can still be hit; one exactly on the far edge maps to ``frame``, which the box test includes).
+    ``reference`` (the authors' code): x' = int(frame · (int(x) - int(bx)) / int(bw)), where bx, bw are the CUB
+    box's x and width (Python ``int``: truncation toward zero), same for y; EVERY annotated-visible keypoint
+    counts, so one outside the box lands outside the frame and is a miss that still counts in the denominator
+    (truncation toward zero puts a keypoint less than bw/frame pixels left of or above the box on the frame's
+    edge 0, where it can still be hit; one exactly on the far edge maps to ``frame``, which the box test includes).
     """
     check_protocol(protocol)
     if protocol == "corrected":
