@@ -424,8 +424,6 @@ def test_purity_and_coverage_on_a_known_split():
 CLASSES = {"nabirds": 3, "partimagenet": 2, "flowers102": 3, "stanford_dogs": 2, "stanford_cars": 3}
 
 
-# model.weights=random draws a fresh backbone when `ivpt eval` rebuilds the model, which the loader warns about.
-@pytest.mark.filterwarnings("ignore:backbone weights differ")
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
 def test_train_and_eval_end_to_end(tmp_path, fmt, capsys):
     from ivpt.cli import main

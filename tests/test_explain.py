@@ -33,8 +33,6 @@ from ivpt.explain.core import IMAGENET_MEAN, IMAGENET_STD
 
 from .conftest import tiny_model
 
-# Checkpoints rebuilt with weights="random" get a fresh random backbone; the CLI warns about it, rightly.
-pytestmark = pytest.mark.filterwarnings("ignore:backbone weights differ")
 
 WEIGHT_RE = re.compile(
     r'<text class="weight"[^>]*data-stage="(\d+)" data-concept="(\d+)" data-coarse="(\d+)">([^<]+)</text>'

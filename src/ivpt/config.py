@@ -97,6 +97,10 @@ class ModelConfig:
         return self.n_pro[-1] - 1
 
 
+INTERPOLATIONS = ("bilinear", "nearest")
+AFFINE_FILLS = ("mean", "zero")
+EVAL_PROTOCOLS = ("corrected", "reference")
+
 LOSS_TERMS = (
     "classification",
     "consistency",
@@ -125,6 +129,9 @@ class LossConfig:
     eq_rotation_deg: float = 90.0
     eq_translate: float = 0.11  # fraction of the image side
     eq_scale: list[float] = field(default_factory=lambda: [0.8, 1.4])
+    # How the equivariance loss warps the second view's maps back: bilinear (ours) or nearest (the reference's
+    # inverse warp, two nearest-neighbour resamplings: docs/deviations.md).
+    eq_inverse_interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         for name in LOSS_TERMS:
@@ -135,6 +142,9 @@ class LossConfig:
         self.eq_scale = [float(s) for s in self.eq_scale]
         if len(self.eq_scale) != 2 or not 0 < self.eq_scale[0] <= self.eq_scale[1]:
             raise ConfigError(f"loss.eq_scale={self.eq_scale} must be two numbers 0 < low <= high, e.g. 0.8,1.4")
+        if self.eq_inverse_interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"loss.eq_inverse_interpolation={self.eq_inverse_interpolation!r} must be 'bilinear' "
+                              "(ours) or 'nearest' (the reference's inverse warp)")
 
     def weights(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in LOSS_TERMS}
@@ -185,6 +195,8 @@ class DataConfig:
     affine_degrees: float = 90.0
     affine_translate: float = 0.2
     affine_scale: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    affine_interpolation: str = "bilinear"  # bilinear | nearest (the reference: torchvision's default, nearest)
+    affine_fill: str = "mean"  # area the affine warp exposes: mean (normalises to ~0) | zero (black, the reference)
     color_jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.05])
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -202,6 +214,12 @@ class DataConfig:
             raise ConfigError("data.mean and data.std need three values (R, G, B)")
         if len(self.color_jitter) != 4:
             raise ConfigError("data.color_jitter needs four values: brightness, contrast, saturation, hue")
+        if self.affine_interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"data.affine_interpolation={self.affine_interpolation!r} must be 'bilinear' or "
+                              "'nearest' (the reference's torchvision RandomAffine default)")
+        if self.affine_fill not in AFFINE_FILLS:
+            raise ConfigError(f"data.affine_fill={self.affine_fill!r} must be 'mean' (the colour that normalises to "
+                              "~0) or 'zero' (black, the reference's fill)")
 
 
 @dataclass
@@ -227,8 +245,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Constants of the interpretability protocols (SPEC section 4)."""
+    """Constants of the interpretability protocols (SPEC section 4).
 
+    ``protocol`` picks how consistency/stability, NMI/ARI, keypoint regression and foreground IoU are measured:
+    ``corrected`` (ours, the default) or ``reference`` (exactly as the authors' evaluation code, bugs included);
+    docs/deviations.md lists every difference. Accuracy is the same under both.
+    """
+
+    protocol: str = "corrected"
     stage: str = "auto"  # auto = the stage with n_pro[-3] prototypes; 'final' or an index
     part_frame: int = 224
     half_size: int = 36
@@ -248,6 +272,9 @@ class EvalConfig:
             raise ConfigError("eval.half_size must be >= 1 and eval.part_frame >= 2")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"eval.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise ConfigError(f"eval.protocol={self.protocol!r} must be 'corrected' (ours) or 'reference' (the "
+                              "authors' evaluation code); see docs/deviations.md")
 
 
 SECTIONS = {

@@ -33,15 +33,18 @@ from .metrics import (
     PartMaskMeter,
     PartMeter,
     add_protocol_noise,
-    centroid_features,
+    bbox_centroid_features,
     concepts_at_keypoints,
+    discovery_input,
     keypoint_hits,
-    soft_centroids,
+    part_frame_keypoints,
+    to_bbox_frame,
 )
 
 __all__ = ["ALL_METRICS", "resolve_stage", "evaluate", "evaluate_checkpoint", "format_table", "unsupported_metrics"]
 
 ALL_METRICS = ("acc", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
+ACCURACY_KEYS = ("top1", "top5", "balanced_top1")  # the same under both eval.protocol values
 
 
 def resolve_stage(spec: str | int, num_stages: int) -> int:
@@ -61,17 +64,8 @@ def resolve_stage(spec: str | int, num_stages: int) -> int:
     return index % num_stages
 
 
-def _to_bbox_frame(points: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
-    """(B, P, 2) pixel coordinates → the bbox-normalised frame ((x - x0)/w, (y - y0)/h)."""
-    origin = bbox[:, None, :2]
-    size = (bbox[:, None, 2:] - bbox[:, None, :2]).clamp(min=1e-6)
-    return (points - origin) / size
-
-
-def _centroids_in_bbox(maps: torch.Tensor, bbox: torch.Tensor, image_hw: tuple[int, int], threshold: float):
-    cent, active = soft_centroids(maps, active_threshold=threshold)  # (B, K-1, 2) in [0, 1] of the image
-    scale = torch.tensor([image_hw[1], image_hw[0]], dtype=cent.dtype)
-    return centroid_features(_to_bbox_frame(cent * scale, bbox.to(cent.dtype)), active)
+def _as_tensors(arrays: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def unsupported_metrics(cfg: Config, metrics: Iterable[str]) -> dict[str, str]:
@@ -123,7 +117,8 @@ def evaluate(
     if has_maps and chosen not in stage_ids:
         chosen = stage_ids[-1]
     t0 = time.perf_counter()
-    transform = build_eval_transform(cfg.data, cfg.model.img_size)
+    # Boxes stay unclipped by the centre crop: keypoint regression clips them per eval.protocol.
+    transform = build_eval_transform(cfg.data, cfg.model.img_size, clip_box=False)
     bar = dict(disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
 
     def forward(images: torch.Tensor):
@@ -140,11 +135,12 @@ def evaluate(
         # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
         fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
         for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
-            out = forward(batch["image"])
-            y = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float())
+            out = forward(discovery_input(batch["image"], cfg.data.mean, cfg.data.std, e.protocol))
+            hw = tuple(batch["image"].shape[-2:])
+            y = to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float(), hw, protocol=e.protocol)
             for s in stage_ids:
-                x, act = _centroids_in_bbox(stage_maps(out, s), batch["bbox"], tuple(batch["image"].shape[-2:]),
-                                            e.active_threshold)
+                x, act = bbox_centroid_features(stage_maps(out, s), batch["bbox"], hw,
+                                                active_threshold=e.active_threshold, protocol=e.protocol)
                 fit[s].update(x, y, batch["visible"], active=act)
         for s, meter in fit.items():
             meter.all_reduce(R.all_reduce_sum)
@@ -162,14 +158,18 @@ def evaluate(
     pmask = ({s: PartMaskMeter(num_parts + 1, n_pro[s]) for s in stage_ids}
              if "nmi_ari" in active and not by_keypoints else {})
     kerr = {s: KeypointErrorMeter() for s in regressors}
-    iou = {s: FgIoUMeter() for s in stage_ids} if "fg_iou" in active else {}
+    # The reference's foreground IoU upsamples with align_corners=True (PDiscoFormer's evaluation).
+    iou = {s: FgIoUMeter(align_corners=e.protocol == "reference") for s in stage_ids} if "fg_iou" in active else {}
     for batch in tqdm(eval_loader(dataset, cfg, info), desc=f"evaluate ({split})", **bar):
         out = forward(batch["image"])
         acc.update(out.logits.float().cpu(), batch["label"])
         if not parts_needed:
             continue
         hw = tuple(batch["image"].shape[-2:])
-        landmarks = _to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float()) if kerr else None
+        landmarks = to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float(), hw, protocol=e.protocol) \
+            if kerr else None
+        images = discovery_input(batch["image"], cfg.data.mean, cfg.data.std, e.protocol)
+        out = out if images is batch["image"] else forward(images)  # the reference's raw [0, 1] inputs
         for s in stage_ids:
             maps = stage_maps(out, s)
             if s in cont:
@@ -178,7 +178,8 @@ def evaluate(
             if s in pmask:
                 pmask[s].update(maps, batch["part_mask"])
             if s in kerr:
-                x, act = _centroids_in_bbox(maps, batch["bbox"], hw, e.active_threshold)
+                x, act = bbox_centroid_features(maps, batch["bbox"], hw, active_threshold=e.active_threshold,
+                                                protocol=e.protocol)
                 kerr[s].update(regressors[s], x, landmarks, batch["visible"], active=act)
             if s in iou:
                 iou[s].update(maps, batch["mask"])
@@ -204,14 +205,16 @@ def evaluate(
                 ]
                 images = torch.cat([images, torch.stack(noisy_images)])
             out = forward(images)
-            # Part geometry lives in a part_frame × part_frame frame over the crop; the reference truncates.
-            kp = (batch["keypoints"].float() * e.part_frame / images.shape[-1]).floor()
+            # Part geometry lives in a part_frame × part_frame frame over the crop, placed per eval.protocol.
+            kp, vis = part_frame_keypoints(batch["keypoints"], batch["visible"], images.shape[-1],
+                                           **_as_tensors(crops.original_parts(batch["index"].numpy())), frame=e.part_frame,
+                                           protocol=e.protocol)
             for s in stage_ids:
                 maps = stage_maps(out, s)[:, :-1]
-                hits = keypoint_hits(maps[:b], kp, batch["visible"], frame=e.part_frame, half_size=e.half_size)
-                hits_noisy = (keypoint_hits(maps[b:], kp, batch["visible"], frame=e.part_frame,
+                hits = keypoint_hits(maps[:b], kp, vis, frame=e.part_frame, half_size=e.half_size)
+                hits_noisy = (keypoint_hits(maps[b:], kp, vis, frame=e.part_frame,
                                             half_size=e.half_size) if noisy else None)
-                part[s].update(hits, batch["visible"], batch["label"], hits_noisy=hits_noisy)
+                part[s].update(hits, vis, batch["label"], hits_noisy=hits_noisy)
 
     for meter in [acc, *cont.values(), *pmask.values(), *kerr.values(), *iou.values(), *part.values()]:
         meter.all_reduce(R.all_reduce_sum)
@@ -238,6 +241,7 @@ def evaluate(
         result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
         result["stage"] = {"index": chosen, "n_pro": n_pro[chosen], "spec": str(e.stage)}
         result["per_stage"] = per_stage
+    result["eval_protocol"] = e.protocol  # corrected | reference: which way every interpretability score was measured
     result["protocol"] = asdict(e)
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
                       "images": len(dataset), "num_classes": cfg.model.num_classes}
@@ -270,10 +274,12 @@ def format_table(result: dict) -> str:
              ("consistency", "consistency"), ("stability", "stability"), ("nmi", "NMI"), ("ari", "ARI"),
              ("part_purity", "part purity"), ("part_coverage", "part coverage"),
              ("kpr", "keypoint error (lower better)"), ("fg_iou", "foreground IoU")]
-    lines = [f"{'metric':<32}{'value':>10}"]
+    # Accuracy is measured one way; every interpretability score depends on eval.protocol (docs/deviations.md).
+    protocol = result.get("eval_protocol", "corrected")
+    lines = [f"{'metric':<32}{'value':>10}  protocol"]
     for key, label in names:
         if key in result:
-            lines.append(f"{label:<32}{result[key]:>10.2f}")
+            lines.append(f"{label:<32}{result[key]:>10.2f}  {'-' if key in ACCURACY_KEYS else protocol}")
     if "stage" in result:
         st = result["stage"]
         lines.append(f"(interpretability at stage {st['index']}, {st['n_pro']} prototypes, eval.stage={st['spec']})")
@@ -282,6 +288,7 @@ def format_table(result: dict) -> str:
                 if any(k in r for r in result["per_stage"])]
         lines.append("")
         width = {k: max(13, len(k) + 2) for k in keys}
+        lines.append(f"per stage, eval.protocol={protocol}:")
         lines.append(f"{'stage':<7}{'n_pro':>6}" + "".join(f"{k:>{width[k]}}" for k in keys))
         for r in result["per_stage"]:
             lines.append(f"{r['stage']:<7}{r['n_pro']:>6}" + "".join(

@@ -25,6 +25,7 @@ __all__ = [
     "entropy_loss",
     "random_affine",
     "warp",
+    "warp_back",
     "ivpt_losses",
 ]
 
@@ -124,16 +125,38 @@ def invert_affine(theta: Tensor) -> Tensor:
     return torch.cat([a_inv, -a_inv @ t], dim=2)
 
 
-def warp(images: Tensor, theta: Tensor) -> Tensor:
-    """Bilinearly warp (B, C, H, W) by ``theta`` (B, 2, 3); outside the source is filled with 0."""
+def warp(images: Tensor, theta: Tensor, *, mode: str = "bilinear") -> Tensor:
+    """Warp (B, C, H, W) by ``theta`` (B, 2, 3), sampling with ``mode`` (bilinear | nearest); outside the source
+    is filled with 0."""
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def equivariance_loss(maps: Tensor, warped_maps: Tensor, theta: Tensor) -> Tensor:
+def warp_back(maps: Tensor, theta: Tensor, *, interpolation: str = "bilinear") -> Tensor:
+    """Undo the warp by ``theta`` (B, 2, 3) on ``maps`` (B, C, H, W), zero outside.
+
+    ``bilinear`` (ours): one bilinear resampling with the inverse matrix. ``nearest`` (the reference's procedure):
+    with theta = [A | t], the forward warp is "rotate/scale about the centre by A⁻¹, then translate by -A⁻¹t"; the
+    reference undoes the translation, then the rotation/scale, each as its own nearest-neighbour resampling
+    (torchvision's ``affine`` default), i.e. a warp by [I | -A⁻¹t] followed by a warp by [A⁻¹ | 0].
+    """
+    theta = theta.float()
+    if interpolation == "bilinear":
+        return warp(maps, invert_affine(theta))
+    if interpolation != "nearest":
+        raise ValueError(f"interpolation={interpolation!r} must be 'bilinear' or 'nearest'")
+    a_inv = torch.linalg.inv(theta[:, :, :2])
+    eye = torch.eye(2, device=theta.device, dtype=theta.dtype).expand_as(a_inv)
+    untranslated = warp(maps, torch.cat([eye, -a_inv @ theta[:, :, 2:]], dim=2), mode="nearest")
+    return warp(untranslated, torch.cat([a_inv, torch.zeros_like(theta[:, :, 2:])], dim=2), mode="nearest")
+
+
+def equivariance_loss(maps: Tensor, warped_maps: Tensor, theta: Tensor, *,
+                      interpolation: str = "bilinear") -> Tensor:
     """1 - mean cosine similarity between foreground maps (B, n, H, W) of the clean view and the maps of the
-    view warped by ``theta``, warped back with the inverse transform. Flattened per (image, concept)."""
-    back = warp(warped_maps[:, :-1].float(), invert_affine(theta.float()))
+    view warped by ``theta``, warped back by :func:`warp_back` with ``interpolation``. Flattened per
+    (image, concept)."""
+    back = warp_back(warped_maps[:, :-1].float(), theta, interpolation=interpolation)
     cos = F.cosine_similarity(maps[:, :-1].float().flatten(2), back.flatten(2), dim=-1, eps=1e-8)
     return 1.0 - cos.mean()
 
@@ -174,7 +197,8 @@ def ivpt_losses(
         )
         if warped_out is not None and theta is not None:
             terms["equivariance"] = lambda: torch.stack(
-                [equivariance_loss(a, b, theta) for a, b in zip(maps, warped_out.maps)]
+                [equivariance_loss(a, b, theta, interpolation=cfg.eq_inverse_interpolation)
+                 for a, b in zip(maps, warped_out.maps)]
             ).mean()
     total = labels.new_zeros((), dtype=torch.float32)
     logged: dict[str, Tensor] = {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..config import EVAL_PROTOCOLS
     from ..evaluation import ALL_METRICS
 
     parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
@@ -16,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(ALL_METRICS)}")
     parser.add_argument("--stage", default=None,
                         help="stage for consistency/stability etc.: auto (n_pro[-3]), final or an index")
+    parser.add_argument("--protocol", default=None, choices=EVAL_PROTOCOLS,
+                        help="how interpretability scores are measured: corrected (ours) or reference (the authors' "
+                             "code); default: eval.protocol of the run (docs/deviations.md)")
     parser.add_argument("--out", help="folder for eval.json (default: the checkpoint's run folder)")
     parser.add_argument("--weights", default=None, help="override the backbone weight source")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -39,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         extra.append(f"data.root={args.data}")
     if args.stage is not None:
         extra.append(f"eval.stage={args.stage}")
+    if args.protocol is not None:
+        extra.append(f"eval.protocol={args.protocol}")
     if args.batch_size:
         extra.append(f"eval.batch_size={args.batch_size}")
     cfg, meta = run_config(checkpoint, extra)

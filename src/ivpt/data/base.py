@@ -209,6 +209,15 @@ class AnnotatedDataset:
                 out["part_mask"] = item.part_mask
         return out
 
+    def original_parts(self, index: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The untransformed full-image annotation of items ``index``: ``keypoints`` (B, K, 2), ``visible``
+        (B, K) and ``boxes`` (B, 4) (what the reference protocol places keypoints from)."""
+        rec = self.records
+        if rec.keypoints is None or rec.visible is None or rec.boxes is None:
+            raise DatasetError(f"data.format={self.FORMAT} has no keypoints and boxes")
+        rows = self._rows[np.asarray(index, dtype=np.int64)]
+        return {"keypoints": rec.keypoints[rows], "visible": rec.visible[rows], "boxes": rec.boxes[rows]}
+
     def part_labels(self, path: Path) -> Image.Image | None:
         """The part label mask at ``path`` in the :class:`~ivpt.data.transforms.Sample` convention (part j = j,
         background = number of parts); None if unreadable."""

@@ -137,9 +137,10 @@ def _in_frame(points: np.ndarray, width: int, height: int) -> np.ndarray:
     return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
 
 
-def _map_geometry(sample: Sample, matrix: np.ndarray, new_size: tuple[int, int]) -> Sample:
+def _map_geometry(sample: Sample, matrix: np.ndarray, new_size: tuple[int, int], *, clip_box: bool = True) -> Sample:
     """Move keypoints and box by the (2, 3) affine ``matrix`` (pixel-centre coordinates) into a frame of
-    ``new_size`` = (W, H); keypoints leaving it become invisible, the box is clipped to it."""
+    ``new_size`` = (W, H); keypoints leaving it become invisible, the box is clipped to it unless ``clip_box`` is
+    false (the reference's keypoint-regression protocol needs the box's unclipped size)."""
     width, height = new_size
     keypoints, visible, bbox = sample.keypoints, sample.visible, sample.bbox
     if keypoints is not None:
@@ -150,10 +151,9 @@ def _map_geometry(sample: Sample, matrix: np.ndarray, new_size: tuple[int, int])
         x0, y0, x1, y1 = bbox
         corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]]) @ matrix[:, :2].T + matrix[:, 2]
         lo, hi = corners.min(0), corners.max(0)
-        bbox = np.array([
-            np.clip(lo[0], -0.5, width - 0.5), np.clip(lo[1], -0.5, height - 0.5),
-            np.clip(hi[0], -0.5, width - 0.5), np.clip(hi[1], -0.5, height - 0.5),
-        ])
+        bbox = np.concatenate([lo, hi])
+        if clip_box:
+            bbox = np.clip(bbox, -0.5, np.array([width, height, width, height]) - 0.5)
     return replace(sample, keypoints=keypoints, visible=visible, bbox=bbox)
 
 
@@ -168,16 +168,17 @@ def _crop(img: Image.Image, left: int, top: int, width: int, height: int, fill) 
 
 
 class Crop(JointOp):
-    """Crop the box of pixels [left, left + width) x [top, top + height); may extend past the image (filled)."""
+    """Crop the box of pixels [left, left + width) x [top, top + height); may extend past the image (filled).
+    ``clip_box=False`` moves the bounding box without clipping it to the crop."""
 
-    def __init__(self, left: int, top: int, width: int, height: int, *, fill=(0, 0, 0)) -> None:
+    def __init__(self, left: int, top: int, width: int, height: int, *, fill=(0, 0, 0), clip_box: bool = True) -> None:
         self.box = (int(left), int(top), int(width), int(height))
-        self.fill = fill
+        self.fill, self.clip_box = fill, clip_box
 
     def __call__(self, sample: Sample) -> Sample:
         left, top, width, height = self.box
         matrix = np.array([[1.0, 0.0, -left], [0.0, 1.0, -top]])
-        out = _map_geometry(sample, matrix, (width, height))
+        out = _map_geometry(sample, matrix, (width, height), clip_box=self.clip_box)
         out.image = _crop(sample.image, left, top, width, height, self.fill)
         if sample.mask is not None:
             out.mask = _crop(sample.mask, left, top, width, height, 0)
@@ -208,11 +209,11 @@ class BBoxCrop(JointOp):
         return "BBoxCrop()"
 
 
-def _resize(sample: Sample, new_w: int, new_h: int) -> Sample:
+def _resize(sample: Sample, new_w: int, new_h: int, clip_box: bool = True) -> Sample:
     width, height = sample.size
     sx, sy = new_w / width, new_h / height
     matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
-    out = _map_geometry(sample, matrix, (new_w, new_h))
+    out = _map_geometry(sample, matrix, (new_w, new_h), clip_box=clip_box)
     out.image = sample.image.resize((new_w, new_h), Image.BILINEAR)
     if sample.mask is not None:
         out.mask = sample.mask.resize((new_w, new_h), Image.BILINEAR)
@@ -223,10 +224,11 @@ def _resize(sample: Sample, new_w: int, new_h: int) -> Sample:
 
 class ResizeShorter(JointOp):
     """Resize so the shorter side is ``size``, keeping the aspect ratio; the longer side is
-    ``int(size * long / short)`` as in torchvision. Bilinear (antialiased when shrinking)."""
+    ``int(size * long / short)`` as in torchvision. Bilinear (antialiased when shrinking). ``clip_box`` as
+    :class:`Crop`."""
 
-    def __init__(self, size: int) -> None:
-        self.size = int(size)
+    def __init__(self, size: int, *, clip_box: bool = True) -> None:
+        self.size, self.clip_box = int(size), clip_box
 
     def __call__(self, sample: Sample) -> Sample:
         width, height = sample.size
@@ -236,7 +238,7 @@ class ResizeShorter(JointOp):
             new_w, new_h = int(self.size * width / height), self.size
         if (new_w, new_h) == (width, height):
             return sample
-        return _resize(sample, new_w, new_h)
+        return _resize(sample, new_w, new_h, self.clip_box)
 
     def __repr__(self) -> str:
         return f"ResizeShorter({self.size})"
@@ -302,24 +304,31 @@ def affine_matrix(size: tuple[int, int], angle: float, translate: tuple[float, f
     ])
 
 
-def _warp(img: Image.Image, matrix: np.ndarray, fill, resample: int = Image.BILINEAR) -> Image.Image:
-    """Resample ``img`` under the forward centre-coordinate ``matrix``. PIL wants the inverse map in pixel-edge
-    coordinates (edge = centre + 0.5), output to input."""
+_RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def _warp(img: Image.Image, matrix: np.ndarray, fill, interpolation: str = "bilinear") -> Image.Image:
+    """Resample ``img`` under the forward centre-coordinate ``matrix`` (``interpolation``: bilinear | nearest). PIL
+    wants the inverse map in pixel-edge coordinates (edge = centre + 0.5), output to input."""
     shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     forward = np.vstack([matrix, [0.0, 0.0, 1.0]])
     inverse = np.linalg.inv(shift @ forward @ np.linalg.inv(shift))
-    return img.transform(img.size, Image.AFFINE, tuple(inverse[:2].ravel()), resample=resample, fillcolor=fill)
+    return img.transform(img.size, Image.AFFINE, tuple(inverse[:2].ravel()), resample=_RESAMPLE[interpolation],
+                         fillcolor=fill)
 
 
 class RandomAffine(JointOp):
     """Random rotation in [-degrees, degrees], translation up to ``translate`` x the side (whole pixels, as
-    torchvision), isotropic scale in ``scale``; output keeps the input size, exposed areas get ``fill``."""
+    torchvision), isotropic scale in ``scale``; output keeps the input size, exposed areas get ``fill``. The image is
+    resampled with ``interpolation`` (bilinear | nearest; torchvision's RandomAffine defaults to nearest)."""
 
     def __init__(self, degrees: float, *, translate: float = 0.0, scale: Sequence[float] = (1.0, 1.0),
-                 fill=(0, 0, 0)) -> None:
+                 fill=(0, 0, 0), interpolation: str = "bilinear") -> None:
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation={interpolation!r} must be one of {', '.join(_RESAMPLE)}")
         self.degrees, self.translate = float(degrees), float(translate)
         self.scale = (float(scale[0]), float(scale[1]))
-        self.fill = fill
+        self.fill, self.interpolation = fill, interpolation
 
     def draw(self, size: tuple[int, int]) -> tuple[float, tuple[float, float], float]:
         """Sample (angle, (tx, ty), scale) with torch's RNG, in torchvision's order."""
@@ -333,37 +342,39 @@ class RandomAffine(JointOp):
     def __call__(self, sample: Sample) -> Sample:
         size = sample.size
         angle, translate, scale = self.draw(size)
-        return apply_affine(sample, angle, translate, scale, fill=self.fill)
+        return apply_affine(sample, angle, translate, scale, fill=self.fill, interpolation=self.interpolation)
 
     def __repr__(self) -> str:
-        return f"RandomAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale})"
+        return (f"RandomAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale}, "
+                f"fill={self.fill}, interpolation={self.interpolation})")
 
 
 def apply_affine(sample: Sample, angle: float, translate: tuple[float, float], scale: float, *,
-                 fill=(0, 0, 0)) -> Sample:
-    """Deterministic affine warp of a sample (see :func:`affine_matrix`)."""
+                 fill=(0, 0, 0), interpolation: str = "bilinear") -> Sample:
+    """Deterministic affine warp of a sample (see :func:`affine_matrix`); the image is resampled with
+    ``interpolation`` (bilinear | nearest), the mask always bilinearly."""
     matrix = affine_matrix(sample.size, angle, translate, scale)
     out = _map_geometry(sample, matrix, sample.size)
-    out.image = _warp(sample.image, matrix, fill)
+    out.image = _warp(sample.image, matrix, fill, interpolation)
     if sample.mask is not None:
         out.mask = _warp(sample.mask, matrix, 0)
     if sample.part_mask is not None:
-        out.part_mask = _warp(sample.part_mask, matrix, IGNORE, Image.NEAREST)
+        out.part_mask = _warp(sample.part_mask, matrix, IGNORE, "nearest")
     return out
 
 
 class CenterCrop(JointOp):
     """Crop ``size`` x ``size`` around the centre, offsets ``int(round((W - size) / 2))`` as torchvision; an image
-    smaller than ``size`` is padded with ``fill``."""
+    smaller than ``size`` is padded with ``fill``. ``clip_box`` as :class:`Crop`."""
 
-    def __init__(self, size: int, *, fill=(0, 0, 0)) -> None:
-        self.size, self.fill = int(size), fill
+    def __init__(self, size: int, *, fill=(0, 0, 0), clip_box: bool = True) -> None:
+        self.size, self.fill, self.clip_box = int(size), fill, clip_box
 
     def __call__(self, sample: Sample) -> Sample:
         width, height = sample.size
         left = round((width - self.size) / 2.0)
         top = round((height - self.size) / 2.0)
-        return Crop(left, top, self.size, self.size, fill=self.fill)(sample)
+        return Crop(left, top, self.size, self.size, fill=self.fill, clip_box=self.clip_box)(sample)
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size})"
@@ -458,14 +469,17 @@ def apply_transform(sample: Sample, transform: Callable | None, *, bbox_crop: bo
 def build_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
     """The paper's training augmentation: resize the shorter side to ``cfg.resize or img_size``, random
     horizontal flip (``cfg.hflip``), random affine (``cfg.affine_*``, about the centre), random crop
-    ``img_size``, colour jitter (``cfg.color_jitter``), to tensor and normalise. Ops with no effect are left out."""
+    ``img_size``, colour jitter (``cfg.color_jitter``), to tensor and normalise. Ops with no effect are left out.
+    The affine warp resamples with ``cfg.affine_interpolation`` and fills exposed areas with ``cfg.affine_fill``
+    (``mean``: the colour that normalises to ~0; ``zero``: black). A random crop that must pad uses the mean colour."""
     fill = mean_fill(cfg.mean)
     ops: list[JointTransform] = [ResizeShorter(cfg.resize or img_size)]
     if cfg.hflip > 0:
         ops.append(RandomHorizontalFlip(cfg.hflip))
     if cfg.affine_degrees > 0 or cfg.affine_translate > 0 or tuple(cfg.affine_scale) != (1.0, 1.0):
         ops.append(RandomAffine(cfg.affine_degrees, translate=cfg.affine_translate, scale=cfg.affine_scale,
-                                fill=fill))
+                                fill=fill if cfg.affine_fill == "mean" else (0, 0, 0),
+                                interpolation=cfg.affine_interpolation))
     ops.append(RandomCrop(img_size, fill=fill))
     if any(v > 0 for v in cfg.color_jitter):
         ops.append(ColorJitter(*cfg.color_jitter))
@@ -473,14 +487,17 @@ def build_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
     return JointCompose(ops)
 
 
-def build_eval_transform(cfg: DataConfig, img_size: int, *, square: bool = False) -> JointCompose:
+def build_eval_transform(cfg: DataConfig, img_size: int, *, square: bool = False,
+                         clip_box: bool = True) -> JointCompose:
     """Deterministic evaluation transform: shorter side to ``cfg.resize or img_size``, centre crop ``img_size``,
     to tensor and normalise. ``square=True`` instead resizes straight to ``img_size x img_size`` (no crop), as the
-    consistency/stability protocol does with bounding-box crops."""
+    consistency/stability protocol does with bounding-box crops. ``clip_box=False`` leaves items' ``bbox``
+    unclipped by the centre crop (keypoint regression clips it per protocol)."""
     fill = mean_fill(cfg.mean)
     geometry: list[JointTransform]
     if square:
         geometry = [Resize(img_size)]
     else:
-        geometry = [ResizeShorter(cfg.resize or img_size), CenterCrop(img_size, fill=fill)]
+        geometry = [ResizeShorter(cfg.resize or img_size, clip_box=clip_box),
+                    CenterCrop(img_size, fill=fill, clip_box=clip_box)]
     return JointCompose([*geometry, ToTensorNormalize(cfg.mean, cfg.std)])

@@ -14,24 +14,30 @@ from .discovery import (
     KeypointErrorMeter,
     KeypointFitMeter,
     KeypointRegressor,
+    bbox_centroid_features,
     centroid_features,
     concepts_at_keypoints,
     contingency_table,
+    discovery_input,
     fg_iou,
     fit_keypoint_regressor,
     keypoint_regression_error,
     nmi_ari,
     nmi_ari_from_contingency,
     soft_centroids,
+    to_bbox_frame,
 )
 from .masks import PartMaskMeter, concepts_at_pixels, mask_contingency, purity_coverage_from_contingency
 from .parts import (
+    PROTOCOLS,
     PartMeter,
     add_protocol_noise,
     consistency_from_counts,
     consistency_score,
+    check_protocol,
     keypoint_hits,
     part_counts,
+    part_frame_keypoints,
     stability_from_counts,
     stability_score,
 )
@@ -39,6 +45,12 @@ from .state import SumState
 
 __all__ = [
     "SumState",
+    "PROTOCOLS",
+    "check_protocol",
+    "part_frame_keypoints",
+    "discovery_input",
+    "to_bbox_frame",
+    "bbox_centroid_features",
     "topk_correct",
     "AccuracyMeter",
     "keypoint_hits",

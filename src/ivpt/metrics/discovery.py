@@ -10,6 +10,9 @@ Conventions
 * Keypoint regression works in the bbox-normalised frame: (x, y) ∈ [0, 1] over the bbox crop's width and
   height, for the landmarks and for the centroids alike (when the model input is the bbox crop, this is
   the map's own [0, 1] frame returned by :func:`soft_centroids`). Errors are reported in these units × 100.
+* ``protocol`` (``eval.protocol``): ``corrected`` (ours) or ``reference`` (the authors' evaluation code) where
+  the two differ — the input images (:func:`discovery_input`), the centroid grid (:func:`soft_centroids`) and
+  the box normalisation (:func:`to_bbox_frame`); docs/deviations.md lists them.
 """
 from __future__ import annotations
 
@@ -21,9 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .parts import check_protocol
 from .state import SumState
 
 __all__ = [
+    "discovery_input",
+    "to_bbox_frame",
+    "bbox_centroid_features",
     "nmi_ari_from_contingency",
     "nmi_ari",
     "contingency_table",
@@ -166,22 +173,62 @@ class ContingencyMeter(SumState):
         return {"nmi": 100.0 * nmi, "ari": 100.0 * ari}
 
 
+def discovery_input(images: Tensor, mean, std, protocol: str = "corrected") -> Tensor:
+    """What the part-discovery passes (NMI/ARI, keypoint regression, foreground IoU) feed the model.
+
+    images (B, 3, H, W) normalised with ``mean``/``std`` → ``corrected``: the same tensor (the model's input
+    distribution); ``reference``: un-normalised back to [0, 1] (the authors' part-discovery loaders apply
+    ``ToTensor`` without ``Normalize``, a bug reproduced here only to match their numbers).
+    """
+    check_protocol(protocol)
+    if protocol == "corrected":
+        return images
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images * s + m
+
+
+def to_bbox_frame(points: Tensor, bbox: Tensor, image_size: tuple[int, int], *,
+                  protocol: str = "corrected") -> Tensor:
+    """(B, P, 2) pixel coordinates of an H×W image → the bbox-normalised frame ((x - x0)/w, (y - y0)/h).
+
+    bbox (B, 4): x0, y0, x1, y1 box edges in the image's pixels, NOT clipped to the image (the centre crop may
+    cut it; build the eval transform with ``clip_box=False``); the image spans [-0.5, W - 0.5] × [-0.5, H - 0.5].
+    ``corrected``: the box is clipped to the image first (origin and size both from the visible part).
+    ``reference``: only the origin is clipped; the size stays the full box's (the authors' centre crop clamps
+    the box's corner and keeps its width and height), so a box cut by the crop maps to less than [0, 1].
+    """
+    check_protocol(protocol)
+    height, width = image_size
+    low = torch.tensor([-0.5, -0.5], dtype=bbox.dtype, device=bbox.device)
+    high = torch.tensor([width - 0.5, height - 0.5], dtype=bbox.dtype, device=bbox.device)
+    corner, far = bbox[:, None, :2], bbox[:, None, 2:]
+    origin = torch.maximum(torch.minimum(corner, high), low)
+    if protocol == "corrected":
+        corner, far = origin, torch.maximum(torch.minimum(far, high), low)
+    return (points - origin) / (far - corner).clamp(min=1e-6)
+
+
 # ------------------------------------------------------------------------------------ keypoint regression
 
-def soft_centroids(maps: Tensor, *, active_threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+def soft_centroids(maps: Tensor, *, active_threshold: float = 0.5,
+                   protocol: str = "corrected") -> tuple[Tensor, Tensor]:
     """Mass centroid of each foreground concept and whether it is active.
 
-    maps (B, K, h, w), background last → centroids (B, K-1, 2) as (x, y) in [0, 1] of the map frame, pixel
-    centres at ((j + 0.5)/w, (i + 0.5)/h); active (B, K-1) bool = map max > ``active_threshold``.
+    maps (B, K, h, w), background last → centroids (B, K-1, 2) as (x, y) in [0, 1] of the map frame, cell j at
+    (j + 0.5)/w — its centre — under ``corrected``, at j/w — its corner, as the authors' code places it — under
+    ``reference`` (rows likewise); active (B, K-1) bool = map max > ``active_threshold``.
 
     Inactive concepts KEEP their centroid here: the protocol sets them to 0 after standardisation (i.e. to the
     training mean), which the regressor does from ``active``; zeroing raw coordinates first would bias its
     mean/std. A map with zero mass gets centroid (0, 0) (it is inactive anyway).
     """
+    check_protocol(protocol)
     fg = maps[:, :-1].float()
     h, w = fg.shape[-2:]
-    xs = (torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5) / w
-    ys = (torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5) / h
+    offset = 0.5 if protocol == "corrected" else 0.0
+    xs = (torch.arange(w, device=fg.device, dtype=torch.float32) + offset) / w
+    ys = (torch.arange(h, device=fg.device, dtype=torch.float32) + offset) / h
     mass = fg.sum(dim=(2, 3))
     cx = (fg.sum(dim=2) * xs).sum(dim=2) / mass.clamp(min=1e-12)
     cy = (fg.sum(dim=3) * ys).sum(dim=2) / mass.clamp(min=1e-12)
@@ -194,6 +241,17 @@ def centroid_features(centroids: Tensor, active: Tensor) -> tuple[Tensor, Tensor
     """Regression inputs from :func:`soft_centroids`: X (B, 2(K-1)) = (x_1, y_1, x_2, y_2, ...) and the
     matching (B, 2(K-1)) bool activity mask."""
     return centroids.flatten(1), active.unsqueeze(-1).expand_as(centroids).flatten(1)
+
+
+def bbox_centroid_features(maps: Tensor, bbox: Tensor, image_size: tuple[int, int], *,
+                           active_threshold: float = 0.5, protocol: str = "corrected") -> tuple[Tensor, Tensor]:
+    """Regression inputs in the bbox-normalised frame: maps (B, K, h, w) of an image of ``image_size`` (H, W),
+    bbox (B, 4) unclipped box edges → :func:`centroid_features` of the :func:`soft_centroids` moved to pixels
+    (centroid · (W, H)) and through :func:`to_bbox_frame`, both under ``protocol``."""
+    cent, active = soft_centroids(maps, active_threshold=active_threshold, protocol=protocol)
+    scale = torch.tensor([image_size[1], image_size[0]], dtype=cent.dtype, device=cent.device)
+    framed = to_bbox_frame(cent * scale, bbox.to(cent.device, cent.dtype), image_size, protocol=protocol)
+    return centroid_features(framed, active)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Geometry lives in a ``frame``×``frame`` pixel frame (224 in the protocol) laid over the bounding-box crop that
 the model sees. Keypoints are (x, y) = (column, row) in that frame's pixel units, compared as given with the
-integer pixel indices of the map's argmax; the reference truncates keypoints to integers
-(``int(frame * offset / bbox_size)``), so pass ``floor``-ed coordinates to reproduce it exactly.
+integer pixel indices of the map's argmax. :func:`part_frame_keypoints` puts them there under either protocol
+(``eval.protocol``): ``corrected`` floors the crop's pixel-centre coordinates and drops keypoints outside the box;
+``reference`` computes ``int(frame * (int(x) - x1) / w)`` from the full-image annotation as the authors' code does
+and keeps every visible keypoint (docs/deviations.md).
 
 The unit of both scores is the pair (class, prototype), over the classes that occur in the evaluated data.
 Both scores only need, per class, the number of images, how often each keypoint is visible, how often each
@@ -16,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import EVAL_PROTOCOLS
 from .state import SumState
 
 __all__ = [
+    "PROTOCOLS",
+    "check_protocol",
+    "part_frame_keypoints",
     "keypoint_hits",
     "add_protocol_noise",
     "part_counts",
@@ -28,6 +34,43 @@ __all__ = [
     "stability_score",
     "PartMeter",
 ]
+
+
+PROTOCOLS = EVAL_PROTOCOLS  # the values of eval.protocol
+
+
+def check_protocol(protocol: str) -> None:
+    """Raise ValueError unless ``protocol`` is one of :data:`PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} must be one of {', '.join(PROTOCOLS)}")
+
+
+def part_frame_keypoints(crop_keypoints: Tensor, crop_visible: Tensor, crop_size: int, *, keypoints: Tensor,
+                         visible: Tensor, boxes: Tensor, frame: int = 224,
+                         protocol: str = "corrected") -> tuple[Tensor, Tensor]:
+    """Keypoints in the frame×frame part frame over the box crop, and which of them count, for :func:`keypoint_hits`.
+
+    crop_keypoints (B, P, 2), crop_visible (B, P): the item's keypoints in the crop_size×crop_size model input
+    made from the box crop (keypoints outside the box already invisible); keypoints (B, P, 2), visible (B, P),
+    boxes (B, 4): the same images' full-image annotation (pixel centres; box edges x0, y0, x1, y1, so a CUB box
+    ``x y w h`` is x0 = x - 0.5, x1 = x + w - 0.5) → (keypoints (B, P, 2) float, visible (B, P) bool).
+
+    ``corrected``: floor(crop_keypoints · frame / crop_size); a keypoint outside the box is invisible, so it
+    leaves both the numerator and the denominator of consistency.
+    ``reference`` (the authors' code): x' = int(frame · (int(x) - int(bx)) / int(bw)), where bx, bw are the CUB
+    box's x and width (Python ``int``: truncation toward zero), same for y; EVERY annotated-visible keypoint
+    counts, so one outside the box lands outside the frame and is a miss that still counts in the denominator
+    (truncation toward zero puts a keypoint less than bw/frame pixels left of or above the box on the frame's
+    edge 0, where it can still be hit; one exactly on the far edge maps to ``frame``, which the box test includes).
+    """
+    check_protocol(protocol)
+    if protocol == "corrected":
+        return (crop_keypoints.float() * frame / crop_size).floor(), crop_visible.bool()
+    kp, box = keypoints.double(), boxes.double()
+    origin = (box[:, :2] + 0.5).trunc().unsqueeze(1)  # (B, 1, 2) the CUB box's x, y as int()
+    size = (box[:, 2:] - box[:, :2]).trunc().unsqueeze(1)  # (B, 1, 2) its width and height as int()
+    ratio = (kp.trunc() - origin) / size
+    return (frame * ratio).trunc(), visible.bool()
 
 
 def keypoint_hits(maps: Tensor, keypoints: Tensor, visible: Tensor, *, frame: int = 224,
