@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
 
     from ivpt.config import ModelConfig
-    from ivpt.model import IVPT
+    from ivpt.models import IVPT
 
     torch.manual_seed(0)
     model = IVPT(ModelConfig(backbone=args.backbone, img_size=args.img_size, weights="random")).eval()

@@ -60,7 +60,7 @@ def main() -> None:
     from ivpt.data import CubDataset, build_train_transform
     from ivpt.data.synth import make_partworld
     from ivpt.engine.trainer import compute_loss
-    from ivpt.model import create_model
+    from ivpt.models import create_model
 
     root = Path(tempfile.mkdtemp()) / "pw"
     make_partworld(root, classes=4, per_class=args.batch // 2, size=args.img_size, seed=0, test_fraction=0.5)

@@ -24,8 +24,8 @@ def main() -> None:
 
     from ivpt.checkpoint import load_pretrained
     from ivpt.runs import run_config
-    from ivpt.evaluation import evaluate
-    from ivpt.model import create_model
+    from ivpt.eval import evaluate
+    from ivpt.models import create_model
 
     cfg, meta = run_config(args.run / "best", [])
     metrics = [m for m in args.metrics.split(",") if m]

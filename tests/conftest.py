@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ivpt.config import ModelConfig  # noqa: E402
-from ivpt.model import IVPT  # noqa: E402
+from ivpt.models import IVPT  # noqa: E402
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2, init_values=1.0)  # LayerScale 1: blocks that matter
 

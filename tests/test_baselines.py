@@ -3,11 +3,10 @@ import pytest
 import timm
 import torch
 
-from ivpt.baselines import VPT, LastLayerParts, LinearProbe, build_baseline
 from ivpt.config import Config, ConfigError, LossConfig
 from ivpt.engine.trainer import compute_loss
 from ivpt.losses import ivpt_losses
-from ivpt.model import IVPT, create_model
+from ivpt.models import IVPT, VPT, LastLayerParts, LinearProbe, create_model, model_class
 
 from .conftest import TINY, tiny_cfg, tiny_model
 
@@ -204,10 +203,10 @@ def test_trainer_loss_path(kind):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_build_baseline_refuses_ivpt_and_classes():
+def test_registry_builds_each_kind():
     assert isinstance(build("linear"), LinearProbe)
     assert isinstance(build("vpt_deep"), VPT) and build("vpt_deep").deep
     assert not build("vpt_shallow").deep
-    assert not isinstance(build("last_layer_parts"), IVPT)
-    with pytest.raises(ConfigError, match="not a baseline"):
-        build_baseline(tiny_cfg(), None)
+    assert not isinstance(build("last_layer_parts"), IVPT) and isinstance(build("last_layer_parts"), LastLayerParts)
+    with pytest.raises(ConfigError, match="unknown"):
+        model_class("vpt_medium")

@@ -480,7 +480,7 @@ def test_bundled_configs_per_dataset(fmt, classes):
 
 def test_unsupported_metrics_name_their_reason():
     from ivpt.config import Config
-    from ivpt.evaluation import ALL_METRICS, unsupported_metrics
+    from ivpt.eval import ALL_METRICS, unsupported_metrics
 
     def cfg(fmt, kind="ivpt"):
         return Config.from_dict({"model": {"kind": kind}, "data": {"format": fmt}})

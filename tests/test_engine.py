@@ -177,7 +177,7 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(worl
 def test_new_parameters_do_not_depend_on_what_weight_resolution_drew(monkeypatch):
     import ivpt.weights as W
     from ivpt.checkpoint import adapter_state
-    from ivpt.model import create_model
+    from ivpt.models import create_model
 
     cfg = tiny_config("unused").model
     plain = adapter_state(create_model(cfg, seed=5))
@@ -346,8 +346,8 @@ def test_baselines_train_and_evaluate(world, tmp_path, kind):
     import csv
 
     from ivpt.checkpoint import load_pretrained
-    from ivpt.evaluation import evaluate
-    from ivpt.model import create_model
+    from ivpt.eval import evaluate
+    from ivpt.models import create_model
 
     cfg = tiny_config(world, model=dict(kind=kind, num_prompts=2), optim=dict(epochs=1), train=dict(max_steps=2))
     metrics = train(cfg, tmp_path / kind, progress=False)

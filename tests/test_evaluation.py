@@ -14,7 +14,8 @@ from ivpt.cli import main
 from ivpt.config import Config, ConfigError
 from ivpt.data import CubDataset, build_eval_transform
 from ivpt.data.synth import make_partworld
-from ivpt.evaluation import evaluate, resolve_stage
+from ivpt.config import EvalConfig
+from ivpt.eval import evaluate
 
 from .conftest import TINY, tiny_model
 
@@ -48,7 +49,10 @@ def _cfg(root, **eval_values) -> Config:
     })
 
 
-def test_resolve_stage():
+def test_stage_index():
+    def resolve_stage(spec, n):
+        return EvalConfig(stage=spec).stage_index(n)
+
     assert resolve_stage("auto", 5) == 2  # the stage with n_pro[-3] prototypes
     assert resolve_stage("auto", 2) == 1
     assert resolve_stage("final", 5) == 4
@@ -57,6 +61,8 @@ def test_resolve_stage():
         resolve_stage("7", 4)
     with pytest.raises(ConfigError):
         resolve_stage("middle", 4)
+    with pytest.raises(ConfigError, match="out of range for 3 stages"):  # checked against model.n_pro up front
+        Config.from_dict({"model": {"n_pro": [5, 4, 3]}, "eval": {"stage": "5"}})
 
 
 def test_evaluate_all_metrics_and_brute_force_accuracy(world, checkpoint):

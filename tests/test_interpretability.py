@@ -9,8 +9,8 @@ from ivpt.checkpoint import load_pretrained
 from ivpt.demo import DemoPreset, demo_config
 from ivpt.data.synth import make_partworld
 from ivpt.engine import train
-from ivpt.evaluation import evaluate
-from ivpt.model import create_model
+from ivpt.eval import evaluate
+from ivpt.models import create_model
 
 
 @pytest.mark.slow

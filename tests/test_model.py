@@ -18,7 +18,7 @@ from ivpt.losses import (
     tv_loss,
     warp,
 )
-from ivpt.model import IVPT, create_model
+from ivpt.models import IVPT, create_model
 
 from .conftest import TINY, tiny_cfg, tiny_model
 

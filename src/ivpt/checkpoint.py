@@ -32,7 +32,6 @@ __all__ = [
     "load_adapter_state",
     "save_pretrained",
     "load_pretrained",
-    "PretrainedMixin",
 ]
 
 CONFIG_NAME = "config.json"
@@ -184,24 +183,3 @@ def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | Non
         check_backbone(model, meta.get("backbone"), directory, allow_mismatch=allow_backbone_mismatch)
     load_adapter_state(model, load_file(str(path)), path)
     return model
-
-
-class PretrainedMixin:
-    """``save_pretrained(dir)`` and ``Model.from_pretrained(dir)`` for models holding ``self.cfg``."""
-
-    cfg: ModelConfig
-
-    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:
-        return save_pretrained(self, directory, extra=extra)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu",
-                        allow_backbone_mismatch: bool = False):
-        """Rebuild the model saved in ``directory``; ``weights`` overrides where the frozen backbone comes from.
-        Backbone weights other than those it was trained on are refused unless ``allow_backbone_mismatch``."""
-        from .model import create_model
-
-        cfg, meta = read_pretrained_config(directory)
-        model = create_model(cfg, weights=weights)
-        load_pretrained(model, directory, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
-        return model.to(map_location)

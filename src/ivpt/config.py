@@ -161,7 +161,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 2.0  # global L2 norm; <= 0 disables
     epochs: int = 25
-    batch_size: int = 16  # global batch (split over processes under torchrun)
+    batch_size: int = 16  # images per optimiser step over all processes (split over them under torchrun)
     grad_accum: int = 1
     step_epochs: int = 4
     gamma: float = 0.5
@@ -231,10 +231,8 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps between log.csv rows
     ckpt_every_steps: int = 0  # 0: only at the end of each epoch
     tensorboard: bool = False
-    wandb: bool = False
     deterministic: bool = False
     max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke runs
-    frozen_prefix_no_grad: bool = True  # run blocks before the first prompted stage without autograd when possible
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -260,7 +258,7 @@ class EvalConfig:
     noise_std: float = 0.2
     noise_clip: float = 0.25
     active_threshold: float = 0.5
-    batch_size: int = 32
+    batch_size: int = 32  # images per forward pass over all processes, like optim.batch_size
     # Precision of every evaluation pass (validation too). The reference evaluates in fp32; bf16 features shift
     # the argmax locations that consistency and stability score.
     amp: str = "none"
@@ -272,9 +270,27 @@ class EvalConfig:
             raise ConfigError("eval.half_size must be >= 1 and eval.part_frame >= 2")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"eval.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size} must be at least 1")
         if self.protocol not in EVAL_PROTOCOLS:
             raise ConfigError(f"eval.protocol={self.protocol!r} must be 'corrected' (ours) or 'reference' (the "
                               "authors' evaluation code); see docs/deviations.md")
+
+    def stage_index(self, num_stages: int) -> int:
+        """The evaluated stage from ``eval.stage``: 'auto' → the stage with n_pro[-3] prototypes (the paper's choice;
+        the final stage when there are fewer than 3), 'final' → the last, or an index (negative from the end)."""
+        spec = str(self.stage)
+        if spec == "auto":
+            return num_stages - 3 if num_stages >= 3 else num_stages - 1
+        if spec == "final":
+            return num_stages - 1
+        try:
+            index = int(spec)
+        except ValueError:
+            raise ConfigError(f"eval.stage={spec!r} must be 'auto', 'final' or a stage index") from None
+        if not -num_stages <= index < num_stages:
+            raise ConfigError(f"eval.stage={spec} is out of range for {num_stages} stages (model.n_pro)")
+        return index % num_stages
 
 
 SECTIONS = {
@@ -289,7 +305,7 @@ SECTIONS = {
 
 @dataclass
 class Config:
-    """The whole run. Cross-section checks live here."""
+    """The whole run: one section per concern, plus the checks that involve two sections."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -297,6 +313,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        o = self.optim
+        if o.batch_size % o.grad_accum:
+            raise ConfigError(f"optim.batch_size={o.batch_size} must split evenly into optim.grad_accum={o.grad_accum} "
+                              "micro-batches")
+        self.eval.stage_index(len(self.model.n_pro))  # an eval.stage that names no stage of model.n_pro
+        if self.train.max_steps and self.train.ckpt_every_steps > self.train.max_steps:
+            raise ConfigError(f"train.ckpt_every_steps={self.train.ckpt_every_steps} exceeds train.max_steps="
+                              f"{self.train.max_steps}: no periodic checkpoint would be written")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -72,7 +72,7 @@ def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: 
     from .data.synth import make_partworld
     from .engine import load_run_config, train
     from .engine.trainer import config_changes
-    from .evaluation import evaluate_checkpoint, format_table
+    from .eval import evaluate_checkpoint, format_table
     from .explain.report import report_checkpoint
 
     out = Path(out)

@@ -39,7 +39,7 @@ def load_run(checkpoint: str | Path, *, weights: str | None = None, device: str 
     trained on are refused unless ``allow_backbone_mismatch``.
     """
     from .checkpoint import load_pretrained
-    from .model import create_model
+    from .models import create_model
     from .runtime import resolve_device
 
     cfg, meta = run_config(checkpoint, overrides)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import EVAL_PROTOCOLS
-    from ..evaluation import ALL_METRICS
+    from ..eval import ALL_METRICS
 
     parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
     parser.add_argument("--data", help="dataset root (default: data.root of the run that wrote the checkpoint)")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import runtime as R
     from ..checkpoint import atomic_write_text
     from ..config import ConfigError
-    from ..evaluation import evaluate_checkpoint, format_table
+    from ..eval import evaluate_checkpoint, format_table
     from ..runs import run_config
 
     checkpoint = Path(args.checkpoint)

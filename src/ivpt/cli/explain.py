@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..explain import Explanation, explain
     from ..explain.images import load_images
     from ..explain.report import write_explained_images
+    from ..models import IVPT
     from ..runs import class_names_of, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model, cfg, meta = load_run(args.checkpoint, weights=args.weights, device=args.device,
                                 allow_backbone_mismatch=args.allow_backbone_mismatch)
-    if cfg.model.kind != "ivpt":
+    if not isinstance(model, IVPT):
         raise ConfigError(f"{args.checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt")
     size = args.img_size or cfg.model.img_size
     # A run's data.resize belongs to its img_size; another size resizes the shorter side to itself.

@@ -1,4 +1,4 @@
-"""Training and evaluation loops (one code path with or without torchrun)."""
+"""The training loop (one code path on CPU, one GPU or torchrun) and its data order."""
 from .trainer import Trainer, TrainingError, load_run_config, train
 
 __all__ = ["train", "Trainer", "load_run_config", "TrainingError"]

@@ -2,7 +2,8 @@
 
 That makes three things exact rather than approximate: resuming mid-epoch (skip the batches already seen, no
 data touched), the same global batch under any number of processes (rank r takes the r-th slice of every global
-batch), and augmentation that does not depend on how many workers load the data.
+batch), and augmentation that does not depend on how many workers load the data. (Evaluation order:
+:class:`ivpt.eval.runner.ShardSampler`.)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["GlobalBatchSampler", "SeededDataset", "ShardSampler"]
+__all__ = ["GlobalBatchSampler", "SeededDataset"]
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -50,19 +51,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for i in range(self.start, self.num_batches):
             lo = i * self.global_batch + self.rank * per_rank
             yield perm[lo : lo + per_rank]
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation order: rank r takes indices r, r+W, r+2W, ... — every item exactly once over all ranks."""
-
-    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, n, world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
 
 
 class SeededDataset(Dataset):

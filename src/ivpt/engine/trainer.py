@@ -42,8 +42,8 @@ from ..checkpoint import (
 )
 from ..config import LOSS_TERMS, Config, EvalConfig
 from ..losses import ivpt_losses, random_affine, warp
-from ..model import create_model
-from .evaluate import evaluate_accuracy
+from ..models import create_model
+from ..eval import evaluate_accuracy
 from .ordering import GlobalBatchSampler, SeededDataset
 
 __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "RESUMABLE_CHANGES"]
@@ -142,7 +142,8 @@ class Trainer:
         if self.info.is_main:
             _save_config(cfg, self.out)
 
-        unused = cfg.model.kind != "ivpt" or any(w == 0 for w in cfg.loss.weights().values())
+        # Every IVPT parameter receives a gradient when all loss terms are on; baselines leave some unused.
+        unused = not self.model.maps_only_view or any(w == 0 for w in cfg.loss.weights().values())
         self.net: nn.Module = self.model
         if self.info.distributed:
             self.net = nn.parallel.DistributedDataParallel(
@@ -363,14 +364,15 @@ class Trainer:
 def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
                  eq_gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss."""
+    model = getattr(net, "module", net)  # under DDP, the wrapped model
     b = x.shape[0]
     theta = None
-    if cfg.model.kind in ("ivpt", "last_layer_parts") and cfg.loss.equivariance > 0:
+    if model.has_concept_maps and cfg.loss.equivariance > 0:
         theta = random_affine(b, rotation_deg=cfg.loss.eq_rotation_deg, translate=cfg.loss.eq_translate,
                               scale=tuple(cfg.loss.eq_scale), device=x.device, generator=eq_gen)
         x = torch.cat([x, warp(x, theta)])
     # IVPT needs only the concept maps of the warped view, so its backbone pass there skips autograd.
-    kwargs = {"maps_only_from": b} if theta is not None and cfg.model.kind == "ivpt" else {}
+    kwargs = {"maps_only_from": b} if theta is not None and model.maps_only_view else {}
     with R.autocast(x.device, cfg.optim.amp):
         out = net(x, **kwargs)
     warped = None

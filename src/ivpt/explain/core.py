@@ -188,7 +188,7 @@ def explain(
     """Explain a batch of images with one forward pass (eval mode, no gradient).
 
     Args:
-        model: an :class:`ivpt.model.IVPT`.
+        model: an :class:`ivpt.models.IVPT`.
         images: (B, 3, H, W) inputs normalised with ``mean``/``std``; any size the model accepts.
         class_names: C names shown in figures.
         topk: how many classes the prediction keeps.
@@ -245,7 +245,7 @@ class HierarchyAccumulator:
         self.num_images = 0
 
     def update(self, out: Any) -> None:
-        """Add one batch's :class:`ivpt.model.IVPTOutput`."""
+        """Add one batch's :class:`ivpt.models.IVPTOutput`."""
         present = [(c[:, :-1] > 0).double() for c in out.region_counts[: len(out.assignments)]]  # (B, P_i)
         sums = [(q.double() * p[..., None]).sum(0).cpu() for q, p in zip(out.assignments, present)]
         counts = [p.sum(0).cpu() for p in present]

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, LossConfig, ModelConfig
+from ..config import Config, LossConfig, ModelConfig
 
 __all__ = ["BenchOptions", "Entry", "Group", "render_markdown", "run_bench"]
 
@@ -144,7 +144,7 @@ class _Runner:
     """A built model with its inputs: ``forward()`` and ``train_step()`` do one measured unit of work."""
 
     def __init__(self, opts: BenchOptions, group: Group, entry: Entry, device: torch.device) -> None:
-        from .model import build_backbone, create_model
+        from ..models import build_backbone, create_model
 
         self.entry, self.device = entry, device
         self.cfg = _config(opts, group, entry)
@@ -175,7 +175,7 @@ class _Runner:
 
     def train_step(self) -> None:
         """One optimiser step as the trainer takes it (forward via the trainer's ``compute_loss``)."""
-        from .engine.trainer import compute_loss
+        from ..engine.trainer import compute_loss
 
         self.model.train()
         total, _ = compute_loss(self.model, self.x, self.y, self.cfg, self.eq_gen)
@@ -537,7 +537,3 @@ def render_markdown(report: dict) -> str:
             )
     lines += ["", f"Elapsed: {report['elapsed_s']:.0f} s.", ""]
     return "\n".join(lines)
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "probe":
-    _probe_main(sys.argv[2])

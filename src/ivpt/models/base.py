@@ -1,0 +1,199 @@
+"""What every model kind shares: the output type, a frozen timm ViT base class with its token parameters,
+optimiser groups and ``save_pretrained`` / ``from_pretrained``, and the part-pooled classification head of the
+concept models (IVPT and the last-layer ablation).
+
+Shapes: B batch, D width, T = R prefix tokens + L patch tokens, H×W patch grid, C classes, N+1 parts.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, load_pretrained, read_pretrained_config, save_pretrained
+from ..config import ConfigError, ModelConfig
+from .backbone import build_backbone
+from .prototypes import ConceptStage, region_pool
+
+__all__ = ["IVPTOutput", "FrozenViT", "ConceptModel", "checked_groups"]
+
+
+@dataclass
+class IVPTOutput:
+    """Everything one forward pass produces. m = prompted stages, N = coarse concepts, n_i = n_pro[i].
+
+    logits: (B, C) part-averaged class scores.
+    part_logits: (B, N, C) score of each foreground part.
+    maps: m+1 tensors (B, n_i, H, W): the recomputed maps S̃_i (sum to 1 over channels; background last). The
+        last one is the final (coarse) stage. Empty for models without concept maps.
+    grouped_maps: m tensors (B, N+1, H, W): fine maps grouped through the assignments, M_i.
+    assignments: m tensors (B, n_i-1, N): fine→coarse assignment Q_i of every foreground concept.
+    region_counts: m+1 tensors (B, n_i): pixels won by each concept (argmax).
+    modulated: (B, D, N+1) modulated part features (foreground parts, then background); None without parts.
+    tokens: (B, T, D) final-normed output tokens of the last block (prefix tokens first, prompts excluded).
+    """
+
+    logits: Tensor
+    part_logits: Tensor
+    maps: list[Tensor]
+    grouped_maps: list[Tensor]
+    assignments: list[Tensor]
+    region_counts: list[Tensor]
+    modulated: Tensor | None
+    tokens: Tensor
+
+
+def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter], float]]) -> list[dict]:
+    """Turn (name, params, lr) into optimiser groups, refusing a trainable parameter in no group or in two."""
+    seen: dict[int, str] = {}
+    out = []
+    for name, params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if id(p) in seen:
+                raise RuntimeError(f"parameter in two optimiser groups: {seen[id(p)]} and {name}")
+            seen[id(p)] = name
+        if params:
+            out.append({"name": name, "params": params, "lr": lr})
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"trainable parameters in no optimiser group: {missing}")
+    return out
+
+
+class FrozenViT(nn.Module):
+    """A frozen timm VisionTransformer plus whatever a subclass trains on top of it.
+
+    Subclasses set ``kind`` (their ``model.kind``), build their parameters in ``__init__`` and call
+    :meth:`set_trainable`; they implement ``forward(x) -> IVPTOutput`` and ``param_groups``.
+
+    Args:
+        cfg: the model section of the config.
+        backbone: a timm VisionTransformer without head; built from ``cfg`` when None.
+    """
+
+    kind: ClassVar[str] = ""
+    has_concept_maps: ClassVar[bool] = False  # forward returns concept maps (interpretability metrics apply)
+    maps_only_view: ClassVar[bool] = False  # forward(x, maps_only_from=k) computes only maps for images k..
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg) if backbone is None else backbone
+        for attr in ("patch_embed", "blocks", "norm", "_pos_embed"):
+            if not hasattr(self.backbone, attr):
+                raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer (no {attr})")
+        self.dim = self.backbone.embed_dim
+        self.num_prefix = self.backbone.num_prefix_tokens
+        self.patch_size = tuple(self.backbone.patch_embed.patch_size)
+        self.grid = (cfg.img_size // self.patch_size[0], cfg.img_size // self.patch_size[1])
+
+    # ----------------------------------------------------------------------------------------------- parameters
+    @property
+    def tokens_trainable(self) -> bool:
+        """Whether pos_embed / cls_token / reg_token train (``model.train_tokens`` unless a subclass says no)."""
+        return self.cfg.train_tokens
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        """pos_embed, cls_token and reg_token of the backbone (those it has)."""
+        bb = self.backbone
+        return [p for p in (getattr(bb, n, None) for n in ("pos_embed", "cls_token", "reg_token")) if p is not None]
+
+    def set_trainable(self) -> None:
+        """Freeze the backbone except (per :attr:`tokens_trainable`) its embedding tokens; the rest trains."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for p in self.token_parameters():
+            p.requires_grad_(self.tokens_trainable)
+
+    def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
+        """Optimiser groups (dicts with ``name``, ``params``, ``lr``); every trainable parameter in exactly one."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def frozen_context(self):
+        """No autograd for the embedding when nothing in it trains: saves the activations of the frozen path."""
+        return contextlib.nullcontext() if self.tokens_trainable else torch.no_grad()
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images (B, 3, H·p, W·p) → tokens (B, T, D) exactly as timm's forward_features begins, and the grid."""
+        bb = self.backbone
+        grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        tokens = bb.patch_embed(x)
+        tokens = bb._pos_embed(tokens)
+        tokens = bb.patch_drop(tokens)
+        tokens = bb.norm_pre(tokens)
+        return tokens, grid
+
+    def stage_features(self, tokens: Tensor) -> Tensor:
+        """Detached, final-normed patch tokens (B, L, D) that concept stages look at."""
+        return self.backbone.norm(tokens.detach())[:, self.num_prefix :]
+
+    # ------------------------------------------------------------------------------------------ save and load
+    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:
+        """``config.json`` + ``model.safetensors`` (trained parameters only), see :mod:`ivpt.checkpoint`."""
+        return save_pretrained(self, directory, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu",
+                        allow_backbone_mismatch: bool = False):
+        """Rebuild the model saved in ``directory``; ``weights`` overrides where the frozen backbone comes from.
+        Backbone weights other than those it was trained on are refused unless ``allow_backbone_mismatch``."""
+        cfg, meta = read_pretrained_config(directory)
+        if cfg.kind != cls.kind:
+            raise CheckpointError(f"{directory} holds a model.kind={cfg.kind!r} model, not {cls.kind!r}; load it "
+                                  "with ivpt.runs.load_run (any kind)")
+        model = cls(cfg, build_backbone(cfg, weights=weights))
+        load_pretrained(model, directory, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
+        return model.to(map_location)
+
+
+class ConceptModel(FrozenViT):
+    """A frozen ViT with concept stages (``stages``) and the part-pooled classification head (SPEC §2 step 5):
+    the final map pools the last tokens into N+1 part features, one LayerNorm with a (D, N+1) affine
+    ("modulation") normalises them, and a bias-free Linear(D, C) shared by the parts scores each foreground part.
+    """
+
+    has_concept_maps = True
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__(cfg, backbone)
+        self.stages = nn.ModuleList()
+
+    def build_head(self, num_parts: int) -> None:
+        """``modulation`` over (D, ``num_parts``) and the shared part ``classifier`` (trunc-normal std 0.02)."""
+        self.modulation = nn.LayerNorm([self.dim, num_parts])
+        self.classifier = nn.Linear(self.dim, self.cfg.num_classes, bias=False)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+
+    def new_stage(self, n: int, *, num_coarse: int | None = None) -> ConceptStage:
+        return ConceptStage(n, self.dim, self.grid, num_coarse=num_coarse, init_std=self.cfg.prototype_init_std)
+
+    def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
+        """Groups from explicit module membership: classifier, modulation, prompt projections and assigners at the
+        head rate; prototypes, spatial biases and (per ``train_tokens``) backbone tokens at the concept rate."""
+        prompted = [s for s in self.stages if s.assigner is not None]
+        head_lr, concept_lr = base_lr * head_mult, base_lr * concept_mult
+        groups = [
+            ("classifier", list(self.classifier.parameters()), head_lr),
+            ("modulation", list(self.modulation.parameters()), head_lr),
+            ("prompt_proj", [p for s in prompted for p in s.prompt_proj.parameters()], head_lr),
+            ("assigners", [p for s in prompted for p in s.assigner.parameters()], head_lr),
+            ("prototypes", [s.prototypes for s in self.stages], concept_lr),
+            ("spatial_bias", [s.spatial_bias for s in self.stages], concept_lr),
+            ("tokens", self.token_parameters() if self.tokens_trainable else [], concept_lr),
+        ]
+        return checked_groups(self, groups)
+
+    def classify(self, tokens: Tensor, final_map: Tensor):
+        """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT
+        detached: (logits (B, C), part_logits (B, N, C), modulated (B, D, N+1), counts (B, N+1), normed tokens)."""
+        normed = self.backbone.norm(tokens)
+        parts, counts = region_pool(final_map.flatten(2), normed[:, self.num_prefix :])  # (B, N+1, D)
+        modulated = self.modulation(parts.transpose(1, 2).to(self.modulation.weight.dtype))  # (B, D, N+1)
+        part_logits = self.classifier(modulated[:, :, :-1].transpose(1, 2))  # (B, N, C)
+        return part_logits.mean(dim=1), part_logits, modulated, counts, normed
