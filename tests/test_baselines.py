@@ -6,11 +6,11 @@ import torch
 from ivpt.config import Config, ConfigError, LossConfig
 from ivpt.engine.trainer import compute_loss
 from ivpt.losses import ivpt_losses
-from ivpt.models import IVPT, VPT, LastLayerParts, LinearProbe, create_model, model_class
+from ivpt.models import IVPT, VPT, LastLayerParts, LinearProbe, VPTDeepProto, create_model, model_class
 
 from .conftest import TINY, tiny_cfg, tiny_model
 
-KINDS = ["linear", "vpt_shallow", "vpt_deep", "last_layer_parts"]
+KINDS = ["linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto"]
 B, C, D, H, R = 2, 7, 32, 4, 5  # batch, classes, width, grid side, prefix tokens (cls + 4 registers)
 TOKENS = {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token"}
 
@@ -31,9 +31,9 @@ def test_builds_and_output_shapes(kind):
         out = model(torch.randn(B, 3, 56, 56))
     assert out.logits.shape == (B, C)
     assert out.tokens.shape == (B, R + H * H, D)  # prompts excluded
-    if kind == "last_layer_parts":
+    if kind in ("last_layer_parts", "vpt_deep_proto"):
         n = 3  # n_pro[-1] of tiny_cfg
-        assert isinstance(model, LastLayerParts)
+        assert isinstance(model, LastLayerParts if kind == "last_layer_parts" else VPTDeepProto)
         assert out.part_logits.shape == (B, n - 1, C)
         assert torch.allclose(out.part_logits.mean(1), out.logits)
         assert [tuple(s.shape) for s in out.maps] == [(B, n, H, H)]
@@ -43,8 +43,40 @@ def test_builds_and_output_shapes(kind):
         assert out.grouped_maps == [] and out.assignments == []
     else:
         assert torch.equal(out.part_logits, out.logits[:, None])
-        assert out.maps == out.grouped_maps == out.assignments == out.region_counts == []
+        assert out.grouped_maps == out.assignments == out.region_counts == []
         assert out.modulated is None
+        if kind == "linear":
+            assert out.maps == []
+        else:  # VPT: one attention part map in eval mode (P = 3 prompts + background), none in training
+            assert [tuple(m.shape) for m in out.maps] == [(B, 4, H, H)]
+            assert torch.allclose(out.maps[0].sum(1), torch.ones(B, H, H), atol=1e-6)
+            assert model.train()(torch.randn(B, 3, 56, 56)).maps == []
+
+
+def test_attention_part_maps_on_a_constructed_block():
+    """One head, identity q/k projections: query i (5·e_i) attends to itself and to patch i (5·e_i) alike and to
+    nothing else, so patch i belongs to prompt i and the two other patches to the background."""
+    import math
+
+    from timm.models.vision_transformer import Block
+
+    from ivpt.models.baselines import attention_part_maps
+
+    dim = 8
+    block = Block(dim, num_heads=1, qkv_bias=False)
+    block.norm1 = torch.nn.Identity()
+    with torch.no_grad():
+        block.attn.qkv.weight.copy_(torch.cat([torch.eye(dim)] * 3))
+    e = torch.eye(dim) * 5.0
+    tokens = torch.stack([torch.zeros(dim), e[0], e[1], e[0], e[1], e[2], e[3]])[None]  # prefix, 2 prompts, 4 patches
+    maps = attention_part_maps(block, tokens, slice(1, 3), slice(3, None), (2, 2))
+    assert maps.shape == (1, 3, 2, 2)
+    flat = maps.flatten(2)[0]  # (channels, patches)
+    assert flat.argmax(0).tolist() == [0, 1, 2, 2]
+    r = math.exp(-25.0 / math.sqrt(dim))  # attention to an orthogonal patch relative to the matching one
+    # patch 0: prompt 0 scores 1, prompt 1 scores r, background 1 - 1 = 0; patch 2: r, r and 1 - r.
+    torch.testing.assert_close(flat[:, 0].double(), torch.tensor([1, r, 0.0], dtype=torch.float64) / (1 + r))
+    torch.testing.assert_close(flat[:, 2].double(), torch.tensor([r, r, 1 - r], dtype=torch.float64) / (1 + r))
 
 
 @pytest.mark.parametrize("train_tokens", [True, False])
@@ -56,6 +88,8 @@ def test_exact_trainable_sets(train_tokens):
         "vpt_deep": {"prompts", "classifier.weight", "classifier.bias"} | tokens,
         "last_layer_parts": {"stages.0.prototypes", "stages.0.spatial_bias", "modulation.weight",
                              "modulation.bias", "classifier.weight"} | tokens,
+        "vpt_deep_proto": {"prompts", "stages.0.prototypes", "stages.0.spatial_bias", "modulation.weight",
+                           "modulation.bias", "classifier.weight"} | tokens,
     }
     for kind, names in expected.items():
         model = build(kind, train_tokens=train_tokens)
@@ -177,7 +211,7 @@ def test_ivpt_losses_terms(kind):
     model = build(kind).train()
     x, y = torch.randn(B, 3, 56, 56), torch.tensor([0, 6])
     total, terms = ivpt_losses(model(x), y, LossConfig())
-    if kind == "last_layer_parts":
+    if kind in ("last_layer_parts", "vpt_deep_proto"):
         assert set(terms) == {"classification", "orthogonality", "presence", "bg_presence", "tv", "entropy"}
     else:
         assert set(terms) == {"classification"}
@@ -193,7 +227,7 @@ def test_trainer_loss_path(kind):
     model = create_model(cfg.model).train()
     x, y = torch.randn(B, 3, 56, 56), torch.tensor([0, 6])
     total, terms = compute_loss(model, x, y, cfg, torch.Generator().manual_seed(0))
-    assert ("equivariance" in terms) == (kind == "last_layer_parts")
+    assert ("equivariance" in terms) == (kind in ("last_layer_parts", "vpt_deep_proto"))
     total.backward()
     groups = model.param_groups(cfg.optim.base_lr, cfg.optim.head_lr_mult, cfg.optim.concept_lr_mult)
     optimizer = torch.optim.Adam(groups)

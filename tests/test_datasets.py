@@ -491,4 +491,4 @@ def test_unsupported_metrics_name_their_reason():
     assert set(unsupported_metrics(cfg("stanford_cars"), ALL_METRICS)) == {"consistency", "stability", "kpr",
                                                                            "nmi_ari"}
     assert unsupported_metrics(cfg("cub", "linear"), ["acc", "nmi_ari"]) == {
-        "nmi_ari": "model.kind=linear has no concept maps"}
+        "nmi_ari": "model.kind=linear has no part maps"}

@@ -341,7 +341,7 @@ def test_torchrun_one_process_joins_a_group_and_finishes(world, tmp_path):
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"] == 2
 
 
-@pytest.mark.parametrize("kind", ["linear", "vpt_deep", "last_layer_parts"])
+@pytest.mark.parametrize("kind", ["linear", "vpt_deep", "last_layer_parts", "vpt_deep_proto"])
 def test_baselines_train_and_evaluate(world, tmp_path, kind):
     import csv
 
@@ -362,7 +362,9 @@ def test_baselines_train_and_evaluate(world, tmp_path, kind):
     load_pretrained(model, tmp_path / kind / "best")
     result = evaluate(model, cfg, progress=False)
     assert 0 <= result["top1"] <= 100
-    if kind == "last_layer_parts":  # concept maps, so the interpretability metrics apply (final stage)
-        assert result["stage"]["index"] == 2 and "nmi" in result and "consistency" in result
-    else:
+    if kind == "linear":  # no part maps: accuracy only, each skipped metric with its reason
         assert "nmi" not in result and "stage" not in result
+        assert result["skipped"]["consistency"] == "model.kind=linear has no part maps"
+    else:  # concept maps (final stage) or VPT's prompt-attention maps: the same protocol for every kind
+        assert result["stage"]["index"] == 2 and "nmi" in result and "consistency" in result and "kpr" in result
+        assert result["stage"]["n_pro"] == (3 if kind != "vpt_deep" else 2 + 1)  # n_pro[-1], or P prompts + bg

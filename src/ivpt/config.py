@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
-MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts")
+MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ModelConfig:
     train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
-    num_prompts: int = 10  # VPT baselines only: learned prompt tokens per block
+    num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto: learned prompt tokens per block
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

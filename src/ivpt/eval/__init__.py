@@ -42,8 +42,8 @@ def unsupported_metrics(cfg: Config, metrics: Iterable[str]) -> dict[str, str]:
 
     fmt, reader = cfg.data.format, dataset_class(cfg.data.format)
     interpretability = [m for m in metrics if m != "acc"]
-    if not model_class(cfg.model.kind).has_concept_maps:
-        return {m: f"model.kind={cfg.model.kind} has no concept maps" for m in interpretability}
+    if not model_class(cfg.model.kind).has_part_maps:
+        return {m: f"model.kind={cfg.model.kind} has no part maps" for m in interpretability}
     reasons = {"consistency": None if reader.has_keypoints else f"{fmt} has no part keypoints",
                "stability": None if reader.has_keypoints else f"{fmt} has no part keypoints",
                "kpr": None if reader.has_keypoints else f"{fmt} has no part keypoints",
@@ -73,8 +73,8 @@ def evaluate(
     e = cfg.eval
     model = model.to(info.device).eval()
     n_pro = list(cfg.model.n_pro)
-    has_maps = bool(getattr(model, "has_concept_maps", False))
-    stages = StageMaps(n_pro, len(model.stages) if has_maps else 0)
+    has_maps = model.has_part_maps
+    stages = StageMaps(model.map_stages())
     skipped = unsupported_metrics(cfg, sorted(requested))
     active = requested - set(skipped)
     parts_needed = has_maps and bool(active - {"acc"})
@@ -120,7 +120,7 @@ def evaluate(
         result.update(acc.meter.compute())
     per_stage = []
     for s in stages.ids:
-        row: dict = {"stage": s, "n_pro": n_pro[s]}
+        row: dict = {"stage": s, "n_pro": stages.channels[s]}
         if hits is not None:
             row.update(hits.scores(s, active))
         if discovery is not None:
@@ -129,7 +129,7 @@ def evaluate(
     if chosen is not None:
         top = next(r for r in per_stage if r["stage"] == chosen)
         result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
-        result["stage"] = {"index": chosen, "n_pro": n_pro[chosen], "spec": str(e.stage)}
+        result["stage"] = {"index": chosen, "n_pro": stages.channels[chosen], "spec": str(e.stage)}
         result["per_stage"] = per_stage
     result["eval_protocol"] = e.protocol  # corrected | reference: which way every interpretability score was measured
     result["protocol"] = asdict(e)

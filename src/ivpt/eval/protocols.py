@@ -36,12 +36,13 @@ __all__ = ["StageMaps", "KeypointFit", "Discovery", "PartHits"]
 
 
 class StageMaps:
-    """Which stages a model's output holds: ``ids`` are stage indices into ``model.n_pro`` (IVPT: all of them;
-    the last-layer ablation: the final one), ``of(out, s)`` the maps (B, n_s, H, W) of stage ``s`` on the CPU."""
+    """The part maps an eval-mode output holds (``model.map_stages()``): ``ids`` are their stage indices (IVPT:
+    every stage of ``model.n_pro``; single-map models: one), ``channels[s]`` their channel count (background
+    last), and ``of(out, s)`` the maps (B, channels[s], H, W) of stage ``s`` on the CPU."""
 
-    def __init__(self, n_pro: list[int], num_stages_in_output: int) -> None:
-        self.n_pro = list(n_pro)
-        self.ids = list(range(len(n_pro)))[-num_stages_in_output:]
+    def __init__(self, map_stages: list[tuple[int, int]]) -> None:
+        self.ids = [s for s, _ in map_stages]
+        self.channels = dict(map_stages)
 
     def of(self, out, s: int) -> torch.Tensor:
         return out.maps[self.ids.index(s)].float().cpu()
@@ -53,7 +54,7 @@ class KeypointFit:
     def __init__(self, stages: StageMaps, num_keypoints: int, cfg: Config) -> None:
         self.stages, self.cfg = stages, cfg
         # Created up front, identically on every rank, so the all-reduces always pair up.
-        self.fit = {s: KeypointFitMeter(2 * (stages.n_pro[s] - 1), num_keypoints) for s in stages.ids}
+        self.fit = {s: KeypointFitMeter(2 * (stages.channels[s] - 1), num_keypoints) for s in stages.ids}
 
     def update(self, batch: dict, forward: Forward) -> None:
         e, d = self.cfg.eval, self.cfg.data
@@ -79,9 +80,9 @@ class Discovery:
     def __init__(self, stages: StageMaps, cfg: Config, *, num_parts: int, by_keypoints: bool, by_part_masks: bool,
                  regressors: dict, fg_iou: bool) -> None:
         self.stages, self.cfg, self.regressors = stages, cfg, regressors
-        n_pro, ids = stages.n_pro, stages.ids
-        self.cont = {s: ContingencyMeter(num_parts, n_pro[s]) for s in ids} if by_keypoints else {}
-        self.pmask = {s: PartMaskMeter(num_parts + 1, n_pro[s]) for s in ids} if by_part_masks else {}
+        channels, ids = stages.channels, stages.ids
+        self.cont = {s: ContingencyMeter(num_parts, channels[s]) for s in ids} if by_keypoints else {}
+        self.pmask = {s: PartMaskMeter(num_parts + 1, channels[s]) for s in ids} if by_part_masks else {}
         self.kerr = {s: KeypointErrorMeter() for s in regressors}
         # The reference's foreground IoU upsamples with align_corners=True (PDiscoFormer's evaluation).
         reference = cfg.eval.protocol == "reference"
@@ -129,7 +130,7 @@ class PartHits:
     def __init__(self, stages: StageMaps, cfg: Config, crops, *, noisy: bool) -> None:
         self.stages, self.cfg, self.crops, self.noisy = stages, cfg, crops, noisy
         num_kp = len(crops.part_names)
-        self.part = {s: PartMeter(cfg.model.num_classes, stages.n_pro[s] - 1, num_kp, threshold=cfg.eval.threshold)
+        self.part = {s: PartMeter(cfg.model.num_classes, stages.channels[s] - 1, num_kp, threshold=cfg.eval.threshold)
                      for s in stages.ids}
 
     def update(self, batch: dict, forward: Forward) -> None:

@@ -77,7 +77,8 @@ class FrozenViT(nn.Module):
     """
 
     kind: ClassVar[str] = ""
-    has_concept_maps: ClassVar[bool] = False  # forward returns concept maps (interpretability metrics apply)
+    has_concept_maps: ClassVar[bool] = False  # trained concept maps: the map losses and equivariance apply
+    has_part_maps: ClassVar[bool] = False  # eval-mode outputs carry part maps: interpretability metrics apply
     maps_only_view: ClassVar[bool] = False  # forward(x, maps_only_from=k) computes only maps for images k..
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
@@ -112,7 +113,16 @@ class FrozenViT(nn.Module):
 
     def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
         """Optimiser groups (dicts with ``name``, ``params``, ``lr``); every trainable parameter in exactly one."""
+        return checked_groups(self, self.groups(base_lr * head_mult, base_lr * concept_mult))
+
+    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
+        """(name, parameters, lr) of every group; :meth:`param_groups` checks them."""
         raise NotImplementedError
+
+    def map_stages(self) -> list[tuple[int, int]]:
+        """(stage index, channels) of each part map in an eval-mode output's ``maps``, in order; background is the
+        last channel of each. Stage indices follow ``model.n_pro`` where the maps are concept stages."""
+        return []
 
     # ------------------------------------------------------------------------------------------------- forward
     def frozen_context(self):
@@ -159,10 +169,17 @@ class ConceptModel(FrozenViT):
     """
 
     has_concept_maps = True
+    has_part_maps = True
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.stages = nn.ModuleList()
+
+    def map_stages(self) -> list[tuple[int, int]]:
+        """The last ``len(stages)`` entries of ``model.n_pro`` (IVPT: all; single-stage heads: the final one)."""
+        n_pro = self.cfg.n_pro
+        first = len(n_pro) - len(self.stages)
+        return [(first + i, stage.num_prototypes) for i, stage in enumerate(self.stages)]
 
     def build_head(self, num_parts: int) -> None:
         """``modulation`` over (D, ``num_parts``) and the shared part ``classifier`` (trunc-normal std 0.02)."""
@@ -173,12 +190,11 @@ class ConceptModel(FrozenViT):
     def new_stage(self, n: int, *, num_coarse: int | None = None) -> ConceptStage:
         return ConceptStage(n, self.dim, self.grid, num_coarse=num_coarse, init_std=self.cfg.prototype_init_std)
 
-    def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
+    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """Groups from explicit module membership: classifier, modulation, prompt projections and assigners at the
         head rate; prototypes, spatial biases and (per ``train_tokens``) backbone tokens at the concept rate."""
         prompted = [s for s in self.stages if s.assigner is not None]
-        head_lr, concept_lr = base_lr * head_mult, base_lr * concept_mult
-        groups = [
+        return [
             ("classifier", list(self.classifier.parameters()), head_lr),
             ("modulation", list(self.modulation.parameters()), head_lr),
             ("prompt_proj", [p for s in prompted for p in s.prompt_proj.parameters()], head_lr),
@@ -187,7 +203,6 @@ class ConceptModel(FrozenViT):
             ("spatial_bias", [s.spatial_bias for s in self.stages], concept_lr),
             ("tokens", self.token_parameters() if self.tokens_trainable else [], concept_lr),
         ]
-        return checked_groups(self, groups)
 
     def classify(self, tokens: Tensor, final_map: Tensor):
         """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT

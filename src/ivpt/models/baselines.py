@@ -19,6 +19,13 @@ Every model here returns an :class:`~ivpt.models.IVPTOutput`, so :func:`ivpt.eng
   the last block, no prompts, then region pooling, modulation and a shared part classifier as in IVPT's final
   stage. Its map losses (presence, background, TV, entropy, orthogonality, equivariance) apply; consistency does
   not (no grouped maps).
+- ``vpt_deep_proto``: the paper's "VPT-Deep with prototypes": VPT-deep's prompts, then the ``last_layer_parts``
+  head on the last block's output, trained with the same part-discovery losses and classifying from part features.
+
+Part maps for the interpretability protocols: concept models (``last_layer_parts``, ``vpt_deep_proto``) use their
+concept map; VPT-shallow/deep, in eval mode only, the last block's attention from their prompt tokens to the
+patches (heads averaged, each prompt's map divided by its maximum, background = 1 − the largest, normalised per
+patch; :func:`attention_part_maps`). The linear probe has no part maps: it is scored on accuracy only.
 
 Learning rates (``param_groups``): classifiers and the modulation LayerNorm at the head rate; prompts, prototypes,
 spatial biases and backbone tokens at the concept rate. VPT prompts live in the token-embedding space, like the
@@ -28,15 +35,17 @@ prompt initialised at ±0.08 by its own scale in a few steps.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import ConceptModel, FrozenViT, IVPTOutput, checked_groups
+from .base import ConceptModel, FrozenViT, IVPTOutput
 from .prototypes import renormalise
 
-__all__ = ["LinearProbe", "VPT", "VPTShallow", "VPTDeep", "LastLayerParts"]
+__all__ = ["LinearProbe", "VPT", "VPTShallow", "VPTDeep", "LastLayerParts", "VPTDeepProto", "prompted_trunk",
+           "attention_part_maps"]
 
 
 def _pooled(model: FrozenViT, normed: Tensor) -> Tensor:
@@ -60,6 +69,63 @@ def _global_output(logits: Tensor, normed: Tensor) -> IVPTOutput:
                       region_counts=[], modulated=None, tokens=normed)
 
 
+def _new_prompts(model: FrozenViT, layers: int) -> nn.Parameter:
+    """(layers, P, D) prompt tokens, row i feeding block i, in VPT's initialisation: uniform(±sqrt(6 / (3·p_h·p_w
+    + D))), Xavier-uniform for a patch-embedding-like map from 3·p_h·p_w pixels to D."""
+    prompts = nn.Parameter(torch.empty(layers, model.cfg.num_prompts, model.dim))
+    bound = math.sqrt(6.0 / (3 * model.patch_size[0] * model.patch_size[1] + model.dim))
+    nn.init.uniform_(prompts, -bound, bound)
+    return prompts
+
+
+def prompted_trunk(model: FrozenViT, x: Tensor, *, deep: bool, insert_prompts: bool = True,
+                   ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """The backbone with ``model.prompts`` (L or 1, P, D) inserted after the prefix tokens before block 0 (and, when
+    ``deep``, replacing the previous block's prompt outputs before every block).
+
+    Returns (last block's output without prompts (B, T, D), the last block's input (B, T+P, D) — with prompts when
+    inserted —, patch grid)."""
+    with model.frozen_context():
+        tokens, grid = model.embed(x)
+    R, P = model.num_prefix, model.cfg.num_prompts
+    prompted = False  # whether ``tokens`` currently holds P prompt tokens at [R, R+P)
+    last_input = tokens
+    for i, blk in enumerate(model.backbone.blocks):
+        if insert_prompts and (i == 0 or deep):
+            if prompted:  # deep: this block's prompts replace the previous block's prompt outputs
+                tokens = torch.cat([tokens[:, :R], tokens[:, R + P :]], dim=1)
+            prompts = model.prompts[i].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([tokens[:, :R], prompts, tokens[:, R:]], dim=1)
+            prompted = True
+        last_input = tokens
+        tokens = blk(tokens)
+    if prompted:
+        tokens = torch.cat([tokens[:, :R], tokens[:, R + P :]], dim=1)
+    return tokens, last_input, grid
+
+
+def attention_part_maps(block: nn.Module, tokens: Tensor, queries: slice, patches: slice,
+                        grid: tuple[int, int]) -> Tensor:
+    """Part maps (B, Q+1, H, W) from the attention of the ``queries`` tokens to the ``patches`` tokens in the timm
+    ``block`` whose input is ``tokens`` (B, T, D).
+
+    Per query q: its softmax attention over all keys, averaged over heads, restricted to the patches and divided
+    by its maximum, s_q ∈ [0, 1] (1 at the patch it attends to most). The background channel is 1 − max_q s_q, so
+    a patch that no query singles out is background. The Q+1 channels are normalised to sum to one per patch.
+    """
+    attn = block.attn
+    x = block.norm1(tokens)
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, hd)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = (q[:, :, queries].float() * attn.scale) @ k.float().transpose(-2, -1)  # (B, heads, Q, T)
+    a = logits.softmax(dim=-1).mean(dim=1)[..., patches]  # (B, Q, L)
+    s = a / a.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    maps = torch.cat([s, 1.0 - s.amax(dim=1, keepdim=True)], dim=1)
+    maps = maps / maps.sum(dim=1, keepdim=True)
+    return maps.reshape(B, -1, *grid)
+
+
 class LinearProbe(FrozenViT):
     """Linear classifier on the frozen backbone's final-normed cls token (or mean patch token without one).
 
@@ -77,9 +143,9 @@ class LinearProbe(FrozenViT):
     def tokens_trainable(self) -> bool:
         return False
 
-    def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
-        """One group, ``classifier``, at ``base_lr * head_mult``."""
-        return checked_groups(self, [("classifier", list(self.classifier.parameters()), base_lr * head_mult)])
+    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
+        """One group, ``classifier``, at the head rate."""
+        return [("classifier", list(self.classifier.parameters()), head_lr)]
 
     def forward(self, x: Tensor) -> IVPTOutput:
         """Images (B, 3, H, W) → logits (B, C); ``tokens`` = timm ``forward_features(x)`` (B, T, D)."""
@@ -90,61 +156,55 @@ class LinearProbe(FrozenViT):
 
 
 class VPT(FrozenViT):
-    """Visual Prompt Tuning: learned prompt tokens at the input (``deep=False``) or before every block (``deep``).
+    """Visual Prompt Tuning: learned prompt tokens at the input (VPT-shallow) or before every block (VPT-deep).
 
     Sequence layout inside the blocks: [prefix (cls + registers) | P prompts | patches]. Without an attention mask,
     a token's position in the sequence carries no meaning; the layout only fixes where prompts are cut out again.
+    Subclasses :class:`VPTShallow` and :class:`VPTDeep` set ``deep``.
+
+    Part maps (eval mode only, so training is plain VPT): the last block's attention from each of the P prompt
+    tokens to the patches, heads averaged (:func:`attention_part_maps`), plus a background channel.
 
     Args:
         cfg: the model config (``num_prompts`` = P prompts per prompted block, ``train_tokens``).
         backbone: a timm VisionTransformer without head; built from ``cfg`` when None.
-    Subclasses :class:`VPTShallow` and :class:`VPTDeep` set ``deep``: one prompt set per block (VPT-deep)
-    instead of one at the input (VPT-shallow).
     """
 
-    deep: bool = False
+    deep: ClassVar[bool] = False
+    has_part_maps = True
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
-        layers = len(self.backbone.blocks) if self.deep else 1
-        # (layers, P, D); row i feeds block i.
-        self.prompts = nn.Parameter(torch.empty(layers, cfg.num_prompts, self.dim))
-        bound = math.sqrt(6.0 / (3 * self.patch_size[0] * self.patch_size[1] + self.dim))
-        nn.init.uniform_(self.prompts, -bound, bound)
+        self.prompts = _new_prompts(self, len(self.backbone.blocks) if self.deep else 1)
         self.classifier = _new_classifier(self)
         self.set_trainable()
 
-    def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
+    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """``classifier`` at the head rate; ``prompts`` and (per ``train_tokens``) ``tokens`` at the concept rate."""
-        head_lr, concept_lr = base_lr * head_mult, base_lr * concept_mult
-        groups = [
+        return [
             ("classifier", list(self.classifier.parameters()), head_lr),
             ("prompts", [self.prompts], concept_lr),
             ("tokens", self.token_parameters() if self.tokens_trainable else [], concept_lr),
         ]
-        return checked_groups(self, groups)
+
+    def map_stages(self) -> list[tuple[int, int]]:
+        return [(len(self.cfg.n_pro) - 1, self.cfg.num_prompts + 1)]
 
     def forward(self, x: Tensor, *, insert_prompts: bool = True) -> IVPTOutput:
         """Images (B, 3, H, W) → logits (B, C). ``insert_prompts=False`` runs the plain backbone.
 
-        ``tokens`` of the output: final-normed (B, T, D), prompts excluded.
+        ``tokens`` of the output: final-normed (B, T, D), prompts excluded. In eval mode with prompts, ``maps`` holds
+        one (B, P+1, H', W') attention part map.
         """
-        with self.frozen_context():
-            tokens, _ = self.embed(x)
-        R, P = self.num_prefix, self.cfg.num_prompts
-        prompted = False  # whether ``tokens`` currently holds P prompt tokens at [R, R+P)
-        for i, blk in enumerate(self.backbone.blocks):
-            if insert_prompts and (i == 0 or self.deep):
-                if prompted:  # deep: this block's prompts replace the previous block's prompt outputs
-                    tokens = torch.cat([tokens[:, :R], tokens[:, R + P :]], dim=1)
-                prompts = self.prompts[i].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-                tokens = torch.cat([tokens[:, :R], prompts, tokens[:, R:]], dim=1)
-                prompted = True
-            tokens = blk(tokens)
-        if prompted:
-            tokens = torch.cat([tokens[:, :R], tokens[:, R + P :]], dim=1)
+        tokens, last_input, grid = prompted_trunk(self, x, deep=self.deep, insert_prompts=insert_prompts)
         normed = self.backbone.norm(tokens)
-        return _global_output(self.classifier(_pooled(self, normed)), normed)
+        out = _global_output(self.classifier(_pooled(self, normed)), normed)
+        if insert_prompts and not self.training:
+            R, P = self.num_prefix, self.cfg.num_prompts
+            with torch.no_grad():
+                out.maps = [attention_part_maps(self.backbone.blocks[-1], last_input, slice(R, R + P),
+                                                slice(R + P, None), grid)]
+        return out
 
 
 class VPTShallow(VPT):
@@ -194,3 +254,33 @@ class LastLayerParts(ConceptModel):
             modulated=modulated,
             tokens=normed,
         )
+
+
+class VPTDeepProto(ConceptModel):
+    """VPT-deep with prototypes (the paper's baseline): VPT-deep's prompts in every block, then a class-agnostic
+    part-prototype head on the last block's output — ``n_pro[-1]`` prototypes + spatial bias, region pooling,
+    modulation and a shared part classifier, trained with the part-discovery losses (consistency does not apply:
+    there are no grouped maps). Classification comes from the part features, as in IVPT's final stage.
+    """
+
+    kind = "vpt_deep_proto"
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__(cfg, backbone)
+        self.prompts = _new_prompts(self, len(self.backbone.blocks))
+        n = cfg.n_pro[-1]
+        self.stages.append(self.new_stage(n))
+        self.build_head(n)
+        self.set_trainable()
+
+    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
+        """IVPT's head and concept groups plus ``prompts`` at the concept rate (as in VPT)."""
+        return [*super().groups(head_lr, concept_lr), ("prompts", [self.prompts], concept_lr)]
+
+    def forward(self, x: Tensor) -> IVPTOutput:
+        """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
+        tokens, _, grid = prompted_trunk(self, x, deep=True, insert_prompts=True)
+        final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
+        logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
+        return IVPTOutput(logits=logits, part_logits=part_logits, maps=[final], grouped_maps=[], assignments=[],
+                          region_counts=[counts], modulated=modulated, tokens=normed)

@@ -6,13 +6,13 @@ import torch
 from ..config import MODEL_KINDS, Config, ConfigError, ModelConfig
 from .backbone import build_backbone
 from .base import FrozenViT
-from .baselines import LastLayerParts, LinearProbe, VPTDeep, VPTShallow
+from .baselines import LastLayerParts, LinearProbe, VPTDeep, VPTDeepProto, VPTShallow
 from .ivpt import IVPT
 
 __all__ = ["MODELS", "model_class", "create_model", "describe"]
 
 MODELS: dict[str, type[FrozenViT]] = {cls.kind: cls for cls in (IVPT, LinearProbe, VPTShallow, VPTDeep,
-                                                                 LastLayerParts)}
+                                                                 LastLayerParts, VPTDeepProto)}
 # The config validates model.kind against MODEL_KINDS (a torch-free list); both must name the same kinds.
 assert set(MODELS) == set(MODEL_KINDS), (sorted(MODELS), sorted(MODEL_KINDS))
 
