@@ -12,8 +12,9 @@ import pytest
 from ivpt.cli import main
 
 
-def test_info_paper_config(capsys):
-    assert main(["info", "--config", "configs/cub_vitb14_reg4_paper.yaml", "--weights", "random"]) == 0
+@pytest.mark.parametrize("config", ["cub_vitb14_reg4_paper", "cub_vitb14_reg4_paper_exact"])
+def test_info_paper_config(capsys, config):
+    assert main(["info", "--config", f"configs/{config}.yaml", "--weights", "random"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["trainable_params"] == 3_708_719
     assert info["total_params"] == 89_235_503
