@@ -90,6 +90,13 @@ def test_paper_schedule_equals_the_per_epoch_steplr_at_every_step(path):
     assert new.param_groups[0]["lr"] == 1e-2 * 0.5 ** 6
 
 
+def test_runs_without_a_recipe_follow_training_progress():
+    from ivpt.config import Config
+
+    for optim in (Config().optim, load_config(CONFIGS / "cpu_vits14_224.yaml").optim):
+        assert (optim.schedule, optim.warmup) == ("cosine", 0.05)
+
+
 def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does():
     o = load_config(CONFIGS / "cub_vitb14_reg4_paper.yaml").optim
     assert steps_above_half_peak(total_steps(o, 375), 375, o) == 1500  # epochs 0-3

@@ -56,7 +56,8 @@ __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "RESUMABLE_CH
 # (ivpt.engine.health), filled in the last row of each epoch.
 LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s"]
 
-# Config keys that may differ between a run and its resume without changing what the resumed run computes.
+# Config keys that may differ between a run and its resume without changing what the resumed run computes
+# (optim.epochs and train.max_steps only while the schedule ignores the total steps: Trainer._restore checks).
 RESUMABLE_CHANGES = frozenset({
     "optim.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.tensorboard",
     "train.device", "data.num_workers", "data.root",
