@@ -95,6 +95,8 @@ def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable
         say(f"{tag} {name}: {'resuming' if resume else 'training'} {cfg.model.kind}, seed {cfg.train.seed} "
             f"-> {run_dir}")
         train(cfg, run_dir, resume=resume, progress=progress)
+    else:
+        say(f"{tag} {name}: trained earlier, evaluating {run_dir / 'best'}")
     ckpt_cfg, meta = run_config(run_dir / "best")
     result = evaluate_checkpoint(run_dir / "best", ckpt_cfg, meta, split="test", progress=progress)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
