@@ -201,7 +201,7 @@ def _plot(result: dict, out: Path) -> None:
     from matplotlib.figure import Figure
 
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    fig = Figure(figsize=(5.5, 4.0))
     ax = fig.add_subplot()
     for i, kind in enumerate(result["kinds"]):
         points = [(r["eval"]["consistency"], r["eval"]["top1"]) for r in result["runs"]
@@ -212,5 +212,6 @@ def _plot(result: dict, out: Path) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    atomic_write(out / "compare.png", lambda p: fig.savefig(p, format="png", dpi=150))
-    atomic_write(out / "compare.svg", lambda p: fig.savefig(p, format="svg", metadata={"Date": None}))
+    atomic_write(out / "compare.png", lambda p: fig.savefig(p, format="png", dpi=150, bbox_inches="tight"))
+    atomic_write(out / "compare.svg", lambda p: fig.savefig(p, format="svg", bbox_inches="tight",
+                                                          metadata={"Date": None}))
