@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
 MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto")
+SCHEDULES = ("step", "cosine", "constant")  # ivpt.engine.schedule.lr_factor defines each
 
 
 @dataclass
@@ -152,7 +153,16 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with per-group learning rates = base_lr x multiplier, step decay, gradient clipping."""
+    """Adam with per-group learning rates = base_lr x multiplier, a learning-rate schedule, gradient clipping.
+
+    The schedule is a function of the optimiser step (:func:`ivpt.engine.schedule.lr_factor`), applied after
+    every step. ``schedule``: ``step`` multiplies the rate by ``gamma`` every ``step_epochs`` epochs (the paper:
+    4 and 0.5, no warm-up); ``cosine`` decays it from the peak to 0 over the steps after the warm-up;
+    ``constant`` keeps the peak. ``warmup`` is a FRACTION of the run's total optimiser steps
+    (``epochs x steps per epoch``, or ``train.max_steps`` when smaller) over which the rate rises linearly to
+    its peak; 0 disables it. The defaults (cosine, 5 % warm-up) follow training progress; the paper configs set
+    ``schedule: step`` and ``warmup: 0``.
+    """
 
     base_lr: float = 1e-6
     head_lr_mult: float = 1e4  # classifier, modulation, prompt projections, assigners
@@ -163,8 +173,10 @@ class OptimConfig:
     epochs: int = 25
     batch_size: int = 16  # images per optimiser step over all processes (split over them under torchrun)
     grad_accum: int = 1
-    step_epochs: int = 4
-    gamma: float = 0.5
+    schedule: str = "cosine"  # step | cosine | constant
+    warmup: float = 0.05  # fraction of the total optimiser steps; 0: no warm-up
+    step_epochs: int = 4  # schedule=step only
+    gamma: float = 0.5  # schedule=step only
     amp: str = "none"  # none | bf16 | fp16
 
     def __post_init__(self) -> None:
@@ -177,6 +189,12 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be at least 1")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"optim.gamma={self.gamma} must lie in (0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)} (step: the "
+                              "paper's decay every optim.step_epochs epochs; cosine: follows training progress)")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"optim.warmup={self.warmup} is a fraction of the total optimiser steps and must lie "
+                              "in [0, 1), e.g. 0.05 for a warm-up over the first 5 % of training")
         self.betas = [float(b) for b in self.betas]
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas={self.betas} must be two numbers, e.g. 0.9,0.999")

@@ -53,7 +53,8 @@ def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int) ->
     overrides = [
         f"model.img_size={preset.img_size}", f"model.num_classes={preset.classes}", f"model.n_pro={preset.n_pro}",
         f"model.weights={weights}", "model.train_tokens=false",
-        f"optim.epochs={preset.epochs}", f"optim.batch_size={preset.batch_size}", "optim.step_epochs=100",
+        f"optim.epochs={preset.epochs}", f"optim.batch_size={preset.batch_size}", "optim.schedule=constant",
+        "optim.warmup=0",
         f"data.root={data_root}", f"data.resize={preset.img_size}", "data.num_workers=0",
         "data.affine_degrees=20", "data.affine_scale=0.9,1.1", "data.affine_translate=0.1",
         f"train.seed={seed}", f"train.max_steps={preset.max_steps}", "train.log_every=5",

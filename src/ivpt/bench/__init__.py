@@ -144,6 +144,7 @@ class _Runner:
     """A built model with its inputs: ``forward()`` and ``train_step()`` do one measured unit of work."""
 
     def __init__(self, opts: BenchOptions, group: Group, entry: Entry, device: torch.device) -> None:
+        from ..engine.health import ConceptHealth
         from ..models import build_backbone, create_model
 
         self.entry, self.device = entry, device
@@ -160,6 +161,7 @@ class _Runner:
             self.optimizer = torch.optim.Adam(self.groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
             self.trainable = [p for g in self.groups for p in g["params"]]
             self.eq_gen = torch.Generator().manual_seed(0)
+            self.health = ConceptHealth()  # the trainer's per-step concept-health sums, part of its step cost
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(opts.batch, 3, group.img_size, group.img_size, generator=gen).to(device)
         self.y = torch.randint(0, opts.num_classes, (opts.batch,), generator=gen).to(device)
@@ -178,7 +180,7 @@ class _Runner:
         from ..engine.trainer import compute_loss
 
         self.model.train()
-        total, _ = compute_loss(self.model, self.x, self.y, self.cfg, self.eq_gen)
+        total, _ = compute_loss(self.model, self.x, self.y, self.cfg, self.eq_gen, health=self.health)
         total.backward()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)

@@ -2,8 +2,9 @@
 
 Read :class:`Trainer` top to bottom: ``__init__`` sets the run up (process group, data, model, optimiser, resume),
 :meth:`Trainer.fit` runs the epochs, :meth:`Trainer.train_epoch` the optimiser steps of one epoch,
-:meth:`Trainer.optimizer_step` one step over ``optim.grad_accum`` micro-batches, :meth:`Trainer.end_epoch`
-validation and checkpoints, :meth:`Trainer.finish` the test pass and ``metrics.json``.
+:meth:`Trainer.optimizer_step` one step over ``optim.grad_accum`` micro-batches and the learning-rate schedule
+(a function of the step: :mod:`ivpt.engine.schedule`), :meth:`Trainer.end_epoch` concept health, validation and
+checkpoints, :meth:`Trainer.finish` the test pass and ``metrics.json``.
 
 Each optimiser step sees a global batch of ``optim.batch_size`` images (split over processes and
 ``optim.grad_accum`` micro-batches). An epoch has ``len(train) // batch_size`` steps: the partial global batch at
@@ -17,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -42,15 +44,20 @@ from ..checkpoint import (
 )
 from ..config import LOSS_TERMS, Config, EvalConfig
 from ..losses import ivpt_losses, random_affine, warp
-from ..models import create_model
 from ..eval import evaluate_accuracy
+from ..models import create_model
+from .health import ConceptHealth, collapse_warning
 from .ordering import GlobalBatchSampler, SeededDataset
+from .schedule import build_scheduler, depends_on_total, schedule_warning, total_steps
 
 __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "RESUMABLE_CHANGES"]
 
+# The columns of every run's log.csv; runs with concept maps add alive_s<i>, entropy_s<i> per map stage
+# (ivpt.engine.health), filled in the last row of each epoch.
 LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s"]
 
-# Config keys that may differ between a run and its resume without changing what the resumed run computes.
+# Config keys that may differ between a run and its resume without changing what the resumed run computes
+# (optim.epochs and train.max_steps only while the schedule ignores the total steps: Trainer._restore checks).
 RESUMABLE_CHANGES = frozenset({
     "optim.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.tensorboard",
     "train.device", "data.num_workers", "data.root",
@@ -125,7 +132,9 @@ class Trainer:
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_epochs, gamma=o.gamma)
+        self.total_steps = total_steps(o, self.steps_per_epoch, cfg.train.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, max(self.steps_per_epoch, 1), o)
+        self.step_lrs = _group_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.amp == "fp16")
         # Every training random number comes from train.seed (and the rank): the global generator drives the
         # Gumbel noise, eq_gen (identical on every rank) the one equivariance transform per step.
@@ -153,8 +162,13 @@ class Trainer:
         self.log = _CsvLog(self.out / "log.csv", self.info.is_main)
         self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
         self.window = _Window(self.device)
+        self.health = ConceptHealth()
+        self.epoch_health: dict[str, float] = {}  # alive_s*/entropy_s* of the last epoch (ivpt.engine.health)
         self.t_start = time.perf_counter()
         reset_corrupt_count()
+        warning = schedule_warning(self.total_steps, max(self.steps_per_epoch, 1), o)
+        if warning and self.info.is_main:
+            logging.getLogger("ivpt").warning(warning)
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _read_resume_state(self) -> dict:
@@ -186,6 +200,15 @@ class Trainer:
             load_adapter_state(self.model, state["model"], path)
         except CheckpointError as exc:
             raise TrainingError(f"cannot resume: {exc}") from exc
+        if "lr_lambdas" not in state["scheduler"]:
+            raise TrainingError(f"cannot resume: {path} holds the per-epoch scheduler of an earlier ivpt; finish it "
+                                "with that version or start a new run with --out")
+        if depends_on_total(self.cfg.optim) and state.get("total_steps") != self.total_steps:
+            raise TrainingError(
+                f"cannot resume {self.out}: optim.schedule={self.cfg.optim.schedule} with optim.warmup="
+                f"{self.cfg.optim.warmup} follows the run's total steps, which would change from "
+                f"{state.get('total_steps')} to {self.total_steps}; keep optim.epochs and train.max_steps, or start "
+                "a new run with --out")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -235,17 +258,19 @@ class Trainer:
             self.optimizer_step(epoch, micro)
             micro = []
             bar.update(1)
-            if self.step % self.cfg.train.log_every == 0:
+            done = bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
+            closing = done or self.batch_in_epoch >= self.steps_per_epoch  # written below, with the health
+            if self.step % self.cfg.train.log_every == 0 and not closing:
                 row = self.emit(epoch)
                 bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['img_per_s']:.1f}")
             if self.cfg.train.ckpt_every_steps and self.step % self.cfg.train.ckpt_every_steps == 0:
                 self.save_last(epoch, self.batch_in_epoch)
-            if self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps:
-                done = True
+            if done:
                 break
         bar.close()
-        if self.window.n:
-            self.emit(epoch)
+        self.epoch_health = self.health.flush(R.all_reduce_sum)  # every rank: the counts are summed
+        if self.window.n or self.epoch_health:
+            self.emit(epoch, self.epoch_health)
         return done
 
     def optimizer_step(self, epoch: int, micro_batches: list[dict | None]) -> None:
@@ -264,7 +289,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with sync:
-                total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen)
+                total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen, health=self.health)
                 self.scaler.scale(total / o.grad_accum).backward()
             finite &= torch.isfinite(total.detach())
             terms_seen.append(terms)
@@ -285,13 +310,16 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lrs = _group_lrs(self.optimizer)
+        self.scheduler.step()  # the rates of the next step: lr_factor(self.step + 1)
         self.step += 1
         self.batch_in_epoch += 1
 
     def end_epoch(self, epoch: int, *, finished: bool) -> None:
-        """Scheduler step (when the epoch ran to its end), validation, ``best/`` and ``last.pt``."""
-        if finished:
-            self.scheduler.step()
+        """Concept-health warning, validation, ``best/`` and ``last.pt``."""
+        warning = collapse_warning(self.epoch_health, self.health.num_prototypes, epoch + 1)
+        if warning and self.info.is_main:
+            logging.getLogger("ivpt").warning(warning)
         val = None
         if self.data.val is not None:
             val = evaluate_accuracy(self.model, self.data.val, self.cfg, self.info, progress=False)["top1"]
@@ -308,6 +336,10 @@ class Trainer:
             msg = f"epoch {epoch + 1}: step {self.step}"
             if val is not None:
                 msg += f", val top-1 {val:.2f}%" + (" (best)" if improved else "")
+            if self.epoch_health:
+                stages = range(len(self.health.num_prototypes))
+                msg += (", concepts alive " + "/".join(f"{self.epoch_health[f'alive_s{i}']:.2f}" for i in stages)
+                        + ", map entropy " + "/".join(f"{self.epoch_health[f'entropy_s{i}']:.2f}" for i in stages))
             print(msg)
 
     def finish(self) -> dict:
@@ -342,9 +374,10 @@ class Trainer:
         R.teardown()
 
     # ------------------------------------------------------------------------------------------ logs, state
-    def emit(self, epoch: int) -> dict:
-        row = self.window.flush(epoch, self.step, self.optimizer, self.t_start)
-        self.log.write(row)
+    def emit(self, epoch: int, health: dict[str, float] | None = None) -> dict:
+        """Write one log row: the loss terms since the last row, the last step's rates and ``health``."""
+        row = {**self.window.flush(epoch, self.step, self.step_lrs, self.t_start), **(health or {})}
+        self.log.write(row, LOG_FIELDS + self.health.columns)
         self.tb.log(row, self.step)
         return row
 
@@ -357,13 +390,15 @@ class Trainer:
                 "model": adapter_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_val": self.best_val,
+                "total_steps": self.total_steps,
                 "rng": rng, "config": self.cfg.to_dict(), "backbone": backbone_identity(self.model),
             }, self.out / "last.pt")
 
 
-def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
-                 eq_gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss."""
+def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, eq_gen: torch.Generator,
+                 health: ConceptHealth | None = None) -> tuple[torch.Tensor, dict]:
+    """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss;
+    ``health`` accumulates the clean batch's concept maps."""
     model = getattr(net, "module", net)  # under DDP, the wrapped model
     b = x.shape[0]
     theta = None
@@ -378,6 +413,8 @@ def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
     warped = None
     if theta is not None:
         out, warped = _split_output(out, b)
+    if health is not None:
+        health.add(out.maps)
     return ivpt_losses(out, y, cfg.loss, warped_out=warped, theta=theta)
 
 
@@ -412,9 +449,8 @@ class _Window:
             v = v.detach().float().to(self.device)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def flush(self, epoch: int, step: int, optimizer: torch.optim.Optimizer, t_start: float) -> dict:
+    def flush(self, epoch: int, step: int, lrs: dict[str, float], t_start: float) -> dict:
         now = time.perf_counter()
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
                "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
                "img_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start}
@@ -423,6 +459,10 @@ class _Window:
         row.update({k: v / max(self.n, 1) for k, v in zip(names, values)})
         self.reset(now)
         return row
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
 def _rng_state(eq_gen: torch.Generator) -> dict:
@@ -443,26 +483,32 @@ def _set_rng_state(state: dict, eq_gen: torch.Generator) -> None:
 
 
 class _CsvLog:
-    """Append-only CSV log (rank 0); a resumed run keeps writing to the same file."""
+    """Append-only CSV log (rank 0). The header is written with the first row (when the run's columns are
+    known); a resumed run keeps writing under the header already in the file."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        new = not path.exists()
-        self.file = path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
-        if new:
-            self.writer.writeheader()
+        self.path, self.enabled = path, enabled
+        self.file = self.writer = None
 
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-            self.file.flush()
+    def write(self, row: dict, fields: list[str]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is None:
+            existing = self.path.is_file() and self.path.stat().st_size > 0
+            if existing:
+                with self.path.open(newline="") as f:
+                    fields = next(csv.reader(f), fields)
+            self.file = self.path.open("a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+            if not existing:
+                self.writer.writeheader()
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.file is not None:
             self.file.close()
+            self.file = self.writer = None
 
 
 class _Tensorboard:

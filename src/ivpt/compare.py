@@ -1,0 +1,217 @@
+"""``ivpt compare``: several model kinds x seeds trained under ONE config (one recipe, one step budget, one
+dataset), every run evaluated with ONE protocol, and the paper's Table 1 written from the results.
+
+Layout of the output folder ``OUT``::
+
+    runs/<kind>-seed<k>/   an ``ivpt train`` run folder per kind and seed, with its eval.json (test split)
+    compare.json           every run's training metrics, evaluation and config, and the per-kind summary
+    compare.md             method | runs | consistency | stability | top-1 | NMI | ARI | KPR: mean ± std over seeds
+    compare.png / .svg     top-1 against consistency, one marker per run, one colour per kind
+
+Running again into the same ``OUT`` skips finished runs (``metrics.json`` and ``eval.json`` present), resumes
+interrupted ones from their ``last.pt`` and refuses a run folder whose config differs. :func:`tabulate` builds the
+same outputs from existing run folders without training. One process; the device is ``train.device``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .checkpoint import atomic_write, atomic_write_text
+from .config import MODEL_KINDS, Config, ConfigError
+from .engine import load_run_config, train
+from .engine.trainer import config_changes
+from .eval import evaluate_checkpoint
+from .runs import run_config
+
+__all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name"]
+
+# (eval.json key, column title) of the table, in the paper's order; scores in percent, KPR lower is better.
+TABLE_COLUMNS = (("consistency", "consistency"), ("stability", "stability"), ("top1", "top-1"),
+                 ("nmi", "NMI"), ("ari", "ARI"), ("kpr", "KPR ↓"))
+# Config keys a finished run may differ in and still belong to the comparison: where it ran, not what it computed.
+IGNORED_CHANGES = frozenset({"train.device", "data.num_workers"})
+DASH = "–"
+
+
+class CompareError(ConfigError):
+    """The runs to compare do not form one comparison (other config, protocol or dataset); the message says why."""
+
+
+def run_name(kind: str, seed: int) -> str:
+    return f"{kind}-seed{seed}"
+
+
+def compare(cfg: Config, out: str | Path, *, kinds: Sequence[str], seeds: Sequence[int], progress: bool = True,
+            say: Callable[[str], None] = print) -> dict:
+    """Train and evaluate every kind x seed of ``cfg`` under ``out/runs/`` (reusing what is done), then write the
+    comparison files; returns the content of ``compare.json``. ``say`` gets one line per run start and end."""
+    unknown = [k for k in kinds if k not in MODEL_KINDS]
+    if unknown or not kinds:
+        raise CompareError(f"kinds {unknown or '(none)'}: choose from {', '.join(MODEL_KINDS)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CompareError(f"seeds {list(seeds)} must be distinct and at least one, e.g. 0,1,2")
+    out = Path(out)
+    plan = [(cfg.with_overrides([f"model.kind={k}", f"train.seed={s}"]), out / "runs" / run_name(k, s))
+            for k in kinds for s in seeds]
+    for run_cfg, run_dir in plan:  # every folder checked before any training starts
+        _check_same_config(run_cfg, run_dir)
+    t0 = time.perf_counter()
+    records = []
+    for i, (run_cfg, run_dir) in enumerate(plan, 1):
+        records.append(_run_one(run_cfg, run_dir, f"[{i}/{len(plan)}]", progress, say))
+    say(f"all {len(plan)} runs ready in {time.perf_counter() - t0:.1f}s")
+    return _write(records, out, config=cfg.to_dict())
+
+
+def tabulate(run_dirs: Sequence[str | Path], out: str | Path) -> dict:
+    """The comparison files of existing run folders (each with config.yaml and eval.json) in ``out``, without
+    training; returns the content of ``compare.json``."""
+    if not run_dirs:
+        raise CompareError("no run folders to tabulate")
+    return _write([_read_run(Path(d)) for d in run_dirs], Path(out), config=None)
+
+
+def _check_same_config(cfg: Config, run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        return
+    changed = [k for k in config_changes(load_run_config(run_dir), cfg) if k not in IGNORED_CHANGES]
+    if changed:
+        raise CompareError(f"{run_dir} holds a run with another config ({', '.join(changed)}); pass another --out, "
+                           f"or delete {run_dir} to train it again")
+
+
+def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable[[str], None]) -> dict:
+    name, t0 = run_dir.name, time.perf_counter()
+    if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
+        say(f"{tag} {name}: finished earlier, reusing {run_dir}")
+        return _read_run(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        resume = (run_dir / "last.pt").is_file()
+        say(f"{tag} {name}: {'resuming' if resume else 'training'} {cfg.model.kind}, seed {cfg.train.seed} "
+            f"-> {run_dir}")
+        train(cfg, run_dir, resume=resume, progress=progress)
+    else:
+        say(f"{tag} {name}: trained earlier, evaluating {run_dir / 'best'}")
+    ckpt_cfg, meta = run_config(run_dir / "best")
+    result = evaluate_checkpoint(run_dir / "best", ckpt_cfg, meta, split="test", progress=progress)
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    record = _read_run(run_dir)
+    scores = ", ".join(f"{title} {_fmt(record['eval'].get(key))}" for key, title in TABLE_COLUMNS[:3])
+    say(f"{tag} {name}: done in {time.perf_counter() - t0:.1f}s: {scores}")
+    return record
+
+
+def _read_run(run_dir: Path) -> dict:
+    """One run folder as a compare.json entry: kind, seed, folder, config, metrics.json and eval.json."""
+    missing = [n for n in ("config.yaml", "eval.json") if not (run_dir / n).is_file()]
+    if missing:
+        raise CompareError(f"{run_dir} has no {' or '.join(missing)}; train it (`ivpt train`) and evaluate it "
+                           f"(`ivpt eval {run_dir / 'best'}`) first")
+    cfg = load_run_config(run_dir)
+    metrics = run_dir / "metrics.json"
+    return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
+            "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
+            "eval": json.loads((run_dir / "eval.json").read_text()), "config": cfg.to_dict()}
+
+
+def summarise(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per kind (in order of appearance) and table column: mean, sample std (ddof=1; None for one run), n and
+    the values over the runs that have the score. A kind without the score has no entry for it."""
+    summary: dict[str, dict[str, dict]] = {}
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        summary[kind] = {}
+        for key, _ in TABLE_COLUMNS:
+            values = [float(r["eval"][key]) for r in records if r["kind"] == kind and r["eval"].get(key) is not None]
+            if values:
+                summary[kind][key] = {"mean": float(np.mean(values)),
+                                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                      "n": len(values), "values": values}
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return DASH if value is None else f"{value:.1f}"
+
+
+def _cell(stat: dict | None) -> str:
+    if stat is None:
+        return DASH
+    return _fmt(stat["mean"]) + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "")
+
+
+def format_markdown(result: dict) -> str:
+    """compare.md: the per-kind table (mean ± std over seeds), how it was measured, then every run."""
+    runs, summary = result["runs"], result["summary"]
+    first = runs[0]["eval"]
+    stage = first.get("stage")
+    lines = ["# Comparison", "",
+             f"Test split of {first['data']['format']} at {first['data']['root']} ({first['data']['images']} images); "
+             f"eval.protocol={first.get('eval_protocol')}"
+             + (f"; interpretability at stage {stage['index']} ({stage['n_pro']} prototypes)" if stage else "")
+             + f". Mean ± sample std over seeds, in percent; {DASH}: the method has no such score.", "",
+             "| method | runs | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(TABLE_COLUMNS)]
+    for kind, stats in summary.items():
+        n = sum(r["kind"] == kind for r in runs)
+        lines.append(f"| {kind} | {n} | " + " | ".join(_cell(stats.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    lines += ["", "| run | steps | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+              "|---|---:|" + "---:|" * len(TABLE_COLUMNS)]
+    for r in runs:
+        steps = (r["metrics"] or {}).get("steps", DASH)
+        lines.append(f"| {run_name(r['kind'], r['seed'])} | {steps} | "
+                     + " | ".join(_fmt(r["eval"].get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_one_protocol(records: list[dict]) -> None:
+    def distinct(what: Callable[[dict], object]) -> list:
+        return list(dict.fromkeys(json.dumps(what(r["eval"]), sort_keys=True) for r in records))
+
+    for label, what in (("evaluation protocols", lambda e: {k: v for k, v in (e.get("protocol") or {}).items()
+                                                          if k != "batch_size"}),
+                        ("test sets", lambda e: {k: e["data"][k] for k in ("root", "split", "format")})):
+        found = distinct(what)
+        if len(found) > 1:
+            raise CompareError(f"the runs were evaluated with {len(found)} different {label} ({'; '.join(found)}); "
+                               "re-evaluate them alike with `ivpt eval` before tabulating")
+    names = [run_name(r["kind"], r["seed"]) for r in records]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CompareError(f"more than one run of {', '.join(twice)}; a comparison holds one run per kind and seed")
+
+
+def _write(records: list[dict], out: Path, *, config: dict | None) -> dict:
+    _check_one_protocol(records)
+    result = {"config": config, "kinds": list(dict.fromkeys(r["kind"] for r in records)),
+              "seeds": sorted({r["seed"] for r in records}), "summary": summarise(records), "runs": records}
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "compare.md", format_markdown(result))
+    _plot(result, out)
+    return result
+
+
+def _plot(result: dict, out: Path) -> None:
+    """compare.png and compare.svg: top-1 against consistency, one marker per run, one colour per kind."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.add_subplot()
+    for i, kind in enumerate(result["kinds"]):
+        points = [(r["eval"]["consistency"], r["eval"]["top1"]) for r in result["runs"]
+                  if r["kind"] == kind and r["eval"].get("consistency") is not None and "top1" in r["eval"]]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color=colours[i % len(colours)], s=36,
+                   label=kind if points else f"{kind} (no consistency)")
+    ax.set_xlabel("consistency (%)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    atomic_write(out / "compare.png", lambda p: fig.savefig(p, format="png", dpi=150, bbox_inches="tight"))
+    atomic_write(out / "compare.svg", lambda p: fig.savefig(p, format="svg", bbox_inches="tight",
+                                                          metadata={"Date": None}))

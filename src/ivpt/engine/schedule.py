@@ -1,0 +1,93 @@
+"""Learning-rate schedules defined on training progress: a pure function of the optimiser step.
+
+Every parameter group's rate at optimiser step ``s`` (0-based: the ``s``-th step of the run) is its peak rate
+(``base_lr x`` the group's multiplier) times :func:`lr_factor`. With ``T`` total steps (:func:`total_steps`),
+``E`` steps per epoch and ``W = round(optim.warmup x T)`` warm-up steps::
+
+    lr_factor(s) = warm(s) x decay(s)
+    warm(s)      = min(1, (s + 1) / W)                     (1 when W = 0)
+    decay(s)     = gamma ** floor(floor(s / E) / step_epochs)   schedule = step
+                 = (1 + cos(pi x min(1, max(0, s - W) / max(1, T - W)))) / 2   schedule = cosine
+                 = 1                                        schedule = constant
+
+``schedule=step`` with ``warmup=0`` is the paper's per-epoch step decay: during epoch ``e`` every step runs at
+``gamma ** (e // step_epochs)`` of the peak, what ``StepLR(step_size=step_epochs)`` stepped once per epoch gives.
+The trainer applies the factor through :class:`torch.optim.lr_scheduler.LambdaLR` stepped after every optimiser
+step; its state (the step count) is saved in ``last.pt``, so a resumed run continues on the same curve.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import OptimConfig
+
+__all__ = ["total_steps", "warmup_steps", "lr_factor", "depends_on_total", "build_scheduler",
+           "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
+
+# Fewer optimiser steps than this above half the peak rate: concepts rarely form (SPEC section 6), so warn.
+FULL_RATE_MIN_STEPS = 500
+
+
+def total_steps(optim: OptimConfig, steps_per_epoch: int, max_steps: int = 0) -> int:
+    """Optimiser steps of the whole run: ``epochs x steps_per_epoch``, or ``max_steps`` when set and smaller."""
+    total = optim.epochs * steps_per_epoch
+    return min(total, max_steps) if max_steps else total
+
+
+def warmup_steps(total: int, optim: OptimConfig) -> int:
+    """``W = round(optim.warmup x total)``: the steps over which the rate rises to its peak."""
+    return round(optim.warmup * total)
+
+
+def lr_factor(step: int, total: int, steps_per_epoch: int, optim: OptimConfig) -> float:
+    """Multiplier of every group's peak rate at optimiser step ``step`` (0-based) of a ``total``-step run with
+    ``steps_per_epoch`` steps per epoch; the formulas are in the module docstring."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} must be at least 1")
+    w = warmup_steps(total, optim)
+    warm = min(1.0, (step + 1) / w) if w else 1.0
+    if optim.schedule == "step":
+        decay = optim.gamma ** ((step // steps_per_epoch) // optim.step_epochs)
+    elif optim.schedule == "cosine":
+        progress = min(1.0, max(0, step - w) / max(1, total - w))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0
+    return warm * decay
+
+
+def depends_on_total(optim: OptimConfig) -> bool:
+    """Whether the curve changes with the run's total steps (so a resume must keep epochs and max_steps)."""
+    return optim.schedule == "cosine" or optim.warmup > 0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoch: int,
+                    optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR that sets every group to its peak rate x :func:`lr_factor`; step it after each
+    optimiser step. Building it sets the rates of step 0."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, steps_per_epoch, optim))
+
+
+def steps_above_half_peak(total: int, steps_per_epoch: int, optim: OptimConfig,
+                          *, stop_at: int | None = None) -> int:
+    """How many of the ``total`` steps run at more than half the peak rate (counting stops at ``stop_at``)."""
+    count = 0
+    for step in range(total):
+        count += lr_factor(step, total, steps_per_epoch, optim) > 0.5
+        if stop_at is not None and count >= stop_at:
+            break
+    return count
+
+
+def schedule_warning(total: int, steps_per_epoch: int, optim: OptimConfig) -> str | None:
+    """One line when fewer than :data:`FULL_RATE_MIN_STEPS` steps run above half the peak rate, else None."""
+    high = steps_above_half_peak(total, steps_per_epoch, optim, stop_at=FULL_RATE_MIN_STEPS)
+    if high >= FULL_RATE_MIN_STEPS:
+        return None
+    return (f"the schedule leaves {high} of {total} optimiser steps above half the peak learning rate "
+            f"(optim.schedule={optim.schedule}, {steps_per_epoch} steps per epoch); with fewer than "
+            f"{FULL_RATE_MIN_STEPS} the concepts may not form: train longer"
+            + (" or use optim.schedule=cosine" if optim.schedule != "cosine" else ""))
