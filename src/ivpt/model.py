@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import PretrainedMixin
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, check_img_size
 from .prototypes import ConceptStage, region_pool, renormalise
 
 __all__ = ["IVPT", "IVPTOutput", "build_backbone", "create_model"]
@@ -58,6 +58,7 @@ def build_backbone(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module
         backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.backbone={cfg.backbone!r}: {exc}") from exc
+    check_img_size(cfg, backbone.patch_embed.patch_size)
     from .weights import load_backbone_weights, resolve_backbone
 
     state, resolved = resolve_backbone(cfg.backbone, cfg.weights if weights is None else weights)
