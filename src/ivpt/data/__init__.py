@@ -69,9 +69,17 @@ def dataset_class(fmt: str) -> type[Dataset]:
 def open_dataset(data: DataConfig, split: str, transform: Callable | None = None,
                  indices: Sequence[int] | None = None, *, with_parts: bool = False, bbox_crop: bool = False,
                  root: str | None = None) -> Dataset:
-    """Split ``split`` of the dataset at ``root`` (default ``data.root``) read as ``data.format``."""
-    return dataset_class(data.format)(root or data.root, split, transform, indices, with_parts=with_parts,
-                                      bbox_crop=bbox_crop)
+    """Split ``split`` of the dataset at ``root`` (default ``data.root``) read as ``data.format``.
+
+    A split without images is a :class:`DatasetError` naming the split and folder (nothing can be trained or
+    measured on it); a subset by ``indices`` may be empty."""
+    dataset = dataset_class(data.format)(root or data.root, split, transform, indices, with_parts=with_parts,
+                                         bbox_crop=bbox_crop)
+    if indices is None and len(dataset) == 0:
+        raise DatasetError(f"the {split} split of {getattr(dataset, 'root', root or data.root)} has no images; "
+                           f"fix the split annotation of data.format={data.format} (e.g. train_test_split.txt for "
+                           "cub) so that it lists some, or choose another split")
+    return dataset
 
 
 @dataclass

@@ -24,6 +24,7 @@ __all__ = [
     "collate_skip_corrupt",
     "corrupt_count",
     "load_image",
+    "read_utf8",
     "report_missing",
     "reset_corrupt_count",
 ]
@@ -111,6 +112,19 @@ def collate_skip_corrupt(batch: Sequence[dict[str, Any] | None]) -> dict[str, An
         return None
     keys = [k for k in kept[0] if all(k in item for item in kept[1:])]
     return default_collate([{k: item[k] for k in keys} for item in kept])
+
+
+def read_utf8(path: Path) -> str:
+    """The text of annotation file ``path``; a byte that is not UTF-8 is a :class:`DatasetError` naming the file,
+    line and column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(f"{path}, line {lineno}, column {column}: byte {data[exc.start]:#04x} is not UTF-8; "
+                           "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def report_missing(paths: Sequence[Path], what: str) -> None:
