@@ -37,6 +37,7 @@ from .metrics import (
     concepts_at_keypoints,
     discovery_input,
     keypoint_hits,
+    no_data_reasons,
     part_frame_keypoints,
     to_bbox_frame,
 )
@@ -98,7 +99,7 @@ def evaluate(
     """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
     from tqdm.auto import tqdm
 
-    from .data import build_eval_transform, open_dataset
+    from .data import build_eval_transform, corrupt_count_all, open_dataset, reset_corrupt_count
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
@@ -117,6 +118,7 @@ def evaluate(
     if has_maps and chosen not in stage_ids:
         chosen = stage_ids[-1]
     t0 = time.perf_counter()
+    reset_corrupt_count()  # corrupt_images_skipped counts the files this evaluation could not read
     # Boxes stay unclipped by the centre crop: keypoint regression clips them per eval.protocol.
     transform = build_eval_transform(cfg.data, cfg.model.img_size, clip_box=False)
     bar = dict(disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
@@ -135,6 +137,8 @@ def evaluate(
         # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
         fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
         for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
+            if batch is None:  # every image of the batch was unreadable (counted)
+                continue
             out = forward(discovery_input(batch["image"], cfg.data.mean, cfg.data.std, e.protocol))
             hw = tuple(batch["image"].shape[-2:])
             y = to_bbox_frame(batch["keypoints"].float(), batch["bbox"].float(), hw, protocol=e.protocol)
@@ -161,6 +165,8 @@ def evaluate(
     # The reference's foreground IoU upsamples with align_corners=True (PDiscoFormer's evaluation).
     iou = {s: FgIoUMeter(align_corners=e.protocol == "reference") for s in stage_ids} if "fg_iou" in active else {}
     for batch in tqdm(eval_loader(dataset, cfg, info), desc=f"evaluate ({split})", **bar):
+        if batch is None:
+            continue
         out = forward(batch["image"])
         acc.update(out.logits.float().cpu(), batch["label"])
         if not parts_needed:
@@ -194,6 +200,8 @@ def evaluate(
         num_kp = len(crops.part_names)
         part = {s: PartMeter(cfg.model.num_classes, n_pro[s] - 1, num_kp, threshold=e.threshold) for s in stage_ids}
         for batch in tqdm(eval_loader(crops, cfg, info), desc="consistency/stability", **bar):
+            if batch is None:
+                continue
             images = batch["image"]
             b = images.shape[0]
             if noisy:
@@ -232,10 +240,13 @@ def evaluate(
         if s in pmask:
             row.update(pmask[s].compute())
         if s in kerr:
-            row["kpr"] = kerr[s].compute()["kp_error"]
+            row.update({"kpr": v for k, v in kerr[s].compute().items() if k == "kp_error"})
         if s in iou:
-            row["fg_iou"] = iou[s].compute()["fg_iou"]
+            row.update({k: v for k, v in iou[s].compute().items() if k == "fg_iou"})
         per_stage.append(row)
+    # A metric with no data (e.g. no visible keypoint) is absent with its reason, never 0 or 100.
+    scored = [acc, *(m[chosen] for m in (part, cont, pmask, kerr, iou) if chosen in m)]
+    skipped.update({m: r for m, r in no_data_reasons(scored).items() if m in requested and m not in skipped})
     if chosen is not None:
         top = next(r for r in per_stage if r["stage"] == chosen)
         result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
@@ -244,7 +255,8 @@ def evaluate(
     result["eval_protocol"] = e.protocol  # corrected | reference: which way every interpretability score was measured
     result["protocol"] = asdict(e)
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
-                      "images": len(dataset), "num_classes": cfg.model.num_classes}
+                      "images": acc.images, "images_listed": len(dataset), "num_classes": cfg.model.num_classes,
+                      "corrupt_images_skipped": corrupt_count_all()}
     result["metrics_requested"] = sorted(requested)
     if cont or pmask:
         result["nmi_ari_from"] = "keypoints" if cont else "part masks"

@@ -82,14 +82,14 @@ def _log_to_stderr() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a bad input or state and say what to do: one line and exit 2, no traceback."""
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, OutputError
     from ..config import ConfigError
     from ..data import DatasetError
     from ..engine import TrainingError
     from ..runtime import DistributedError
     from ..weights import WeightsError
 
-    return (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError, DistributedError)
+    return (ConfigError, DatasetError, CheckpointError, OutputError, WeightsError, TrainingError, DistributedError)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .common import (
     MissingFileError,
     collate_skip_corrupt,
     corrupt_count,
+    corrupt_count_all,
     reset_corrupt_count,
 )
 from .base import AnnotatedDataset, Records
@@ -50,6 +51,7 @@ __all__ = [
     "build_train_transform",
     "collate_skip_corrupt",
     "corrupt_count",
+    "corrupt_count_all",
     "read_cub",
     "reset_corrupt_count",
     "stratified_split",

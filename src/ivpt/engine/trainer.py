@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import random
@@ -36,6 +37,8 @@ from ..checkpoint import (
     atomic_write_text,
     backbone_identity,
     check_backbone,
+    check_output_folder,
+    remove_stale_temporaries,
     load_adapter_state,
     load_pretrained,
     read_pretrained_config,
@@ -83,7 +86,12 @@ def load_run_config(out: str | Path) -> Config:
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    return Config.from_dict(yaml.safe_load(path.read_text()))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"cannot resume: {path} is not valid YAML ({exc}); restore it from the checkpoint's "
+                            "config or start a new run with --out") from None
+    return Config.from_dict(data if isinstance(data, dict) else {})
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
@@ -102,6 +110,8 @@ class Trainer:
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
         state = self._read_resume_state() if resume else None  # read and checked before anything is written
+        if self.info.is_main:
+            check_output_folder(self.out)  # a folder that cannot take the results fails now, not after training
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -149,7 +159,10 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused,
             )
-        self.log = _CsvLog(self.out / "log.csv", self.info.is_main)
+        if state is not None and self.info.is_main:
+            remove_stale_temporaries(self.out)  # left by a kill inside an atomic write
+            remove_stale_temporaries(self.out / "best")
+        self.log = _CsvLog(self.out / "log.csv", self.info.is_main, last_step=None if state is None else self.step)
         self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
         self.window = _Window(self.device)
         self.t_start = time.perf_counter()
@@ -293,7 +306,7 @@ class Trainer:
             self.scheduler.step()
         val = None
         if self.data.val is not None:
-            val = evaluate_accuracy(self.model, self.data.val, self.cfg, self.info, progress=False)["top1"]
+            val = self._top1(self.data.val, "validation")
         improved = val is None or val > self.best_val
         if improved:
             self.best_val = val if val is not None else self.best_val
@@ -311,14 +324,14 @@ class Trainer:
 
     def finish(self) -> dict:
         """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""
-        from ..data import corrupt_count
+        from ..data import corrupt_count_all
 
         R.barrier()  # rank 0 has written best/
         _, meta = read_pretrained_config(self.out / "best")
         load_pretrained(self.model, self.out / "best", meta=meta)
         test = evaluate_accuracy(self.model, self.data.test, self.cfg, self.info,
                                  progress=self.progress and self.info.is_main)
-        skipped = R.all_reduce_sum(torch.tensor([float(corrupt_count())], device=self.device))
+        self._top1(None, "test", test)
         metrics = {
             "test_top1": test["top1"] / 100,
             "test_top5": test["top5"] / 100,
@@ -330,7 +343,7 @@ class Trainer:
             "steps": self.step,
             "train_images": len(self.train_set),
             "test_images": len(self.data.test),
-            "corrupt_images_skipped": int(skipped.item()),
+            "corrupt_images_skipped": corrupt_count_all(),
             "seconds": time.perf_counter() - self.t_start,
         }
         if self.info.is_main:
@@ -339,6 +352,16 @@ class Trainer:
 
     def close(self) -> None:
         R.teardown()
+
+    def _top1(self, dataset: Any, name: str, scores: dict | None = None) -> float:
+        """Top-1 of ``dataset`` (or the given ``scores``); a split of which no image could be read is an error,
+        never a NaN in metrics.json."""
+        if scores is None:
+            scores = evaluate_accuracy(self.model, dataset, self.cfg, self.info, progress=False)
+        if "top1" not in scores:
+            raise TrainingError(f"no image of the {name} split of {self.cfg.data.root} could be read (all "
+                                "corrupt, see the warnings above); replace the unreadable files")
+        return scores["top1"]
 
     # ------------------------------------------------------------------------------------------ logs, state
     def emit(self, epoch: int) -> dict:
@@ -441,12 +464,23 @@ def _set_rng_state(state: dict, eq_gen: torch.Generator) -> None:
 
 
 class _CsvLog:
-    """Append-only CSV log (rank 0); a resumed run keeps writing to the same file."""
+    """Append-only CSV log (rank 0); a resumed run keeps writing to the same file, first dropping the rows after
+    ``last_step`` (the checkpoint's step: a killed run logged steps that the resumed run computes again)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, *, last_step: int | None = None) -> None:
         self.enabled = enabled
         if not enabled:
             return
+        if last_step is not None and path.exists():
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
+            if len(kept) != len(rows):
+                text = io.StringIO(newline="")
+                writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+                atomic_write_text(path, text.getvalue())
         new = not path.exists()
         self.file = path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
