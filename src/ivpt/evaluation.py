@@ -234,7 +234,7 @@ def evaluate(
         row: dict = {"stage": s, "n_pro": n_pro[s] if n_pro else None}
         if s in part:
             scores = part[s].compute()
-            row.update({k: scores[k] for k in ("consistency", "stability") if k in active})
+            row.update({k: scores[k] for k in ("consistency", "stability") if k in active and k in scores})
         if s in cont:
             row.update(cont[s].compute())
         if s in pmask:
