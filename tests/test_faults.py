@@ -62,8 +62,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def _one_line_error(capsys, code: int) -> str:
     captured = capsys.readouterr()
     assert code == 2, captured
-    assert captured.err.startswith("error: ") and "Traceback" not in captured.err, captured.err
-    return captured.err
+    # The library's warnings (e.g. skipped corrupt images) may come first; the error is the rest, once.
+    assert captured.err.count("error: ") == 1 and "Traceback" not in captured.err, captured.err
+    message = captured.err[captured.err.index("error: "):]
+    assert message == captured.err or captured.err[captured.err.index("error: ") - 1] == "\n", captured.err
+    return message
 
 
 def _replace_line(path: Path, lineno: int, text: str) -> None:
@@ -101,6 +104,18 @@ def test_empty_test_split_is_an_error_in_eval_and_train(world, run, tmp_path, ca
     code = main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"])
     assert f"the test split of {data} has no images" in _one_line_error(capsys, code)
     assert not (tmp_path / "r" / "metrics.json").exists() and not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_unreadable_test_split_fails_train_instead_of_nan(world, tmp_path, capsys):
+    data = _copy(world, tmp_path / "pw")
+    test = CubDataset(data, "test")
+    for row in test._rows:
+        test.records.paths[row].write_bytes(b"junk")
+    cfg = _write_config(tmp_path / "cfg.yaml", data, optim=dict(epochs=1))
+    err = _one_line_error(capsys, main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"]))
+    assert f"no image of the test split of {data} could be read" in err and "replace the unreadable files" in err
+    assert not (tmp_path / "r" / "metrics.json").exists()
+    assert (tmp_path / "r" / "last.pt").is_file() and (tmp_path / "r" / "best" / "model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------- 2. a failed --resume
