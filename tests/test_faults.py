@@ -321,6 +321,20 @@ def test_eval_refuses_an_unwritable_out_before_evaluating(run, tmp_path, capsys,
     assert f"cannot write to output folder {blocker / 'ev'}" in err and "choose another folder" in err
 
 
+def test_report_refuses_an_unwritable_out_before_its_passes(run, world, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    import ivpt.explain.report
+
+    def never(*args, **kwargs):
+        raise AssertionError("ran the report passes although the output folder is unwritable")
+
+    monkeypatch.setattr(ivpt.explain.report, "report_checkpoint", never)
+    err = _one_line_error(capsys, main(["report", str(run / "best"), "--data", str(world), "--out",
+                                        str(blocker / "rep"), "--weights", "random", "--device", "cpu"]))
+    assert f"cannot write to output folder {blocker / 'rep'}" in err
+
+
 def test_eval_prints_results_before_a_failing_write(run, tmp_path, capsys, monkeypatch):
     import ivpt.checkpoint
 
