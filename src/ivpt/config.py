@@ -454,7 +454,9 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
             return float(raw)
         return raw
     except ValueError as exc:
-        raise ConfigError(f"override {item!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}: {exc}")
+        expected = {int: "a whole number, e.g. 5", float: "a number, e.g. 0.001"}.get(hint, str(exc))
+        raise ConfigError(f"override {item!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}; give "
+                          f"{expected}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from .. import runtime as R
 from ..checkpoint import (
     CheckpointError,
+    OutputError,
     adapter_state,
     atomic_torch_save,
     atomic_write_text,
@@ -110,8 +111,7 @@ class Trainer:
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
         state = self._read_resume_state() if resume else None  # read and checked before anything is written
-        if self.info.is_main:
-            check_output_folder(self.out)  # a folder that cannot take the results fails now, not after training
+        self._check_output_folder()
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -207,6 +207,17 @@ class Trainer:
         _set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0], self.eq_gen)
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    def _check_output_folder(self) -> None:
+        """Rank 0 checks that ``out`` takes files before any work; every rank stops if it does not."""
+        problem = None
+        if self.info.is_main:
+            try:
+                check_output_folder(self.out)
+            except OutputError as exc:
+                problem = exc
+        if R.any_true(torch.tensor(problem is not None, device=self.device)):
+            raise problem or OutputError(f"rank 0 cannot write to the run folder {self.out}")
 
     # ----------------------------------------------------------------------------------------------- the run
     def fit(self) -> dict:
