@@ -58,7 +58,9 @@ def build_backbone(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module
         backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.backbone={cfg.backbone!r}: {exc}") from exc
-    check_img_size(cfg, backbone.patch_embed.patch_size)
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch is not None:  # not a ViT: refused with its own message by the model
+        check_img_size(cfg, patch)
     from .weights import load_backbone_weights, resolve_backbone
 
     state, resolved = resolve_backbone(cfg.backbone, cfg.weights if weights is None else weights)
