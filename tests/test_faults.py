@@ -296,6 +296,21 @@ def test_unknown_class_id_names_file_and_line(world, tmp_path, capsys):
     assert "fix the id or add the class to classes.txt" in err and "num_classes" not in err
 
 
+def test_eval_on_a_dataset_with_another_class_count_is_named(world, run, tmp_path, capsys):
+    data = _copy(world, tmp_path / "pw")
+    with (data / "classes.txt").open("a") as handle:
+        handle.write("4 a_fourth_class\n")
+    test = CubDataset(data, "test")
+    image_id = test.meta.image_ids[test._rows[0]]
+    labels = data / "image_class_labels.txt"
+    lineno = next(i for i, line in enumerate(labels.read_text().splitlines(), 1) if line.split()[0] == image_id)
+    _replace_line(labels, lineno, f"{image_id} 4")
+    err = _one_line_error(capsys, main(["eval", str(run / "best"), "--data", str(data), "--out",
+                                        str(tmp_path / "ev"), "--no-progress"]))
+    assert err == (f"error: the dataset at {data} has 4 classes but the model has 3 (model.num_classes); evaluate "
+                   "it on the dataset it was trained on (--data ROOT), or check the class files of this one\n")
+
+
 @pytest.mark.parametrize("box,problem", [("nan 1 10 10", "is not finite"), ("1 1 -5 10", "both must be > 0")])
 def test_bad_bounding_box_names_file_and_line(world, tmp_path, capsys, box, problem):
     data = _copy(world, tmp_path / "pw")

@@ -99,7 +99,7 @@ def evaluate(
     """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
     from tqdm.auto import tqdm
 
-    from .data import build_eval_transform, corrupt_count_all, open_dataset, reset_corrupt_count
+    from .data import build_eval_transform, check_num_classes, corrupt_count_all, open_dataset, reset_corrupt_count
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
@@ -134,6 +134,7 @@ def evaluate(
     regressors = {}
     if "kpr" in active:
         train_set = open_dataset(cfg.data, "train", transform, with_parts=True)
+        check_num_classes(train_set, cfg.model.num_classes, "the model")
         # Meters are created up front, identically on every rank, so the all-reduces below always pair up.
         fit = {s: KeypointFitMeter(2 * (n_pro[s] - 1), len(train_set.part_names)) for s in stage_ids}
         for batch in tqdm(eval_loader(train_set, cfg, info), desc="kpr fit (train)", **bar):
@@ -152,6 +153,7 @@ def evaluate(
 
     # ---- full pass: accuracy, NMI/ARI, keypoint error, foreground IoU
     dataset = open_dataset(cfg.data, split, transform, with_parts=parts_needed)
+    check_num_classes(dataset, cfg.model.num_classes, "the model")
     if "fg_iou" in active and not dataset.has_fg_masks:
         skipped["fg_iou"] = f"{cfg.data.format} at {cfg.data.root} has no foreground mask for every {split} image"
         active.discard("fg_iou")

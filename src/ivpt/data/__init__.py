@@ -45,6 +45,7 @@ __all__ = [
     "Records",
     "Sample",
     "build_datasets",
+    "check_num_classes",
     "dataset_class",
     "open_dataset",
     "build_eval_transform",
@@ -82,6 +83,15 @@ def open_dataset(data: DataConfig, split: str, transform: Callable | None = None
                            f"fix the split annotation of data.format={data.format} (e.g. train_test_split.txt for "
                            "cub) so that it lists some, or choose another split")
     return dataset
+
+
+def check_num_classes(dataset: Dataset, num_classes: int, what: str) -> None:
+    """Refuse to score ``dataset`` with a head of ``num_classes`` outputs (``what`` names the model) when the
+    dataset's classes differ: labels beyond the head would fail, fewer classes would score a wrong problem."""
+    if dataset.num_classes != num_classes:
+        raise DatasetError(f"the dataset at {getattr(dataset, 'root', '?')} has {dataset.num_classes} classes but "
+                           f"{what} has {num_classes} (model.num_classes); evaluate it on the dataset it was "
+                           "trained on (--data ROOT), or check the class files of this one")
 
 
 @dataclass

@@ -51,7 +51,7 @@ class CorruptImageCounter:
 
     The files seen are marks in a small shared-memory bitmap indexed by a hash of the path (setting a mark is
     idempotent, so concurrent workers cannot double-count or lose one; two corrupt files would count once only if
-    their hashes collided, about one chance in 10^5 per pair). Datasets keep a reference to the counter, so it
+    their hashes collided, about one chance in a million per pair). Datasets keep a reference to the counter, so it
     reaches workers started with ``fork`` (inherited mapping) as well as with ``spawn`` or ``forkserver`` (torch
     passes shared storage between processes). A plain ``pickle``/``deepcopy`` copies it.
     """
