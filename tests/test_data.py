@@ -264,7 +264,7 @@ def test_corrupt_image_gives_none_counts_and_collate_drops_it(cub, caplog):
     batch = collate_skip_corrupt([data[i] for i in range(3)])
     assert batch["label"].tolist() == [0, 1] and batch["index"].tolist() == [1, 2]
     assert collate_skip_corrupt([None, None]) is None
-    assert corrupt_count() == 2
+    assert corrupt_count() == 1  # the same file read twice counts once
     reset_corrupt_count()
     assert corrupt_count() == 0
 

@@ -148,7 +148,8 @@ def test_accuracy_meter_merge_and_all_reduce():
     assert int(whole.total.sum()) == 0
     whole.load_state_dict(state)
     assert int(whole.total.sum()) == 80
-    assert math.isnan(AccuracyMeter(3).compute()["top1"])
+    empty = AccuracyMeter(3)
+    assert empty.compute() == {} and empty.no_data()["top1"] == "no image was classified"
 
 
 # --------------------------------------------------------------------------------- consistency / stability
@@ -229,7 +230,8 @@ def test_consistency_mixed_with_visibility_denominator():
     for idx in order.split(3):
         meter.update(hits[idx], visible[idx], labels[idx])
     assert meter.compute()["consistency"] == pytest.approx(50.0)
-    assert math.isnan(meter.compute()["stability"])  # no noisy hits given
+    assert "stability" not in meter.compute()  # no noisy hits given: absent, with its reason
+    assert meter.no_data() == {"stability": "no noisy pass was evaluated"}
     assert meter.per_prototype()["consistency"] == pytest.approx([100.0, 50.0, 0.0])
 
 

@@ -22,6 +22,9 @@ from .config import ModelConfig
 
 __all__ = [
     "CheckpointError",
+    "OutputError",
+    "check_output_folder",
+    "remove_stale_temporaries",
     "atomic_write",
     "atomic_write_text",
     "atomic_torch_save",
@@ -43,18 +46,65 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the model as configured; the message says what differs."""
 
 
+class OutputError(RuntimeError):
+    """An output file or folder that cannot be written (permissions, a full disk, an unencodable name)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it, BEFORE any long work starts;
+    raise :class:`OutputError` naming the folder and the fix otherwise."""
+    folder = Path(folder)
+    try:
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(f"output folder {str(folder)!r} has a name that is not valid UTF-8 (files in it could not "
+                          "be written); choose a UTF-8 name") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {folder} ({exc.strerror or exc}); choose another folder "
+                          "or make it writable") from None
+    return folder
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a process killed inside :func:`atomic_write` left in ``folder``;
+    returns them."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place, so a crash never
-    leaves a half-written file under the final name."""
+    leaves a half-written file under the final name. The file gets the permissions the umask gives a new file
+    (not ``mkstemp``'s 0600); a failed write (full disk, permissions) is an :class:`OutputError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {path} ({type(exc).__name__}: {exc}); check the free space and the "
+                          f"permissions of {path.parent}") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -166,8 +216,20 @@ def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a pretrained folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    meta = json.loads(path.read_text())
-    return ModelConfig(**meta["model"]), meta
+    from .config import Config, ConfigError
+
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from the run that wrote it "
+                              "(save_pretrained writes it)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' section; it was not written by save_pretrained")
+    try:
+        model = Config.from_dict({"model": meta["model"]}).model
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return model, meta
 
 
 def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | None = None,
@@ -181,5 +243,10 @@ def load_pretrained(model: nn.Module, directory: str | Path, *, meta: dict | Non
         raise CheckpointError(f"{path} not found")
     if meta is not None:
         check_backbone(model, meta.get("backbone"), directory, allow_mismatch=allow_backbone_mismatch)
-    load_adapter_state(model, load_file(str(path)), path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it is truncated or not a "
+                              "safetensors file, restore it from the run that wrote it") from None
+    load_adapter_state(model, state, path)
     return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "EvalConfig",
     "Config",
     "load_config",
+    "check_img_size",
 ]
 
 
@@ -393,10 +395,75 @@ def _build(section_cls: type, values: dict[str, Any], section: str) -> Any:
         raise ConfigError(
             f"unknown key(s) {sorted(unknown)} in section {section!r}; valid keys: {', '.join(sorted(names))}"
         )
-    try:
-        return section_cls(**values)
-    except TypeError as exc:  # wrong value types that dataclasses cannot coerce
-        raise ConfigError(f"section {section!r}: {exc}") from exc
+    hints = typing.get_type_hints(section_cls)
+    values = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()}
+    return section_cls(**values)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` (from YAML, JSON or an override) as the field type ``hint``, or a :class:`ConfigError` naming
+    ``key``, the value and the expected type. YAML 1.1 reads ``1e-3`` as a string: numeric strings become numbers;
+    a fractional number for an integer field (``epochs: 1.5``) is refused."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+
+    def refuse(expected: str, example: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} ({type(value).__name__}) must be {expected}, e.g. {key}={example}")
+
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise refuse(f"a list of {_type_name(inner)}", "[1, 2]" if inner is int else "[0.5, 1.0]")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise refuse("a mapping", "{depth: 4}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise refuse("true or false", "true")
+        return value
+    if hint is int:
+        number = _number_or_none(value)
+        if number is None or not float(number).is_integer():
+            raise refuse("a whole number", str(round(number)) if number is not None and math.isfinite(number) else "5")
+        return int(number)
+    if hint is float:
+        number = _number_or_none(value)
+        if number is None:
+            raise refuse("a number", "0.001")
+        return float(number)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise refuse("a string", "auto")
+        return str(value)
+    return value
+
+
+def _number_or_none(value: Any) -> float | int | None:
+    """``value`` as an int or float (numeric strings parsed, booleans refused), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _parse_value(raw: str, hint: Any, item: str) -> Any:
@@ -431,7 +498,9 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
             return float(raw)
         return raw
     except ValueError as exc:
-        raise ConfigError(f"override {item!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}: {exc}")
+        expected = {int: "a whole number, e.g. 5", float: "a number, e.g. 0.001"}.get(hint, str(exc))
+        raise ConfigError(f"override {item!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}; give "
+                          f"{expected}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -444,8 +513,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; the bundled ones are in the configs/ folder")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid UTF-8 YAML ({exc}); fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (model:, loss:, optim:, ...)")
         cfg = Config.from_dict(data)
     return cfg.with_overrides(list(overrides)) if overrides else cfg
+
+
+def check_img_size(cfg: ModelConfig, patch_size: int | tuple[int, ...]) -> None:
+    """Refuse a ``model.img_size`` that the backbone's patches do not tile, naming the nearest valid sizes."""
+    patch = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
+    if patch > 0 and cfg.img_size % patch:
+        lower = cfg.img_size // patch * patch
+        sizes = " or ".join(str(v) for v in (lower, lower + patch) if v > 0)
+        raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch} of "
+                          f"model.backbone={cfg.backbone!r}; use model.img_size={sizes}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -71,26 +72,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _log_to_stderr() -> None:
     """The library's one-line notes (e.g. which backbone weights ``auto`` chose) go to stderr."""
-    import logging
 
     log = logging.getLogger("ivpt")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a bad input or state and say what to do: one line and exit 2, no traceback."""
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, OutputError
     from ..config import ConfigError
     from ..data import DatasetError
     from ..engine import TrainingError
     from ..runtime import DistributedError
     from ..weights import WeightsError
 
-    return (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError, DistributedError)
+    return (ConfigError, DatasetError, CheckpointError, OutputError, WeightsError, TrainingError, DistributedError)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import runtime as R
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_text, check_output_folder
     from ..config import ConfigError
     from ..eval import evaluate_checkpoint, format_table
     from ..runs import run_config
@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     cfg, meta = run_config(checkpoint, extra)
     if not cfg.data.root:
         raise ConfigError("no dataset: pass --data ROOT")
+    out = Path(args.out) if args.out else checkpoint.parent
     info = R.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
     try:
+        if info.is_main:
+            check_output_folder(out)  # before the evaluation, so a read-only folder costs nothing
         result = evaluate_checkpoint(checkpoint, cfg, meta, weights=args.weights, split=args.split,
                                      allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      metrics=[m for m in args.metrics.split(",") if m], info=info,
@@ -60,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
         R.teardown()
     if not info.is_main:
         return 0
-    out = Path(args.out) if args.out else checkpoint.parent
     print(format_table(result))  # printed first: a failing write must not lose the numbers
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
     print(f"written {out / 'eval.json'}")

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..explain import Explanation, explain
-    from ..explain.images import load_images
+    from ..checkpoint import check_output_folder
+    from ..explain.images import load_readable_images
     from ..explain.report import write_explained_images
     from ..models import IVPT
     from ..runs import class_names_of, load_run
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    check_output_folder(args.out)
     model, cfg, meta = load_run(args.checkpoint, weights=args.weights, device=args.device,
                                 allow_backbone_mismatch=args.allow_backbone_mismatch)
     if not isinstance(model, IVPT):
@@ -44,10 +46,20 @@ def run(args: argparse.Namespace) -> int:
     data = dataclasses.replace(cfg.data, resize=0) if args.img_size else cfg.data
     names = class_names_of(meta, cfg.model.num_classes)
     paths = [Path(p) for p in args.images]
-    parts = []
+    parts, done = [], []
     for start in range(0, len(paths), args.batch_size):
-        x = load_images(paths[start : start + args.batch_size], size, data=data)
-        parts.append(explain(model, x, class_names=names, topk=args.topk, mean=cfg.data.mean, std=cfg.data.std))
-    index = write_explained_images(Explanation.concat(parts), [p.name for p in paths], args.out)
-    print(f"written {len(paths)} explanation(s) to {args.out}; open {index}")
+        batch = paths[start : start + args.batch_size]
+        x, kept, bad = load_readable_images(batch, size, data=data)
+        for i, reason in bad.items():
+            print(f"skipped {batch[i]}: not a readable image ({reason})", file=sys.stderr)
+        if x is not None:
+            parts.append(explain(model, x, class_names=names, topk=args.topk, mean=cfg.data.mean,
+                                 std=cfg.data.std))
+            done.extend(batch[i] for i in kept)
+    if not done:
+        print(f"error: none of the {len(paths)} image(s) could be read; nothing was explained", file=sys.stderr)
+        return 2
+    index = write_explained_images(Explanation.concat(parts), [p.name for p in done], args.out)
+    skipped = f" ({len(paths) - len(done)} unreadable image(s) skipped)" if len(done) < len(paths) else ""
+    print(f"written {len(done)} explanation(s) to {args.out}{skipped}; open {index}")
     return 0

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import check_output_folder
     from ..explain.report import report_checkpoint
 
+    check_output_folder(args.out)  # before the passes over the dataset
     path = report_checkpoint(
         args.checkpoint, args.out, data_root=args.data, split=args.split, samples=args.samples,
         eval_file=args.eval_file, log_file=args.log, limit=args.limit, gallery_topk=args.gallery_topk,

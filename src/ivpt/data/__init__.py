@@ -20,6 +20,7 @@ from .common import (
     MissingFileError,
     collate_skip_corrupt,
     corrupt_count,
+    corrupt_count_all,
     reset_corrupt_count,
 )
 from .base import AnnotatedDataset, Records
@@ -44,12 +45,14 @@ __all__ = [
     "Records",
     "Sample",
     "build_datasets",
+    "check_num_classes",
     "dataset_class",
     "open_dataset",
     "build_eval_transform",
     "build_train_transform",
     "collate_skip_corrupt",
     "corrupt_count",
+    "corrupt_count_all",
     "read_cub",
     "reset_corrupt_count",
     "stratified_split",
@@ -69,9 +72,26 @@ def dataset_class(fmt: str) -> type[Dataset]:
 def open_dataset(data: DataConfig, split: str, transform: Callable | None = None,
                  indices: Sequence[int] | None = None, *, with_parts: bool = False, bbox_crop: bool = False,
                  root: str | None = None) -> Dataset:
-    """Split ``split`` of the dataset at ``root`` (default ``data.root``) read as ``data.format``."""
-    return dataset_class(data.format)(root or data.root, split, transform, indices, with_parts=with_parts,
-                                      bbox_crop=bbox_crop)
+    """Split ``split`` of the dataset at ``root`` (default ``data.root``) read as ``data.format``.
+
+    A split without images is a :class:`DatasetError` naming the split and folder (nothing can be trained or
+    measured on it); a subset by ``indices`` may be empty."""
+    dataset = dataset_class(data.format)(root or data.root, split, transform, indices, with_parts=with_parts,
+                                         bbox_crop=bbox_crop)
+    if indices is None and len(dataset) == 0:
+        raise DatasetError(f"the {split} split of {getattr(dataset, 'root', root or data.root)} has no images; "
+                           f"fix the split annotation of data.format={data.format} (e.g. train_test_split.txt for "
+                           "cub) so that it lists some, or choose another split")
+    return dataset
+
+
+def check_num_classes(dataset: Dataset, num_classes: int, what: str) -> None:
+    """Refuse to score ``dataset`` with a head of ``num_classes`` outputs (``what`` names the model) when the
+    dataset's classes differ: labels beyond the head would fail, fewer classes would score a wrong problem."""
+    if dataset.num_classes != num_classes:
+        raise DatasetError(f"the dataset at {getattr(dataset, 'root', '?')} has {dataset.num_classes} classes but "
+                           f"{what} has {num_classes} (model.num_classes); evaluate it on the dataset it was "
+                           "trained on (--data ROOT), or check the class files of this one")
 
 
 @dataclass

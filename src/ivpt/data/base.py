@@ -139,6 +139,7 @@ class AnnotatedDataset:
         self.has_fg_masks = self._fg_masks_complete()
         self.has_masks = with_parts and self.has_fg_masks  # items carry "mask"
         self._counter = CORRUPT_IMAGES
+        self._warned: set[Path] = set()
         self._counter.ensure_shared()
 
     # ---------------------------------------------------------------------------------------- reader interface
@@ -182,6 +183,7 @@ class AnnotatedDataset:
         image = load_image(rec.paths[row], "RGB", self._counter)
         if image is None:
             return None
+        self._warn_geometry(row, image.size)
         sample = Sample(image=image)
         if rec.boxes is not None:
             sample.bbox = rec.boxes[row].copy()
@@ -208,6 +210,30 @@ class AnnotatedDataset:
             if item.part_mask is not None:
                 out["part_mask"] = item.part_mask
         return out
+
+    def _warn_geometry(self, row: int, size: tuple[int, int]) -> None:
+        """Warn once per file (per process) about an image smaller than 2x2 pixels or with its box or visible
+        keypoints more than a pixel outside it: the annotation probably belongs to another image size."""
+        path = self.records.paths[row]
+        if path in self._warned:
+            return
+        width, height = size
+        rec, problems = self.records, []
+        if width < 2 or height < 2:
+            problems.append(f"it is only {width}x{height} pixels")
+        low, high = np.array([-1.5, -1.5]), np.array([width + 0.5, height + 0.5])  # image edges, 1 px slack
+        if rec.boxes is not None:
+            box = rec.boxes[row]
+            if (box[:2] < low).any() or (box[2:] > high).any():
+                problems.append(f"its bounding box {box.round(1).tolist()} leaves the image")
+        if rec.keypoints is not None and rec.visible is not None:
+            kp = rec.keypoints[row][rec.visible[row]]
+            outside = int(((kp < low) | (kp > high)).any(axis=1).sum())
+            if outside:
+                problems.append(f"{outside} visible keypoint(s) lie outside it")
+        if problems:
+            self._warned.add(path)
+            logger.warning("image %s (%dx%d): %s; check its annotation", path, width, height, "; ".join(problems))
 
     def original_parts(self, index: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The untransformed full-image annotation of items ``index``: ``keypoints`` (B, K, 2), ``visible``

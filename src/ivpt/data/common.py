@@ -7,6 +7,7 @@ when nothing is left, which the training loop skips).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ __all__ = [
     "MissingFileError",
     "collate_skip_corrupt",
     "corrupt_count",
+    "corrupt_count_all",
     "load_image",
+    "read_utf8",
     "report_missing",
     "reset_corrupt_count",
 ]
@@ -43,32 +46,34 @@ class MissingFileError(DatasetError, FileNotFoundError):
 
 
 class CorruptImageCounter:
-    """Number of images that failed to decode, shared by the training process and its DataLoader workers.
+    """Number of distinct image files that failed to decode, shared by the training process and its DataLoader
+    workers: a file read in every epoch (or by two passes of an evaluation) counts once.
 
-    The count lives in a small shared-memory tensor with one slot per loading process (the main process and each
-    worker write only their own slot, so concurrent increments cannot be lost). Datasets keep a reference to the
-    counter, so it reaches workers started with ``fork`` (inherited mapping) as well as with ``spawn`` or
-    ``forkserver`` (torch passes shared storage between processes). A plain ``pickle``/``deepcopy`` copies it.
+    The files seen are marks in a small shared-memory bitmap indexed by a hash of the path (setting a mark is
+    idempotent, so concurrent workers cannot double-count or lose one; two corrupt files would count once only if
+    their hashes collided, about one chance in a million per pair). Datasets keep a reference to the counter, so it
+    reaches workers started with ``fork`` (inherited mapping) as well as with ``spawn`` or ``forkserver`` (torch
+    passes shared storage between processes). A plain ``pickle``/``deepcopy`` copies it.
     """
 
-    SLOTS = 64
+    SLOTS = 1 << 20
 
     def __init__(self) -> None:
-        self._counts: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None
 
     def _tensor(self) -> torch.Tensor:
-        if self._counts is None:
-            self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
-        return self._counts
+        if self._seen is None:
+            self._seen = torch.zeros(self.SLOTS, dtype=torch.uint8).share_memory_()
+        return self._seen
 
     def ensure_shared(self) -> None:
-        """Allocate the shared slots now, before DataLoader workers are forked from this process."""
+        """Allocate the shared bitmap now, before DataLoader workers are forked from this process."""
         self._tensor()
 
-    def add(self, n: int = 1) -> None:
-        info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
-        self._tensor()[slot] += n
+    def add(self, path: str | Path) -> None:
+        """Mark ``path`` as corrupt (again: no change)."""
+        digest = hashlib.blake2b(str(path).encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        self._tensor()[int.from_bytes(digest, "little") % self.SLOTS] = 1
 
     def count(self) -> int:
         return int(self._tensor().sum())
@@ -81,8 +86,15 @@ CORRUPT_IMAGES = CorruptImageCounter()
 
 
 def corrupt_count() -> int:
-    """Images of this process (and its loader workers) skipped as corrupt since the last reset."""
+    """Distinct image files this process (and its loader workers) skipped as corrupt since the last reset."""
     return CORRUPT_IMAGES.count()
+
+
+def corrupt_count_all() -> int:
+    """:func:`corrupt_count` summed over the processes of the group (every rank must call it)."""
+    from .. import runtime as R
+
+    return int(R.all_reduce_sum(torch.tensor([corrupt_count()], device=R.group_device() or "cpu")).item())
 
 
 def reset_corrupt_count() -> None:
@@ -96,7 +108,7 @@ def load_image(path: Path, mode: str, counter: CorruptImageCounter = CORRUPT_IMA
             return im.convert(mode)  # convert() forces the full decode, so truncated files fail here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         logger.warning("skipping corrupt image %s (%s: %s)", path, type(exc).__name__, exc)
-        counter.add(1)
+        counter.add(path)
         return None
 
 
@@ -111,6 +123,19 @@ def collate_skip_corrupt(batch: Sequence[dict[str, Any] | None]) -> dict[str, An
         return None
     keys = [k for k in kept[0] if all(k in item for item in kept[1:])]
     return default_collate([{k: item[k] for k in keys} for item in kept])
+
+
+def read_utf8(path: Path) -> str:
+    """The text of annotation file ``path``; a byte that is not UTF-8 is a :class:`DatasetError` naming the file,
+    line and column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(f"{path}, line {lineno}, column {column}: byte {data[exc.start]:#04x} is not UTF-8; "
+                           "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def report_missing(paths: Sequence[Path], what: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .base import AnnotatedDataset, Records, require_file
-from .common import DatasetError, MissingFileError
+from .common import DatasetError, MissingFileError, read_utf8
 
 __all__ = ["CubDataset", "CubMeta", "read_cub"]
 
@@ -83,15 +83,14 @@ _FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bound
 
 def _rows(path: Path, min_fields: int, max_fields: int | None = None) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of the non-blank lines; the last field absorbs spaces when ``max_fields`` is set."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            fields = line.split(maxsplit=max_fields - 1) if max_fields else line.split()
-            if len(fields) < min_fields or (max_fields is None and len(fields) != min_fields):
-                yield lineno, []
-                continue
-            yield lineno, [f.strip() for f in fields]
+    for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=max_fields - 1) if max_fields else line.split()
+        if len(fields) < min_fields or (max_fields is None and len(fields) != min_fields):
+            yield lineno, []
+            continue
+        yield lineno, [f.strip() for f in fields]
 
 
 def _malformed(path: Path, lineno: int, expected: str) -> DatasetError:
@@ -123,8 +122,10 @@ def _read_images(root: Path, need: Need) -> tuple[list[str], list[str], dict[str
 
 
 def _per_image(root: Path, name: str, row_of: dict[str, int], fields: int, expected: str,
-               parse: Callable[[str], Any], need: Need) -> list[Any]:
-    """Read a file with exactly one line per image id of images.txt: values parsed with ``parse``."""
+               parse: Callable[[str], Any], need: Need,
+               check: Callable[[list[Any]], str | None] | None = None) -> list[Any]:
+    """Read a file with exactly one line per image id of images.txt: values parsed with ``parse``. ``check``
+    returns what is wrong with a line's values (the error then names the file and line), or None."""
     path = need(root / name)
     values: list[Any] = [None] * len(row_of)
     for lineno, row in _rows(path, fields):
@@ -136,6 +137,9 @@ def _per_image(root: Path, name: str, row_of: dict[str, int], fields: int, expec
         if values[row_index] is not None:
             raise DatasetError(f"{path}, line {lineno}: image id {row[0]} appears twice")
         values[row_index] = [_number(path, lineno, expected, v, parse) for v in row[1:]]
+        problem = check(values[row_index]) if check else None
+        if problem:
+            raise DatasetError(f"{path}, line {lineno}: {problem}")
     missing = [image_id for image_id, v in zip(row_of, values) if v is None]
     if missing:
         raise DatasetError(
@@ -183,14 +187,43 @@ def _read_part_locs(root: Path, row_of: dict[str, int], part_ids: list[int],
     return keypoints, visible
 
 
-def _read_class_names(root: Path, class_ids: list[int], paths: list[str], labels: np.ndarray) -> list[str]:
+def read_classes(path: Path) -> dict[int, str]:
+    """``classes.txt`` (``<class_id> <name>`` lines) as {class id: name}; {} when the file is absent."""
     names: dict[int, str] = {}
-    path = root / "classes.txt"
     if path.is_file():
         for lineno, row in _rows(path, 2, 2):
             if not row:
                 raise _malformed(path, lineno, "<class_id> <name>")
             names[_number(path, lineno, "<class_id> <name>", row[0], int)] = row[1]
+    return names
+
+
+def _class_check(root: Path, names: dict[int, str]) -> Callable[[list[Any]], str | None] | None:
+    """Check of an image_class_labels.txt line against the ids of classes.txt (None without classes.txt)."""
+    if not names:
+        return None
+    low, high = min(names), max(names)
+
+    def check(values: list[Any]) -> str | None:
+        if values[0] in names:
+            return None
+        return (f"class id {values[0]} is not in {root / 'classes.txt'} (ids {low}..{high}); fix the id or add "
+                "the class to classes.txt")
+
+    return check
+
+
+def _box_check(values: list[Any]) -> str | None:
+    """What is wrong with a ``<x> <y> <width> <height>`` box, or None."""
+    if not all(np.isfinite(values)):
+        return f"bounding box {values} is not finite; give four numbers x y width height"
+    if values[2] <= 0 or values[3] <= 0:
+        return f"bounding box {values} has width {values[2]:g} and height {values[3]:g}; both must be > 0"
+    return None
+
+
+def _read_class_names(names: dict[int, str], class_ids: list[int], paths: list[str],
+                      labels: np.ndarray) -> list[str]:
     first_path = {}
     for rel, label in zip(paths, labels.tolist()):
         first_path.setdefault(label, rel)
@@ -205,21 +238,22 @@ def _read_cub_cached(root: str, stamp: tuple, fmt: str, layout: str) -> CubMeta:
         return require_file(path, fmt, layout)
 
     ids, paths, row_of = _read_images(base, need)
+    names = read_classes(base / "classes.txt")
     original = [v[0] for v in _per_image(base, "image_class_labels.txt", row_of, 2, "<image_id> <class_id>", int,
-                                         need)]
+                                         need, _class_check(base, names))]
     class_ids = sorted(set(original))
     remap = {cid: i for i, cid in enumerate(class_ids)}
     labels = np.array([remap[c] for c in original], dtype=np.int64)
     is_train = np.array([v[0] for v in _per_image(base, "train_test_split.txt", row_of, 2,
                                                   "<image_id> <is_train>", int, need)], dtype=bool)
     xywh = np.array(_per_image(base, "bounding_boxes.txt", row_of, 5, "<image_id> <x> <y> <width> <height>", float,
-                               need))
+                               need, _box_check))
     boxes = np.concatenate([xywh[:, :2] - 0.5, xywh[:, :2] + xywh[:, 2:] - 0.5], axis=1)
     part_ids, part_names = _read_parts(base, need)
     keypoints, visible = _read_part_locs(base, row_of, part_ids, need)
     return CubMeta(
         root=base, image_ids=ids, paths=paths, labels=labels, is_train=is_train, boxes=boxes, keypoints=keypoints,
-        visible=visible, part_names=part_names, class_names=_read_class_names(base, class_ids, paths, labels),
+        visible=visible, part_names=part_names, class_names=_read_class_names(names, class_ids, paths, labels),
         class_ids=class_ids,
     )
 

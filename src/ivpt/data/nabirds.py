@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .base import Records, require_file
 from .common import DatasetError
-from .cub import _FILES, CubDataset, _malformed, _number, _rows
+from .cub import _FILES, CubDataset, _malformed, _number, _rows, read_classes
 
 __all__ = ["NABirdsDataset", "read_hierarchy"]
 
@@ -75,11 +75,7 @@ class NABirdsDataset(CubDataset):
         classes = require_file(root / "classes.txt", cls.FORMAT, cls.LAYOUT)
         parents = read_hierarchy(require_file(root / "hierarchy.txt", cls.FORMAT, cls.LAYOUT))
         records = super().read(root)
-        names: dict[int, str] = {}
-        for lineno, row in _rows(classes, 2, 2):
-            if not row:
-                raise _malformed(classes, lineno, "<class_id> <name>")
-            names[_number(classes, lineno, "<class_id> <name>", row[0], int)] = row[1]
+        names = read_classes(classes)
         unnamed = [cid for cid in records.extra["meta"].class_ids if cid not in names]
         if unnamed:
             raise DatasetError(f"{classes} has no name for class id(s) {', '.join(map(str, unnamed[:5]))} used in "

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .base import AnnotatedDataset, Records, require_file
-from .common import DatasetError
+from .common import DatasetError, read_utf8
 from .transforms import IGNORE
 
 __all__ = ["PartImageNetDataset"]
@@ -43,8 +43,7 @@ _SPLITS = ("train", "val", "test")
 
 def _load_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
     for key in ("images", "annotations", "categories"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -33,11 +34,14 @@ from torch.utils.data import DataLoader
 from .. import runtime as R
 from ..checkpoint import (
     CheckpointError,
+    OutputError,
     adapter_state,
     atomic_torch_save,
     atomic_write_text,
     backbone_identity,
     check_backbone,
+    check_output_folder,
+    remove_stale_temporaries,
     load_adapter_state,
     load_pretrained,
     read_pretrained_config,
@@ -90,7 +94,12 @@ def load_run_config(out: str | Path) -> Config:
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    return Config.from_dict(yaml.safe_load(path.read_text()))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"cannot resume: {path} is not valid YAML ({exc}); restore it from the checkpoint's "
+                            "config or start a new run with --out") from None
+    return Config.from_dict(data if isinstance(data, dict) else {})
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
@@ -109,6 +118,7 @@ class Trainer:
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
         state = self._read_resume_state() if resume else None  # read and checked before anything is written
+        self._check_output_folder()
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -159,7 +169,10 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused,
             )
-        self.log = _CsvLog(self.out / "log.csv", self.info.is_main)
+        if state is not None and self.info.is_main:
+            remove_stale_temporaries(self.out)  # left by a kill inside an atomic write
+            remove_stale_temporaries(self.out / "best")
+        self.log = _CsvLog(self.out / "log.csv", self.info.is_main, last_step=None if state is None else self.step)
         self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
         self.window = _Window(self.device)
         self.health = ConceptHealth()
@@ -218,6 +231,17 @@ class Trainer:
         _set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0], self.eq_gen)
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    def _check_output_folder(self) -> None:
+        """Rank 0 checks that ``out`` takes files before any work; every rank stops if it does not."""
+        problem = None
+        if self.info.is_main:
+            try:
+                check_output_folder(self.out)
+            except OutputError as exc:
+                problem = exc
+        if R.any_true(torch.tensor(problem is not None, device=self.device)):
+            raise problem or OutputError(f"rank 0 cannot write to the run folder {self.out}")
 
     # ----------------------------------------------------------------------------------------------- the run
     def fit(self) -> dict:
@@ -322,7 +346,7 @@ class Trainer:
             logging.getLogger("ivpt").warning(warning)
         val = None
         if self.data.val is not None:
-            val = evaluate_accuracy(self.model, self.data.val, self.cfg, self.info, progress=False)["top1"]
+            val = self._top1(self.data.val, "validation")
         improved = val is None or val > self.best_val
         if improved:
             self.best_val = val if val is not None else self.best_val
@@ -344,14 +368,14 @@ class Trainer:
 
     def finish(self) -> dict:
         """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""
-        from ..data import corrupt_count
+        from ..data import corrupt_count_all
 
         R.barrier()  # rank 0 has written best/
         _, meta = read_pretrained_config(self.out / "best")
         load_pretrained(self.model, self.out / "best", meta=meta)
         test = evaluate_accuracy(self.model, self.data.test, self.cfg, self.info,
                                  progress=self.progress and self.info.is_main)
-        skipped = R.all_reduce_sum(torch.tensor([float(corrupt_count())], device=self.device))
+        self._top1(None, "test", test)
         metrics = {
             "test_top1": test["top1"] / 100,
             "test_top5": test["top5"] / 100,
@@ -363,7 +387,7 @@ class Trainer:
             "steps": self.step,
             "train_images": len(self.train_set),
             "test_images": len(self.data.test),
-            "corrupt_images_skipped": int(skipped.item()),
+            "corrupt_images_skipped": corrupt_count_all(),
             "seconds": time.perf_counter() - self.t_start,
         }
         if self.info.is_main:
@@ -372,6 +396,16 @@ class Trainer:
 
     def close(self) -> None:
         R.teardown()
+
+    def _top1(self, dataset: Any, name: str, scores: dict | None = None) -> float:
+        """Top-1 of ``dataset`` (or the given ``scores``); a split of which no image could be read is an error,
+        never a NaN in metrics.json."""
+        if scores is None:
+            scores = evaluate_accuracy(self.model, dataset, self.cfg, self.info, progress=False)
+        if "top1" not in scores:
+            raise TrainingError(f"no image of the {name} split of {self.cfg.data.root} could be read (all "
+                                "corrupt, see the warnings above); replace the unreadable files")
+        return scores["top1"]
 
     # ------------------------------------------------------------------------------------------ logs, state
     def emit(self, epoch: int, health: dict[str, float] | None = None) -> dict:
@@ -484,11 +518,23 @@ def _set_rng_state(state: dict, eq_gen: torch.Generator) -> None:
 
 class _CsvLog:
     """Append-only CSV log (rank 0). The header is written with the first row (when the run's columns are
-    known); a resumed run keeps writing under the header already in the file."""
+    known); a resumed run keeps writing under the header already in the file, first dropping the rows after
+    ``last_step`` (the checkpoint's step: a killed run logged steps that the resumed run computes again)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, *, last_step: int | None = None) -> None:
         self.path, self.enabled = path, enabled
         self.file = self.writer = None
+        if enabled and last_step is not None and path.is_file():
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                rows, fields = list(reader), reader.fieldnames or []
+            kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
+            if len(kept) != len(rows):
+                text = io.StringIO(newline="")
+                writer = csv.DictWriter(text, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(kept)
+                atomic_write_text(path, text.getvalue())
 
     def write(self, row: dict, fields: list[str]) -> None:
         if not self.enabled:

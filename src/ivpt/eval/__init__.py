@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import runtime as R
 from ..config import Config, ConfigError
+from ..metrics import no_data_reasons
 from .protocols import Discovery, KeypointFit, PartHits, StageMaps
 from .runner import AccuracyConsumer, eval_loader, evaluate_accuracy, run_pass
 from .table import ACCURACY_KEYS, format_table
@@ -63,7 +64,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
-    from ..data import build_eval_transform, open_dataset
+    from ..data import build_eval_transform, check_num_classes, corrupt_count_all, open_dataset, reset_corrupt_count
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
@@ -82,17 +83,20 @@ def evaluate(
     if has_maps and chosen not in stages.ids:
         chosen = stages.ids[-1]
     t0 = time.perf_counter()
+    reset_corrupt_count()  # corrupt_images_skipped counts the files this evaluation could not read
     # Boxes stay unclipped by the centre crop: keypoint regression clips them per eval.protocol.
     transform = build_eval_transform(cfg.data, cfg.model.img_size, clip_box=False)
 
     regressors = {}
     if "kpr" in active:
         train_set = open_dataset(cfg.data, "train", transform, with_parts=True)
+        check_num_classes(train_set, cfg.model.num_classes, "the model")
         fit = KeypointFit(stages, len(train_set.part_names), cfg)
         run_pass(model, train_set, cfg, info, [fit], desc="kpr fit (train)", progress=progress)
         regressors = fit.regressors()
 
     dataset = open_dataset(cfg.data, split, transform, with_parts=parts_needed)
+    check_num_classes(dataset, cfg.model.num_classes, "the model")
     if "fg_iou" in active and not dataset.has_fg_masks:
         skipped["fg_iou"] = f"{cfg.data.format} at {cfg.data.root} has no foreground mask for every {split} image"
         active.discard("fg_iou")
@@ -105,7 +109,7 @@ def evaluate(
                               by_part_masks="nmi_ari" in active and not by_keypoints, regressors=regressors,
                               fg_iou="fg_iou" in active)
         consumers.append(discovery)
-    full = run_pass(model, dataset, cfg, info, consumers, desc=f"evaluate ({split})", progress=progress)
+    run_pass(model, dataset, cfg, info, consumers, desc=f"evaluate ({split})", progress=progress)
 
     hits = None
     if active & {"consistency", "stability"}:
@@ -126,6 +130,12 @@ def evaluate(
         if discovery is not None:
             row.update(discovery.scores(s))
         per_stage.append(row)
+    # A metric with no data (e.g. no visible keypoint) is absent with its reason, never 0 or 100.
+    scored = [acc.meter]
+    if chosen is not None:
+        scored += [hits.part[chosen]] if hits is not None else []
+        scored += discovery.stage_meters(chosen) if discovery is not None else []
+    skipped.update({m: r for m, r in no_data_reasons(scored).items() if m in requested and m not in skipped})
     if chosen is not None:
         top = next(r for r in per_stage if r["stage"] == chosen)
         result.update({k: v for k, v in top.items() if k not in ("stage", "n_pro")})
@@ -134,7 +144,8 @@ def evaluate(
     result["eval_protocol"] = e.protocol  # corrected | reference: which way every interpretability score was measured
     result["protocol"] = asdict(e)
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
-                      "images": len(dataset), "images_evaluated": full.images, "num_classes": cfg.model.num_classes}
+                      "images": acc.meter.images, "images_listed": len(dataset), "num_classes": cfg.model.num_classes,
+                      "corrupt_images_skipped": corrupt_count_all()}
     result["metrics_requested"] = sorted(requested)
     if discovery is not None and (discovery.cont or discovery.pmask):
         result["nmi_ari_from"] = "keypoints" if discovery.cont else "part masks"

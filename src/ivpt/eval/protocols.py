@@ -117,10 +117,13 @@ class Discovery:
         if s in self.pmask:
             row.update(self.pmask[s].compute())
         if s in self.kerr:
-            row["kpr"] = self.kerr[s].compute()["kp_error"]
+            row.update({"kpr": v for k, v in self.kerr[s].compute().items() if k == "kp_error"})
         if s in self.iou:
-            row["fg_iou"] = self.iou[s].compute()["fg_iou"]
+            row.update({k: v for k, v in self.iou[s].compute().items() if k == "fg_iou"})
         return row
+
+    def stage_meters(self, s: int) -> list[SumState]:
+        return [m[s] for m in (self.cont, self.pmask, self.kerr, self.iou) if s in m]
 
 
 class PartHits:
@@ -162,4 +165,4 @@ class PartHits:
 
     def scores(self, s: int, wanted: set[str]) -> dict[str, float]:
         scores = self.part[s].compute()
-        return {k: scores[k] for k in ("consistency", "stability") if k in wanted}
+        return {k: scores[k] for k in ("consistency", "stability") if k in wanted and k in scores}

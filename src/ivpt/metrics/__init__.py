@@ -43,7 +43,24 @@ from .parts import (
 )
 from .state import SumState
 
+# The eval.json metric (``--metrics`` name) each meter score belongs to.
+METRIC_OF = {"top1": "acc", "top5": "acc", "balanced_top1": "acc", "consistency": "consistency",
+             "stability": "stability", "nmi": "nmi_ari", "ari": "nmi_ari", "part_purity": "nmi_ari",
+             "part_coverage": "nmi_ari", "kp_error": "kpr", "fg_iou": "fg_iou"}
+
+
+def no_data_reasons(meters: list[SumState]) -> dict[str, str]:
+    """{metric: reason} for every metric (``--metrics`` names) that one of ``meters`` could not score."""
+    reasons: dict[str, str] = {}
+    for meter in meters:
+        for key, reason in meter.no_data().items():
+            if key in METRIC_OF:
+                reasons.setdefault(METRIC_OF[key], reason)
+    return reasons
+
 __all__ = [
+    "METRIC_OF",
+    "no_data_reasons",
     "SumState",
     "PROTOCOLS",
     "check_protocol",

@@ -58,13 +58,20 @@ class AccuracyMeter(SumState):
             counts = torch.bincount(lab_counted, minlength=self.num_classes)
             getattr(self, name).add_(counts.to(self.device))
 
+    @property
+    def images(self) -> int:
+        """Samples counted so far."""
+        return int(self.total.sum())
+
+    def no_data(self) -> dict[str, str]:
+        return {k: "no image was classified" for k in ("top1", "top5", "balanced_top1")} if self.images == 0 else {}
+
     def compute(self) -> dict[str, float]:
-        """{"top1", "top5", "balanced_top1"} in percent; NaN before any sample. The balanced score is the mean
-        of per-class top-1 over the classes that occur."""
-        n = int(self.total.sum())
+        """{"top1", "top5", "balanced_top1"} in percent; {} before any sample (see :meth:`no_data`). The balanced
+        score is the mean of per-class top-1 over the classes that occur."""
+        n = self.images
         if n == 0:
-            nan = float("nan")
-            return {"top1": nan, "top5": nan, "balanced_top1": nan}
+            return {}
         seen = self.total > 0
         per_class = self.correct1[seen].double() / self.total[seen].double()
         return {

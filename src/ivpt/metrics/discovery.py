@@ -167,8 +167,14 @@ class ContingencyMeter(SumState):
         counts = torch.bincount(flat, minlength=self.num_parts * self.num_concepts)
         self.table.add_(counts.view(self.num_parts, self.num_concepts).to(self.device))
 
+    def no_data(self) -> dict[str, str]:
+        reason = "no visible part keypoint in the evaluated images"
+        return {"nmi": reason, "ari": reason} if int(self.table.sum()) == 0 else {}
+
     def compute(self) -> dict[str, float]:
-        """{"nmi", "ari"} in percent."""
+        """{"nmi", "ari"} in percent; {} without a visible keypoint (an empty table is no agreement at all)."""
+        if self.no_data():
+            return {}
         nmi, ari = nmi_ari_from_contingency(self.table)
         return {"nmi": 100.0 * nmi, "ari": 100.0 * ari}
 
@@ -444,10 +450,13 @@ class KeypointErrorMeter(SumState):
         self.err_sum += total
         self.count += count
 
+    def no_data(self) -> dict[str, str]:
+        return {"kp_error": "no visible part keypoint in the evaluated images"} if int(self.count) == 0 else {}
+
     def compute(self) -> dict[str, float]:
-        """{"kp_error"}: mean L2 error in bbox-normalised units × 100 (NaN before any visible landmark)."""
+        """{"kp_error"}: mean L2 error in bbox-normalised units × 100; {} before any visible landmark."""
         n = int(self.count)
-        return {"kp_error": 100.0 * float(self.err_sum) / n if n else float("nan")}
+        return {"kp_error": 100.0 * float(self.err_sum) / n} if n else {}
 
 
 # --------------------------------------------------------------------------------------- foreground IoU
@@ -486,9 +495,24 @@ class FgIoUMeter(SumState):
         self.union += int(union[keep].sum())
         self.pixels += int(keep.sum()) * masks.shape[-2] * masks.shape[-1]
 
+    def no_data(self) -> dict[str, str]:
+        if int(self.pixels) == 0:
+            return {"fg_iou": "no image with a foreground mask was evaluated",
+                    "bg_iou": "no image with a foreground mask was evaluated"}
+        reasons = {}
+        if int(self.union) == 0:
+            reasons["fg_iou"] = "neither the masks nor the maps show any foreground pixel"
+        if int(self.pixels) - int(self.inter) == 0:
+            reasons["bg_iou"] = "neither the masks nor the maps show any background pixel"
+        return reasons
+
     def compute(self) -> dict[str, float]:
-        """{"fg_iou", "bg_iou"} in percent (NaN when a union is empty)."""
+        """{"fg_iou", "bg_iou"} in percent; a score whose union is empty is left out (see :meth:`no_data`)."""
         inter, union, pixels = int(self.inter), int(self.union), int(self.pixels)
         bg_inter, bg_union = pixels - union, pixels - inter
-        return {"fg_iou": 100.0 * inter / union if union else float("nan"),
-                "bg_iou": 100.0 * bg_inter / bg_union if bg_union else float("nan")}
+        scores = {}
+        if union:
+            scores["fg_iou"] = 100.0 * inter / union
+        if bg_union:
+            scores["bg_iou"] = 100.0 * bg_inter / bg_union
+        return scores

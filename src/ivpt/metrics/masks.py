@@ -77,8 +77,15 @@ class PartMaskMeter(SumState):
         counts = mask_contingency(maps[keep], part_mask.to(maps.device)[keep], self.num_labels)
         self.table.add_(counts.to(self.device))
 
+    def no_data(self) -> dict[str, str]:
+        reason = "no labelled part-mask pixel in the evaluated images"
+        return dict.fromkeys(("nmi", "ari", "part_purity", "part_coverage"), reason) if int(self.table.sum()) == 0 \
+            else {}
+
     def compute(self) -> dict[str, float]:
-        """{"nmi", "ari", "part_purity", "part_coverage"} in percent."""
+        """{"nmi", "ari", "part_purity", "part_coverage"} in percent; {} without a labelled pixel."""
+        if self.no_data():
+            return {}
         nmi, ari = nmi_ari_from_contingency(self.table)
         purity, coverage = purity_coverage_from_contingency(self.table)
         return {"nmi": 100.0 * nmi, "ari": 100.0 * ari, "part_purity": 100.0 * purity,

@@ -222,13 +222,28 @@ class PartMeter(SumState):
             self.unchanged.add_(unchanged.to(self.device))
             self.n_noisy.add_(n.to(self.device))
 
+    def no_data(self) -> dict[str, str]:
+        """Both scores need a visible keypoint somewhere (without one every unit would be trivially inconsistent
+        and trivially stable); stability also needs the noisy pass."""
+        reasons = {}
+        if int(self.n_images.sum()) == 0:
+            reasons = {"consistency": "no image was evaluated", "stability": "no image was evaluated"}
+        elif int(self.vis_counts.sum()) == 0:
+            reasons = {k: "no visible part keypoint in the evaluated images" for k in ("consistency", "stability")}
+        if "stability" not in reasons and int(self.n_noisy.sum()) == 0:
+            reasons["stability"] = "no noisy pass was evaluated"
+        return reasons
+
     def compute(self) -> dict[str, float]:
-        """{"consistency", "stability"} in percent (NaN when there was no data for one of them)."""
-        return {
-            "consistency": consistency_from_counts(self.hit_counts, self.vis_counts, self.n_images,
-                                                   threshold=self.threshold),
-            "stability": stability_from_counts(self.unchanged, self.n_noisy),
-        }
+        """{"consistency", "stability"} in percent; a score without data is left out (see :meth:`no_data`)."""
+        missing = self.no_data()
+        scores = {}
+        if "consistency" not in missing:
+            scores["consistency"] = consistency_from_counts(self.hit_counts, self.vis_counts, self.n_images,
+                                                            threshold=self.threshold)
+        if "stability" not in missing:
+            scores["stability"] = stability_from_counts(self.unchanged, self.n_noisy)
+        return scores
 
     def per_prototype(self) -> dict[str, list[float]]:
         """For reports: per prototype, the percent of classes in which it is consistent, and its stability."""

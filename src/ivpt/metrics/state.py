@@ -83,6 +83,11 @@ class SumState:
                 offset += t.numel()
         return self
 
+    def no_data(self) -> dict[str, str]:
+        """{metric: reason} for each metric that :meth:`compute` leaves out because nothing measured it (a score
+        with no data is absent, never 0 or 100); empty when every metric has data."""
+        return {}
+
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the state tensors by name (for saving a partial evaluation)."""
         return {name: getattr(self, name).detach().clone() for name in self._names}

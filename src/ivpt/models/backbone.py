@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, check_img_size
 
 __all__ = ["build_backbone"]
 
@@ -25,6 +25,9 @@ def build_backbone(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module
         backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.backbone={cfg.backbone!r}: {exc}") from exc
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch is not None:  # not a ViT: refused with its own message by the model
+        check_img_size(cfg, patch)
     state, resolved = resolve_backbone(cfg.backbone, cfg.weights if weights is None else weights)
     if state is None:  # "random": timm's initialisation under a fixed seed, the same in every process and run
         with torch.random.fork_rng(devices=[]):
