@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import Config
+from .config import Config, load_config
 
 __all__ = ["run_config", "load_run", "class_names_of", "open_split"]
 
@@ -18,14 +18,12 @@ __all__ = ["run_config", "load_run", "class_names_of", "open_split"]
 def run_config(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
     """(config of the run that produced ``checkpoint`` with the checkpoint's own model section and ``overrides``
     applied, the checkpoint's config.json). Without a ``config.yaml`` beside it, the defaults stand in."""
-    import yaml
-
     from .checkpoint import read_pretrained_config
 
     checkpoint = Path(checkpoint)
     _, meta = read_pretrained_config(checkpoint)
     run_yaml = checkpoint.parent / "config.yaml"
-    data = yaml.safe_load(run_yaml.read_text()) if run_yaml.is_file() else {}
+    data = load_config(run_yaml).to_dict() if run_yaml.is_file() else {}
     data["model"] = {**data.get("model", {}), **meta["model"]}
     return Config.from_dict(data).with_overrides(list(overrides)), meta
 

@@ -46,7 +46,7 @@ from ..checkpoint import (
     load_pretrained,
     read_pretrained_config,
 )
-from ..config import LOSS_TERMS, Config, EvalConfig
+from ..config import LOSS_TERMS, Config, EvalConfig, load_config
 from ..losses import ivpt_losses, random_affine, warp
 from ..eval import evaluate_accuracy
 from ..models import create_model
@@ -89,17 +89,10 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
 
 def load_run_config(out: str | Path) -> Config:
     """The config a run folder was trained with (its ``config.yaml``)."""
-    import yaml
-
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise TrainingError(f"cannot resume: {path} is not valid YAML ({exc}); restore it from the checkpoint's "
-                            "config or start a new run with --out") from None
-    return Config.from_dict(data if isinstance(data, dict) else {})
+    return load_config(path)
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
