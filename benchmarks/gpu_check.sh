@@ -18,7 +18,7 @@ import torch
 print("check env: torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 PY
-"$PY" -m ivpt.cli synth "$WORK/pw" --classes 4 --per-class 12 --size 112 --seed 0 >/dev/null
+"$PY" -m ivpt.cli synth "$WORK/pw" --classes 4 --per-class 24 --size 112 --seed 0 >/dev/null
 ARGS=(model.backbone=vit_small_patch14_reg4_dinov2 model.weights=random model.img_size=112 model.num_classes=4
       model.n_pro=9,7,5 "data.root=$WORK/pw" data.num_workers=2 data.resize=112 "train.device=$DEVICE"
       optim.batch_size=8 train.log_every=1)
@@ -35,7 +35,7 @@ print(f"check torchrun nproc 1 ({sys.argv[2]}): 4 steps, metrics.json written, t
 PY
 done
 
-# kill -9 after step 3 of 6, resume, compare with an uninterrupted run (deterministic algorithms, fp32)
+# kill -9 after step 3 of 10, resume, compare with an uninterrupted run (deterministic algorithms, fp32)
 EXACT=("${ARGS[@]}" optim.epochs=2 train.ckpt_every_steps=1 train.deterministic=true optim.amp=none)
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 "$PY" -m ivpt.cli train "${EXACT[@]}" --out "$WORK/full" --no-progress > "$WORK/full.log" 2>&1
