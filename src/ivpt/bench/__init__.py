@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..config import Config, LossConfig, ModelConfig
+from ..runtime import resolve_device
 
 __all__ = ["BenchOptions", "Entry", "Group", "render_markdown", "run_bench"]
 
@@ -386,12 +387,6 @@ def _group_ratios(models: dict, stat: str) -> dict[str, float]:
     return {k: v for k, v in ratios.items() if v is not None}
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def _machine(device: torch.device) -> dict:
     import timm
 
@@ -414,7 +409,7 @@ def _loadavg() -> list[float] | None:
 def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure every group of :func:`plan`; write ``bench.json`` and ``bench.md`` into ``opts.out``."""
     opts.out.mkdir(parents=True, exist_ok=True)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     threads_before = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)
