@@ -1,7 +1,7 @@
 """Interpretability of a trained checkpoint against the same model with freshly initialised (random) concept
-stages and head, on the same backbone and test split.
+stages and head (several draws, their mean), on the same backbone and test split.
 
-    python benchmarks/trained_vs_random.py RUN_DIR [--metrics nmi_ari,consistency,stability]
+    python benchmarks/trained_vs_random.py RUN_DIR [--metrics nmi_ari,consistency,stability] [--seeds 1,2,3]
 
 RUN_DIR is a folder written by ``ivpt train`` or ``ivpt demo`` (its ``best/`` checkpoint and ``config.yaml``).
 Prints both evaluations side by side as JSON (scores in percent, per stage).
@@ -12,14 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("--metrics", default="nmi_ari,consistency,stability")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--seeds", default="1,2,3",
+                   help="seeds of the random initialisations (the run's own initial state is its train.seed)")
     args = p.parse_args()
 
     from ivpt.checkpoint import load_pretrained
@@ -31,14 +32,16 @@ def main() -> None:
     metrics = [m for m in args.metrics.split(",") if m]
     trained = create_model(cfg.model)
     load_pretrained(trained, args.run / "best", meta=meta)
-    torch.manual_seed(args.seed)
-    random_model = create_model(cfg.model, weights="random")
-    random_model.backbone.load_state_dict(trained.backbone.state_dict())  # same backbone, random stages
-    rows = {}
-    for name, model in (("trained", trained), ("random", random_model)):
-        result = evaluate(model, cfg, metrics=metrics, progress=False)
-        rows[name] = {"stage": result.get("stage"), "per_stage": result.get("per_stage"),
-                      **{k: result[k] for k in ("consistency", "stability", "nmi", "ari") if k in result}}
+    keys = ("consistency", "stability", "nmi", "ari")
+    result = evaluate(trained, cfg, metrics=metrics, progress=False)
+    rows = {"trained": {"stage": result.get("stage"), **{k: result[k] for k in keys if k in result}}}
+    draws = []
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        random_model = create_model(cfg.model, weights="random", seed=seed)
+        random_model.backbone.load_state_dict(trained.backbone.state_dict())  # same backbone, random stages
+        draws.append(evaluate(random_model, cfg, metrics=metrics, progress=False))
+    rows["random"] = {k: {"mean": float(np.mean([d[k] for d in draws])), "values": [d[k] for d in draws]}
+                      for k in keys if all(k in d for d in draws)}
     print(json.dumps(rows, indent=2))
 
 
