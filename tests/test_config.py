@@ -1,0 +1,26 @@
+"""Checks that involve two config sections live in Config and fire before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ivpt.config import Config, ConfigError, TrainConfig
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError, match=r"optim.batch_size=10 must split evenly into optim.grad_accum=4"):
+        Config.from_dict({"optim": {"batch_size": 10, "grad_accum": 4}})
+    with pytest.raises(ConfigError, match=r"eval.stage=4 is out of range for 3 stages \(model.n_pro\)"):
+        Config.from_dict({"model": {"n_pro": [5, 4, 3]}, "eval": {"stage": "4"}})
+    with pytest.raises(ConfigError, match="train.ckpt_every_steps=5 exceeds train.max_steps=2"):
+        Config.from_dict({"train": {"ckpt_every_steps": 5, "max_steps": 2}})
+    ok = Config.from_dict({"optim": {"batch_size": 12, "grad_accum": 4}, "eval": {"stage": "-1"}})
+    assert ok.eval.stage_index(len(ok.model.n_pro)) == len(ok.model.n_pro) - 1
+
+
+def test_no_dead_fields():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not names & {"wandb", "frozen_prefix_no_grad"}
+    with pytest.raises(ConfigError, match="unknown key"):
+        Config.from_dict({"train": {"wandb": True}})
