@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +103,12 @@ def setup(requested_device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group. On a normal exit every rank first meets at a barrier, so that no rank closes its
+    connections while a peer's last collective is still being delivered; while an exception propagates (called
+    from a ``finally``) the barrier is skipped, as the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -80,11 +80,10 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     on the validation split, or the last epoch without one) and ``metrics.json`` (test accuracy of ``best``).
     Returns the content of ``metrics.json``.
     """
-    trainer = Trainer(cfg, out, resume=resume, progress=progress)
     try:
-        return trainer.fit()
+        return Trainer(cfg, out, resume=resume, progress=progress).fit()
     finally:
-        trainer.close()
+        R.teardown()  # leaves the torchrun process group, also when set-up failed
 
 
 def load_run_config(out: str | Path) -> Config:
@@ -386,9 +385,6 @@ class Trainer:
         if self.info.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
-
-    def close(self) -> None:
-        R.teardown()
 
     def _top1(self, dataset: Any, name: str, scores: dict | None = None) -> float:
         """Top-1 of ``dataset`` (or the given ``scores``); a split of which no image could be read is an error,
