@@ -368,3 +368,23 @@ def test_baselines_train_and_evaluate(world, tmp_path, kind):
     else:  # concept maps (final stage) or VPT's prompt-attention maps: the same protocol for every kind
         assert result["stage"]["index"] == 2 and "nmi" in result and "consistency" in result and "kpr" in result
         assert result["stage"]["n_pro"] == (3 if kind != "vpt_deep" else 2 + 1)  # n_pro[-1], or P prompts + bg
+
+
+def test_resuming_a_run_that_reached_max_steps_takes_no_further_step(world, tmp_path):
+    # e.g. killed during its test pass: demo and compare resume whenever last.pt exists without metrics.json
+    cfg = tiny_config(world, optim=dict(epochs=2), train=dict(max_steps=2))
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    before = _params(run)
+    (run / "metrics.json").unlink()
+    metrics = train(cfg, run, resume=True, progress=False)
+    assert metrics["steps"] == 2
+    after = _params(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_training_split_smaller_than_one_step_is_named(world, tmp_path):
+    # 15 training images: micro-batches of 8 fit, a step of 16 does not (no epoch of zero steps)
+    cfg = tiny_config(world, optim=dict(batch_size=16, grad_accum=2))
+    with pytest.raises(TrainingError, match="has 15 images, fewer than one optimiser step of optim.batch_size=16"):
+        train(cfg, tmp_path / "run", progress=False)

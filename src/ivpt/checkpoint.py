@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "OutputError",
     "check_output_folder",
+    "check_output_folder_all_ranks",
     "remove_stale_temporaries",
     "atomic_write",
     "atomic_write_text",
@@ -74,6 +75,22 @@ def check_output_folder(folder: str | Path) -> Path:
         raise OutputError(f"cannot write to output folder {folder} ({exc.strerror or exc}); choose another folder "
                           "or make it writable") from None
     return folder
+
+
+def check_output_folder_all_ranks(folder: str | Path, info) -> Path:
+    """:func:`check_output_folder` on rank 0 of ``info`` (a :class:`ivpt.runtime.DistInfo`), and every rank stops
+    with the error if it fails, so no rank goes on into collectives that rank 0 will never join."""
+    from . import runtime as R
+
+    problem = None
+    if info.is_main:
+        try:
+            check_output_folder(folder)
+        except OutputError as exc:
+            problem = exc
+    if R.any_true(torch.tensor(problem is not None, device=info.device)):
+        raise problem or OutputError(f"rank 0 cannot write to the output folder {folder}")
+    return Path(folder)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -36,13 +36,11 @@ def load_run(checkpoint: str | Path, *, weights: str | None = None, device: str 
     ``weights`` overrides where the frozen backbone comes from; weights other than those the checkpoint was
     trained on are refused unless ``allow_backbone_mismatch``.
     """
-    from .checkpoint import load_pretrained
-    from .models import create_model
+    from .models import load_model
     from .runtime import resolve_device
 
     cfg, meta = run_config(checkpoint, overrides)
-    model = create_model(cfg.model, weights=weights)
-    load_pretrained(model, checkpoint, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
+    model = load_model(checkpoint, cfg.model, meta, weights=weights, allow_backbone_mismatch=allow_backbone_mismatch)
     return model.to(resolve_device(device)).eval(), cfg, meta
 
 

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import runtime as R
-    from ..checkpoint import atomic_write_text, check_output_folder
+    from ..checkpoint import atomic_write_text, check_output_folder_all_ranks
     from ..config import ConfigError
     from ..eval import evaluate_checkpoint, format_table
     from ..runs import run_config
@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.parent
     info = R.setup(cfg.train.device)  # joins the process group under torchrun: each rank takes a shard
     try:
-        if info.is_main:
-            check_output_folder(out)  # before the evaluation, so a read-only folder costs nothing
+        check_output_folder_all_ranks(out, info)  # before the evaluation, so a read-only folder costs nothing
         result = evaluate_checkpoint(checkpoint, cfg, meta, weights=args.weights, split=args.split,
                                      allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      metrics=[m for m in args.metrics.split(",") if m], info=info,

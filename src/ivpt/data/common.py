@@ -112,6 +112,13 @@ def load_image(path: Path, mode: str, counter: CorruptImageCounter = CORRUPT_IMA
         return None
 
 
+def loader_generator() -> torch.Generator:
+    """A fixed generator for a DataLoader. Without one, a DataLoader draws its workers' base seed from the global RNG,
+    which would shift the Gumbel-noise stream depending on when loaders are created (and break exact resume);
+    training items are seeded by ``SeededDataset`` and evaluation draws nothing, so its value does not matter."""
+    return torch.Generator().manual_seed(0)
+
+
 def collate_skip_corrupt(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """``default_collate`` after dropping ``None`` items (corrupt images, counted when they were read).
 

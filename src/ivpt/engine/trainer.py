@@ -34,13 +34,12 @@ from torch.utils.data import DataLoader
 from .. import runtime as R
 from ..checkpoint import (
     CheckpointError,
-    OutputError,
     adapter_state,
     atomic_torch_save,
     atomic_write_text,
     backbone_identity,
     check_backbone,
-    check_output_folder,
+    check_output_folder_all_ranks,
     remove_stale_temporaries,
     load_adapter_state,
     load_pretrained,
@@ -110,7 +109,7 @@ class Trainer:
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
         state = self._read_resume_state() if resume else None  # read and checked before anything is written
-        self._check_output_folder()
+        check_output_folder_all_ranks(self.out, self.info)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -129,13 +128,17 @@ class Trainer:
             )
         self.micro_global = o.batch_size // o.grad_accum
         self.steps_per_epoch = len(self.train_set) // o.batch_size
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"the training split of {cfg.data.root} has {len(self.train_set)} images, fewer than one optimiser "
+                f"step of optim.batch_size={o.batch_size}; lower optim.batch_size (or data.val_fraction)")
 
         self.model = create_model(cfg.model, seed=cfg.train.seed).to(self.device)
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.total_steps = total_steps(o, self.steps_per_epoch, cfg.train.max_steps)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, max(self.steps_per_epoch, 1), o)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.steps_per_epoch, o)
         self.step_lrs = _group_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.amp == "fp16")
         # Every training random number comes from train.seed (and the rank): the global generator drives the
@@ -148,8 +151,6 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, -math.inf
         if state is not None:
             self._restore(state)
-        elif self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
             _save_config(cfg, self.out)
 
@@ -171,7 +172,7 @@ class Trainer:
         self.epoch_health: dict[str, float] = {}  # alive_s*/entropy_s* of the last epoch (ivpt.engine.health)
         self.t_start = time.perf_counter()
         reset_corrupt_count()
-        warning = schedule_warning(self.total_steps, max(self.steps_per_epoch, 1), o)
+        warning = schedule_warning(self.total_steps, self.steps_per_epoch, o)
         if warning and self.info.is_main:
             logging.getLogger("ivpt").warning(warning)
 
@@ -224,21 +225,13 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
-    def _check_output_folder(self) -> None:
-        """Rank 0 checks that ``out`` takes files before any work; every rank stops if it does not."""
-        problem = None
-        if self.info.is_main:
-            try:
-                check_output_folder(self.out)
-            except OutputError as exc:
-                problem = exc
-        if R.any_true(torch.tensor(problem is not None, device=self.device)):
-            raise problem or OutputError(f"rank 0 cannot write to the run folder {self.out}")
-
     # ----------------------------------------------------------------------------------------------- the run
     def fit(self) -> dict:
-        """Every remaining epoch, then the test pass; returns ``metrics.json``'s content."""
-        for epoch in range(self.epoch, self.cfg.optim.epochs):
+        """Every remaining epoch, then the test pass; returns ``metrics.json``'s content. A run resumed after it
+        reached ``train.max_steps`` (e.g. killed during its test pass) goes straight to the test pass."""
+        max_steps = self.cfg.train.max_steps
+        first = self.cfg.optim.epochs if max_steps and self.step >= max_steps else self.epoch
+        for epoch in range(first, self.cfg.optim.epochs):
             done = self.train_epoch(epoch)
             self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
             if done:
@@ -257,11 +250,11 @@ class Trainer:
             seed=self.cfg.train.seed, epoch=epoch, start=first * o.grad_accum,
             num_batches=self.steps_per_epoch * o.grad_accum,
         )
-        from ..data import collate_skip_corrupt
+        from ..data import collate_skip_corrupt, loader_generator
 
         loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
                             collate_fn=collate_skip_corrupt, pin_memory=self.device.type == "cuda",
-                            generator=_loader_generator(), persistent_workers=False)
+                            generator=loader_generator(), persistent_workers=False)
         self.model.train()
         bar = _progress(self.progress and self.info.is_main, self.steps_per_epoch - first,
                         f"epoch {epoch + 1}/{o.epochs}")
@@ -571,13 +564,6 @@ def _save_config(cfg: Config, out: Path) -> None:
     import yaml
 
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def _loader_generator() -> torch.Generator:
-    # A DataLoader draws its workers' base seed from the global RNG unless given a generator; that draw would
-    # shift the Gumbel-noise stream depending on when loaders are created (and break exact resume). Items are
-    # seeded by SeededDataset, so this generator's value does not matter.
-    return torch.Generator().manual_seed(0)
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -159,11 +159,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, meta: dict, *, weig
                         allow_backbone_mismatch: bool = False, **kwargs) -> dict:
     """Rebuild the pretrained folder ``checkpoint`` (its ``config.json`` content is ``meta``), evaluate it with
     :func:`evaluate` (``kwargs``) and record the checkpoint's identity in the result."""
-    from ..checkpoint import load_pretrained
-    from ..models import create_model
+    from ..models import load_model
 
-    model = create_model(cfg.model, weights=weights)
-    load_pretrained(model, checkpoint, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
+    model = load_model(checkpoint, cfg.model, meta, weights=weights, allow_backbone_mismatch=allow_backbone_mismatch)
     result = evaluate(model, cfg, **kwargs)
     result["checkpoint"] = {"path": str(Path(checkpoint).resolve()), **meta.get("backbone", {})}
     return result

@@ -9,7 +9,6 @@ other consumers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -20,8 +19,7 @@ from .. import runtime as R
 from ..config import Config
 from ..metrics import AccuracyMeter, SumState
 
-__all__ = ["ShardSampler", "eval_loader", "Forward", "Consumer", "AccuracyConsumer", "PassStats", "run_pass",
-           "evaluate_accuracy"]
+__all__ = ["ShardSampler", "eval_loader", "Forward", "Consumer", "AccuracyConsumer", "run_pass", "evaluate_accuracy"]
 
 
 class ShardSampler(Sampler[int]):
@@ -39,13 +37,13 @@ class ShardSampler(Sampler[int]):
 
 def eval_loader(dataset: Dataset, cfg: Config, info: R.DistInfo) -> DataLoader:
     """This rank's shard of ``dataset`` in batches of ``eval.batch_size`` images over all processes."""
-    from ..data import collate_skip_corrupt
+    from ..data import collate_skip_corrupt, loader_generator
 
     sampler = ShardSampler(len(dataset), rank=info.rank, world_size=info.world_size)  # type: ignore[arg-type]
     per_rank = max(1, math.ceil(cfg.eval.batch_size / info.world_size))
     return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.data.num_workers,
                       collate_fn=collate_skip_corrupt, pin_memory=info.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(0))
+                      generator=loader_generator())
 
 
 class Forward:
@@ -73,38 +71,26 @@ class Consumer(Protocol):
     def meters(self) -> list[SumState]: ...
 
 
-@dataclass
-class PassStats:
-    """Images evaluated and batches skipped (every image unreadable), summed over processes."""
-
-    images: int
-    skipped_batches: int
-
-
 @torch.no_grad()
 def run_pass(model: nn.Module, dataset: Dataset, cfg: Config, info: R.DistInfo, consumers: list[Consumer], *,
-             desc: str = "evaluate", progress: bool = False) -> PassStats:
-    """Feed every readable batch of this rank's shard to ``consumers``, then sum their meters over processes."""
+             desc: str = "evaluate", progress: bool = False) -> None:
+    """Feed every readable batch of this rank's shard to ``consumers``, then sum their meters over processes.
+    A batch whose every image is unreadable is skipped (the reader counts the files)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     forward = Forward(model, info.device, cfg.eval.amp)
-    counts = torch.zeros(2, dtype=torch.int64)
     bar = dict(desc=desc, disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     for batch in tqdm(eval_loader(dataset, cfg, info), **bar):
         if batch is None:
-            counts[1] += 1
             continue
-        counts[0] += batch["label"].shape[0]
         for consumer in consumers:
             consumer.update(batch, forward)
     model.train(was_training)
     for consumer in consumers:
         for meter in consumer.meters():
             meter.all_reduce()
-    counts = R.all_reduce_sum(counts.to(R.group_device() or counts.device)).cpu()
-    return PassStats(images=int(counts[0]), skipped_batches=int(counts[1]))
 
 
 class AccuracyConsumer:

@@ -14,7 +14,7 @@ from .backbone import build_backbone
 from .base import ConceptModel, FrozenViT, IVPTOutput
 from .baselines import VPT, LastLayerParts, LinearProbe, VPTDeep, VPTDeepProto, VPTShallow
 from .ivpt import IVPT
-from .registry import MODELS, create_model, describe, model_class
+from .registry import MODELS, create_model, describe, load_model, model_class
 
 __all__ = ["IVPT", "IVPTOutput", "FrozenViT", "ConceptModel", "LinearProbe", "VPT", "VPTShallow", "VPTDeep",
-           "LastLayerParts", "VPTDeepProto", "MODELS", "create_model", "describe", "model_class", "build_backbone"]
+           "LastLayerParts", "VPTDeepProto", "MODELS", "create_model", "load_model", "describe", "model_class", "build_backbone"]

@@ -1,6 +1,6 @@
 """What every model kind shares: the output type, a frozen timm ViT base class with its token parameters,
 optimiser groups and ``save_pretrained`` / ``from_pretrained``, and the part-pooled classification head of the
-concept models (IVPT and the last-layer ablation).
+concept models (IVPT, the last-layer ablation and VPT-deep with prototypes).
 
 Shapes: B batch, D width, T = R prefix tokens + L patch tokens, H×W patch grid, C classes, N+1 parts.
 """
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError, load_pretrained, read_pretrained_config, save_pretrained
 from ..config import ConfigError, ModelConfig
 from .backbone import build_backbone
-from .prototypes import ConceptStage, region_pool
+from .prototypes import ConceptStage, region_pool, renormalise
 
 __all__ = ["IVPTOutput", "FrozenViT", "ConceptModel", "checked_groups"]
 
@@ -69,7 +69,8 @@ class FrozenViT(nn.Module):
     """A frozen timm VisionTransformer plus whatever a subclass trains on top of it.
 
     Subclasses set ``kind`` (their ``model.kind``), build their parameters in ``__init__`` and call
-    :meth:`set_trainable`; they implement ``forward(x) -> IVPTOutput`` and ``param_groups``.
+    :meth:`set_trainable`; they implement ``forward(x) -> IVPTOutput`` and :meth:`groups` (checked by
+    :meth:`param_groups`).
 
     Args:
         cfg: the model section of the config.
@@ -203,6 +204,14 @@ class ConceptModel(FrozenViT):
             ("spatial_bias", [s.spatial_bias for s in self.stages], concept_lr),
             ("tokens", self.token_parameters() if self.tokens_trainable else [], concept_lr),
         ]
+
+    def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> IVPTOutput:
+        """The output of a model whose only concept stage reads the last block's tokens (B, T, D): one map
+        (B, n, H, W), part-pooled logits, no grouped maps or assignments."""
+        final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
+        logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
+        return IVPTOutput(logits=logits, part_logits=part_logits, maps=[final], grouped_maps=[], assignments=[],
+                          region_counts=[counts], modulated=modulated, tokens=normed)
 
     def classify(self, tokens: Tensor, final_map: Tensor):
         """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT

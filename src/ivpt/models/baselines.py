@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import ConceptModel, FrozenViT, IVPTOutput
-from .prototypes import renormalise
 
 __all__ = ["LinearProbe", "VPT", "VPTShallow", "VPTDeep", "LastLayerParts", "VPTDeepProto", "prompted_trunk",
            "attention_part_maps"]
@@ -242,18 +241,7 @@ class LastLayerParts(ConceptModel):
         with self.frozen_context():
             tokens, grid = self.embed(x)
             tokens = self.backbone.blocks(tokens)
-        final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
-        logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
-        return IVPTOutput(
-            logits=logits,
-            part_logits=part_logits,
-            maps=[final],
-            grouped_maps=[],
-            assignments=[],
-            region_counts=[counts],
-            modulated=modulated,
-            tokens=normed,
-        )
+        return self.single_stage_output(tokens, grid)
 
 
 class VPTDeepProto(ConceptModel):
@@ -280,7 +268,4 @@ class VPTDeepProto(ConceptModel):
     def forward(self, x: Tensor) -> IVPTOutput:
         """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
         tokens, _, grid = prompted_trunk(self, x, deep=True, insert_prompts=True)
-        final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
-        logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
-        return IVPTOutput(logits=logits, part_logits=part_logits, maps=[final], grouped_maps=[], assignments=[],
-                          region_counts=[counts], modulated=modulated, tokens=normed)
+        return self.single_stage_output(tokens, grid)

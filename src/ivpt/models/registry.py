@@ -9,7 +9,7 @@ from .base import FrozenViT
 from .baselines import LastLayerParts, LinearProbe, VPTDeep, VPTDeepProto, VPTShallow
 from .ivpt import IVPT
 
-__all__ = ["MODELS", "model_class", "create_model", "describe"]
+__all__ = ["MODELS", "model_class", "create_model", "load_model", "describe"]
 
 MODELS: dict[str, type[FrozenViT]] = {cls.kind: cls for cls in (IVPT, LinearProbe, VPTShallow, VPTDeep,
                                                                  LastLayerParts, VPTDeepProto)}
@@ -34,6 +34,18 @@ def create_model(cfg: ModelConfig, *, weights: str | None = None, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(cfg, backbone)
+
+
+def load_model(checkpoint, cfg: ModelConfig, meta: dict, *, weights: str | None = None,
+               allow_backbone_mismatch: bool = False) -> FrozenViT:
+    """The model ``cfg`` describes with the trained parameters of the pretrained folder ``checkpoint`` (whose
+    config.json content is ``meta``): backbone weights other than those it was trained on are refused unless
+    ``allow_backbone_mismatch``."""
+    from ..checkpoint import load_pretrained
+
+    model = create_model(cfg, weights=weights)
+    load_pretrained(model, checkpoint, meta=meta, allow_backbone_mismatch=allow_backbone_mismatch)
+    return model
 
 
 def describe(model: FrozenViT, cfg: Config) -> dict:

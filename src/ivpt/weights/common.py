@@ -23,10 +23,6 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ivpt"
 
 
-# The module-level name ``cache_dir`` is shadowed by keyword arguments of the same name below.
-_user_cache_dir = cache_dir
-
-
 def how_to_provide() -> str:
     return (
         "Provide backbone weights in one of three ways:\n"
