@@ -24,7 +24,7 @@ import numpy as np
 from .checkpoint import atomic_write, atomic_write_text
 from .config import MODEL_KINDS, Config, ConfigError
 from .engine import load_run_config, train
-from .engine.trainer import config_changes
+from .engine.trainer import changes_from_run
 from .eval import evaluate_checkpoint
 from .runs import run_config
 
@@ -77,9 +77,7 @@ def tabulate(run_dirs: Sequence[str | Path], out: str | Path) -> dict:
 
 
 def _check_same_config(cfg: Config, run_dir: Path) -> None:
-    if not (run_dir / "config.yaml").is_file():
-        return
-    changed = [k for k in config_changes(load_run_config(run_dir), cfg) if k not in IGNORED_CHANGES]
+    changed = [k for k in changes_from_run(run_dir, cfg) if k not in IGNORED_CHANGES]
     if changed:
         raise CompareError(f"{run_dir} holds a run with another config ({', '.join(changed)}); pass another --out, "
                            f"or delete {run_dir} to train it again")

@@ -71,8 +71,8 @@ def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: 
     ``say`` receives one line per step (``print`` by default)."""
     from .checkpoint import atomic_write_text, read_pretrained_config
     from .data.synth import make_partworld
-    from .engine import load_run_config, train
-    from .engine.trainer import config_changes
+    from .engine import train
+    from .engine.trainer import changes_from_run
     from .eval import evaluate_checkpoint, format_table
     from .explain.report import report_checkpoint
 
@@ -88,11 +88,10 @@ def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: 
                        size=max(preset.img_size, 112), seed=seed, overwrite=True)
     cfg = demo_config(preset, data_root, weights, seed)
 
-    if (run_dir / "config.yaml").is_file():
-        changed = config_changes(load_run_config(run_dir), cfg)
-        if changed:
-            raise DemoError(f"{run_dir} holds a demo run with other settings ({', '.join(changed)}); pass another "
-                            f"--out, or delete {run_dir} to train it again")
+    changed = changes_from_run(run_dir, cfg)
+    if changed:
+        raise DemoError(f"{run_dir} holds a demo run with other settings ({', '.join(changed)}); pass another "
+                        f"--out, or delete {run_dir} to train it again")
     if (run_dir / "metrics.json").is_file():
         say(f"[2/4] reusing the finished run in {run_dir}")
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -53,7 +53,8 @@ from .health import ConceptHealth, collapse_warning
 from .ordering import GlobalBatchSampler, SeededDataset
 from .schedule import build_scheduler, depends_on_total, schedule_warning, total_steps
 
-__all__ = ["TrainingError", "Trainer", "train", "load_run_config", "RESUMABLE_CHANGES"]
+__all__ = ["TrainingError", "Trainer", "train", "load_run_config", "config_changes", "changes_from_run",
+           "RESUMABLE_CHANGES"]
 
 # The columns of every run's log.csv; runs with concept maps add alive_s<i>, entropy_s<i> per map stage
 # (ivpt.engine.health), filled in the last row of each epoch.
@@ -97,6 +98,14 @@ def config_changes(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs."""
     a, b = old.to_dict(), new.to_dict()
     return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+def changes_from_run(run_dir: str | Path, cfg: Config) -> list[str]:
+    """Dotted keys in which ``cfg`` differs from the config the run folder ``run_dir`` was trained with; none when
+    the folder holds no run yet."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return []
+    return config_changes(load_run_config(run_dir), cfg)
 
 
 class Trainer:
