@@ -222,6 +222,14 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     bbox_crop: bool = False  # crop classification images to the bounding box
     augment: bool = True  # false: training images get the deterministic eval transform
+    # Where the training augmentation runs. false: all of it in the loader workers (PIL), as in the reference.
+    # true: workers only decode and resize (the shorter side to data.resize) and hand uint8 pixels plus the
+    # per-image random parameters (drawn by the same ops, from the same per-item seeds) to the training process,
+    # which flips, warps, crops, colour-jitters and normalises the whole batch on its device
+    # (ivpt.data.device_augment). Use it on a GPU whose steps outrun the workers (few CPU cores per GPU, ViT-S or
+    # small images); on CPU it only moves the same work into the training process. Resampling and jitter are
+    # torch's rather than PIL's, so pixels differ from the CPU path by rounding (same parameters).
+    gpu_augment: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in DATASET_FORMATS:

@@ -26,9 +26,10 @@ from .common import (
 )
 from .base import AnnotatedDataset, Records
 from .cub import CubDataset, CubMeta, read_cub
+from .device_augment import DeviceAugment
 from .imagefolder import ImageFolderDataset
 from .split import stratified_split
-from .transforms import Sample, build_eval_transform, build_train_transform
+from .transforms import Sample, build_device_train_transform, build_eval_transform, build_train_transform
 
 if TYPE_CHECKING:
     from ..config import Config, DataConfig
@@ -41,6 +42,7 @@ __all__ = [
     "CubMeta",
     "DatasetBundle",
     "DatasetError",
+    "DeviceAugment",
     "ImageFolderDataset",
     "MissingFileError",
     "Records",
@@ -49,6 +51,7 @@ __all__ = [
     "check_num_classes",
     "dataset_class",
     "open_dataset",
+    "build_device_train_transform",
     "build_eval_transform",
     "build_train_transform",
     "collate_skip_corrupt",
@@ -111,7 +114,8 @@ def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
     """Datasets for ``cfg``: format ``cfg.data.format`` at ``cfg.data.root``, images of ``cfg.model.img_size``.
 
     The training transform (or the eval one when ``data.augment`` is false) goes on train; the deterministic eval
-    transform on val and test. Validation is carved from the official training split by
+    transform on val and test. With ``data.gpu_augment`` the training items hold uint8 pixels and the drawn
+    parameters, which :class:`DeviceAugment` turns into the finished batch on the training device. Validation is carved from the official training split by
     :func:`stratified_split` with ``data.val_fraction`` and ``train.seed``. ``data.bbox_crop`` crops every split to
     its boxes (formats with boxes). ``with_parts`` adds the dataset's annotations to the items (keypoints, boxes,
     masks: see the reader's ``has_*`` flags).
@@ -121,7 +125,10 @@ def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
         raise DatasetError("no dataset given: set data.root=/path/to/CUB_200_2011 (and data.format for another "
                            f"dataset: {', '.join(DATASET_FORMATS)})")
     size = cfg.model.img_size
-    train_tf = build_train_transform(data, size) if data.augment else build_eval_transform(data, size)
+    if data.gpu_augment:
+        train_tf = build_device_train_transform(data, size)
+    else:
+        train_tf = build_train_transform(data, size) if data.augment else build_eval_transform(data, size)
     eval_tf = build_eval_transform(data, size)
 
     def make(split, transform, indices=None):

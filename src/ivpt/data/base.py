@@ -89,9 +89,11 @@ class AnnotatedDataset:
         with_parts: add the annotations the dataset has (see the ``has_*`` flags) to the items.
         bbox_crop: crop each image to its bounding box before ``transform`` (datasets with boxes only).
 
-    Items are dicts: ``image`` float (3, H, W); ``label`` int; ``index`` int. With parts, as available:
-    ``keypoints`` float (P, 2) and ``visible`` bool (P,); ``bbox`` float (4,) box edges; ``mask`` float (1, H, W)
-    foreground in [0, 1]; ``part_mask`` int64 (H, W), part j = j, background = P, -1 = no label.
+    Items are dicts: ``image`` float (3, H, W); ``label`` int; ``index`` int; ``augment`` (a ``data.gpu_augment``
+    training transform: ``image`` is then uint8, see :class:`~ivpt.data.transforms.DeviceAugmentPlan`). With
+    parts, as available: ``keypoints`` float (P, 2) and ``visible`` bool (P,); ``bbox`` float (4,) box edges;
+    ``mask`` float (1, H, W) foreground in [0, 1]; ``part_mask`` int64 (H, W), part j = j, background = P, -1 = no
+    label.
     A corrupt image gives ``None`` (logged and counted).
 
     Capabilities (class attributes, what the release annotates): ``has_keypoints``, ``has_bbox``,
@@ -200,6 +202,8 @@ class AnnotatedDataset:
                 return None
         item = apply_transform(sample, self.transform, bbox_crop=self.bbox_crop)
         out: dict[str, Any] = {"image": item.image, "label": self.labels[index], "index": index}
+        if item.augment is not None:
+            out["augment"] = item.augment
         if self.with_parts:
             if item.keypoints is not None:
                 out.update(keypoints=item.keypoints, visible=item.visible)

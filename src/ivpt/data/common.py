@@ -123,13 +123,28 @@ def collate_skip_corrupt(batch: Sequence[dict[str, Any] | None]) -> dict[str, An
     """``default_collate`` after dropping ``None`` items (corrupt images, counted when they were read).
 
     Returns ``None`` when every item of the batch was corrupt. Keys that only some items carry are dropped so a
-    batch mixing datasets still collates.
+    batch mixing datasets still collates. uint8 images of different sizes (``data.gpu_augment``: decoded, not yet
+    cropped) are zero-padded at the bottom and right to the largest; their sizes travel in ``augment["frame"]``.
     """
     kept = [item for item in batch if item is not None]
     if not kept:
         return None
     keys = [k for k in kept[0] if all(k in item for item in kept[1:])]
-    return default_collate([{k: item[k] for k in keys} for item in kept])
+    out = default_collate([{k: item[k] for k in keys if k != "image"} for item in kept])
+    if "image" in keys:
+        out["image"] = _stack_images([item["image"] for item in kept])
+    return {k: out[k] for k in keys}
+
+
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H, W) from (C, H, W) images; uint8 ones of different sizes are zero-padded to the largest."""
+    if images[0].dtype != torch.uint8 or len({tuple(im.shape) for im in images}) == 1:
+        return default_collate(images)
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    canvas = torch.zeros(len(images), images[0].shape[0], height, width, dtype=torch.uint8)
+    for slot, im in zip(canvas, images):
+        slot[:, : im.shape[-2], : im.shape[-1]] = im
+    return canvas
 
 
 def read_utf8(path: Path) -> str:

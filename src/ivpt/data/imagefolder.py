@@ -105,7 +105,10 @@ class ImageFolderDataset:
         if image is None:
             return None
         item = apply_transform(Sample(image=image), self.transform)
-        return {"image": item.image, "label": self.labels[index], "index": index}
+        out = {"image": item.image, "label": self.labels[index], "index": index}
+        if item.augment is not None:  # a data.gpu_augment training transform (uint8 image)
+            out["augment"] = item.augment
+        return out
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "

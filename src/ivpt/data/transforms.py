@@ -21,7 +21,10 @@ Coordinate conventions (the one place they are defined; everything in ``ivpt.dat
     positive angle = clockwise on screen, isotropic scale, translation in whole pixels).
 
 Ops take and return a :class:`Sample`; :class:`ToTensorNormalize` ends a pipeline by turning it into tensors.
-Randomness comes from torch's global RNG, which :class:`ivpt.engine.ordering.SeededDataset` seeds per item.
+Randomness comes from torch's global RNG, which :class:`ivpt.engine.ordering.SeededDataset` seeds per item. Each
+random op separates drawing from applying (``draw(size)`` then ``apply(sample, params)``), so that the device-side
+training augmentation (``data.gpu_augment``, :class:`DeviceAugmentPlan` here and :mod:`ivpt.data.device_augment`)
+draws exactly the parameters the CPU pipeline would for the same item.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ __all__ = [
     "CenterCrop",
     "ColorJitter",
     "Crop",
+    "DeviceAugmentPlan",
     "IGNORE",
     "JointCompose",
     "JointOp",
@@ -58,6 +62,7 @@ __all__ = [
     "affine_matrix",
     "apply_affine",
     "apply_transform",
+    "build_device_train_transform",
     "build_eval_transform",
     "build_train_transform",
     "hflip",
@@ -79,6 +84,8 @@ class Sample:
         part_mask: PIL "L" label image (part j = j, background = the number of parts, :data:`IGNORE` = no
             label), or None; resampled with nearest neighbour, areas a crop or warp exposes become IGNORE.
             After ToTensorNormalize an int64 tensor (H, W) with IGNORE turned into -1.
+        augment: the per-image parameters of the augmentation left to the training device
+            (:class:`DeviceAugmentPlan`), or None.
     """
 
     image: Image.Image | Tensor
@@ -87,6 +94,7 @@ class Sample:
     bbox: np.ndarray | None = None
     mask: Image.Image | Tensor | None = None
     part_mask: Image.Image | Tensor | None = None
+    augment: dict[str, Tensor] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -266,10 +274,15 @@ class RandomHorizontalFlip(JointOp):
     def __init__(self, p: float = 0.5) -> None:
         self.p = float(p)
 
+    def draw(self, size: tuple[int, int]) -> bool:
+        """Whether to flip (one number from torch's RNG)."""
+        return torch.rand(()).item() < self.p
+
+    def apply(self, sample: Sample, flip: bool) -> Sample:
+        return hflip(sample) if flip else sample
+
     def __call__(self, sample: Sample) -> Sample:
-        if torch.rand(()).item() >= self.p:
-            return sample
-        return hflip(sample)
+        return self.apply(sample, self.draw(sample.size))
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
@@ -339,10 +352,12 @@ class RandomAffine(JointOp):
         scale = self.scale[0] + torch.rand(()).item() * (self.scale[1] - self.scale[0])
         return angle, (tx, ty), scale
 
-    def __call__(self, sample: Sample) -> Sample:
-        size = sample.size
-        angle, translate, scale = self.draw(size)
+    def apply(self, sample: Sample, params: tuple[float, tuple[float, float], float]) -> Sample:
+        angle, translate, scale = params
         return apply_affine(sample, angle, translate, scale, fill=self.fill, interpolation=self.interpolation)
+
+    def __call__(self, sample: Sample) -> Sample:
+        return self.apply(sample, self.draw(sample.size))
 
     def __repr__(self) -> str:
         return (f"RandomAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale}, "
@@ -370,10 +385,13 @@ class CenterCrop(JointOp):
     def __init__(self, size: int, *, fill=(0, 0, 0), clip_box: bool = True) -> None:
         self.size, self.fill, self.clip_box = int(size), fill, clip_box
 
+    def draw(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(left, top) of the crop in an image of ``size`` = (W, H) (nothing random)."""
+        width, height = size
+        return round((width - self.size) / 2.0), round((height - self.size) / 2.0)
+
     def __call__(self, sample: Sample) -> Sample:
-        width, height = sample.size
-        left = round((width - self.size) / 2.0)
-        top = round((height - self.size) / 2.0)
+        left, top = self.draw(sample.size)
         return Crop(left, top, self.size, self.size, fill=self.fill, clip_box=self.clip_box)(sample)
 
     def __repr__(self) -> str:
@@ -392,10 +410,15 @@ class RandomCrop(JointOp):
         offset = int(torch.randint(0, abs(slack) + 1, ()).item())
         return offset if slack >= 0 else -offset
 
-    def __call__(self, sample: Sample) -> Sample:
-        width, height = sample.size
+    def draw(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(left, top) of the crop in an image of ``size`` = (W, H), from torch's RNG."""
+        width, height = size
         top = self._offset(height)  # torchvision draws the row first
         left = self._offset(width)
+        return left, top
+
+    def __call__(self, sample: Sample) -> Sample:
+        left, top = self.draw(sample.size)
         return Crop(left, top, self.size, self.size, fill=self.fill)(sample)
 
     def __repr__(self) -> str:
@@ -406,12 +429,39 @@ class ColorJitter(JointOp):
     """torchvision's colour jitter on the image only (brightness, contrast, saturation, hue); a real jitter, not
     the argument-less no-op of the reference code."""
 
+    # Identity factors of the four adjustments (brightness, contrast, saturation, hue), for those switched off.
+    IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
                  hue: float = 0.0) -> None:
         self.jitter = _TvColorJitter(brightness, contrast, saturation, hue)
 
+    @property
+    def enabled(self) -> tuple[bool, bool, bool, bool]:
+        """Which of brightness, contrast, saturation and hue vary (torchvision leaves the others out)."""
+        j = self.jitter
+        return tuple(v is not None for v in (j.brightness, j.contrast, j.saturation, j.hue))  # type: ignore
+
+    def draw(self, size: tuple[int, int]) -> tuple[list[int], tuple[float, float, float, float]]:
+        """(order of the four adjustments, their factors) from torch's RNG exactly as torchvision's
+        ``ColorJitter.forward`` draws them; switched-off adjustments get their identity factor."""
+        j = self.jitter
+        order, *factors = j.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+        return order.tolist(), tuple(ident if f is None else float(f)  # type: ignore[return-value]
+                                     for f, ident in zip(factors, self.IDENTITY))
+
+    def apply(self, sample: Sample, params: tuple[list[int], tuple[float, float, float, float]]) -> Sample:
+        """The adjustments in ``order``, as torchvision's ``ColorJitter.forward`` applies them."""
+        order, factors = params
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        image = sample.image
+        for i in order:
+            if self.enabled[i]:
+                image = adjust[i](image, factors[i])
+        return replace(sample, image=image)
+
     def __call__(self, sample: Sample) -> Sample:
-        return replace(sample, image=self.jitter(sample.image))
+        return self.apply(sample, self.draw(sample.size))
 
     def __repr__(self) -> str:
         return repr(self.jitter)
@@ -466,14 +516,13 @@ def apply_transform(sample: Sample, transform: Callable | None, *, bbox_crop: bo
     return sample
 
 
-def build_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
-    """The paper's training augmentation: resize the shorter side to ``cfg.resize or img_size``, random
-    horizontal flip (``cfg.hflip``), random affine (``cfg.affine_*``, about the centre), random crop
-    ``img_size``, colour jitter (``cfg.color_jitter``), to tensor and normalise. Ops with no effect are left out.
-    The affine warp resamples with ``cfg.affine_interpolation`` and fills exposed areas with ``cfg.affine_fill``
-    (``mean``: the colour that normalises to ~0; ``zero``: black). A random crop that must pad uses the mean colour."""
+def _train_ops(cfg: DataConfig, img_size: int) -> list[JointTransform]:
+    """The ops of the training pipeline before the conversion to tensors (see :func:`build_train_transform`);
+    with ``cfg.augment`` false, those of the evaluation pipeline."""
     fill = mean_fill(cfg.mean)
     ops: list[JointTransform] = [ResizeShorter(cfg.resize or img_size)]
+    if not cfg.augment:
+        return ops + [CenterCrop(img_size, fill=fill)]
     if cfg.hflip > 0:
         ops.append(RandomHorizontalFlip(cfg.hflip))
     if cfg.affine_degrees > 0 or cfg.affine_translate > 0 or tuple(cfg.affine_scale) != (1.0, 1.0):
@@ -483,8 +532,80 @@ def build_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
     ops.append(RandomCrop(img_size, fill=fill))
     if any(v > 0 for v in cfg.color_jitter):
         ops.append(ColorJitter(*cfg.color_jitter))
-    ops.append(ToTensorNormalize(cfg.mean, cfg.std))
-    return JointCompose(ops)
+    return ops
+
+
+def build_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
+    """The paper's training augmentation: resize the shorter side to ``cfg.resize or img_size``, random
+    horizontal flip (``cfg.hflip``), random affine (``cfg.affine_*``, about the centre), random crop
+    ``img_size``, colour jitter (``cfg.color_jitter``), to tensor and normalise. Ops with no effect are left out.
+    The affine warp resamples with ``cfg.affine_interpolation`` and fills exposed areas with ``cfg.affine_fill``
+    (``mean``: the colour that normalises to ~0; ``zero``: black). A random crop that must pad uses the mean colour.
+    (``cfg.augment`` is not consulted here: :func:`ivpt.data.build_datasets` picks the eval transform instead.)"""
+    return JointCompose([*_train_ops(replace(cfg, augment=True), img_size), ToTensorNormalize(cfg.mean, cfg.std)])
+
+
+def build_device_train_transform(cfg: DataConfig, img_size: int) -> JointCompose:
+    """The loader half of ``data.gpu_augment``: resize the shorter side (PIL, as the CPU pipeline), then
+    :class:`DeviceAugmentPlan` over the same random ops as :func:`build_train_transform` (or, with
+    ``cfg.augment`` false, the centre crop of the eval transform). Items carry uint8 pixels and ``augment``;
+    :class:`ivpt.data.device_augment.DeviceAugment` finishes them on the device."""
+    resize, *ops = _train_ops(cfg, img_size)
+    return JointCompose([resize, DeviceAugmentPlan(ops, img_size)])
+
+
+class DeviceAugmentPlan(JointOp):
+    """End of a ``data.gpu_augment`` pipeline, run in the loader workers: draws the parameters of the random
+    ``ops`` (flip, affine, crop, colour jitter, in pipeline order, each with its own ``draw``, so from the same
+    per-item seed exactly the numbers the CPU pipeline draws) without applying them, and returns the image as a
+    uint8 tensor (3, H, W) with ``Sample.augment``:
+
+    * ``matrix`` (2, 3) float32: output pixel centre (u, v) of the ``img_size`` crop → pixel centre in this
+      image (flip, then affine about the centre, then crop, inverted into one map);
+    * ``frame`` (4,) int64: crop offset (left, top) and this image's (W, H); an output pixel whose
+      (u + left, v + top) lies outside [0, W) x [0, H) is crop padding;
+    * ``jitter`` (4,) float32: brightness, contrast, saturation and hue factors (identity when switched off), and
+      ``order`` (4,) int64: the order torchvision would apply them in.
+
+    Geometry of the sample (keypoints, boxes) is not moved: the training split carries none.
+    """
+
+    def __init__(self, ops: Sequence[JointTransform], img_size: int) -> None:
+        kinds = (RandomHorizontalFlip, RandomAffine, RandomCrop, CenterCrop, ColorJitter)
+        for op in ops:
+            if not isinstance(op, kinds):
+                raise ValueError(f"DeviceAugmentPlan cannot defer {op!r} to the device")
+        self.ops, self.size = list(ops), int(img_size)
+
+    def __call__(self, sample: Sample) -> Sample:
+        width, height = size = sample.size
+        forward = np.eye(3)  # pixel centres of this image -> of the output crop
+        left = top = 0
+        order, factors = [0, 1, 2, 3], ColorJitter.IDENTITY
+        for op in self.ops:
+            drawn = op.draw(size)
+            if isinstance(op, RandomHorizontalFlip):
+                if drawn:
+                    forward = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ forward
+            elif isinstance(op, RandomAffine):
+                forward = np.vstack([affine_matrix(size, *drawn), [0.0, 0.0, 1.0]]) @ forward
+            elif isinstance(op, ColorJitter):
+                order, factors = drawn
+            else:  # the crop
+                left, top = drawn
+                forward = np.array([[1.0, 0.0, -left], [0.0, 1.0, -top], [0.0, 0.0, 1.0]]) @ forward
+        pixels = torch.from_numpy(np.asarray(sample.image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        augment = {
+            "matrix": torch.from_numpy(np.linalg.inv(forward)[:2].astype(np.float32)),
+            "frame": torch.tensor([left, top, width, height], dtype=torch.int64),
+            "jitter": torch.tensor(factors, dtype=torch.float32),
+            "order": torch.tensor(order, dtype=torch.int64),
+        }
+        return replace(sample, image=pixels, augment=augment)
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {op!r}," for op in self.ops)
+        return f"DeviceAugmentPlan(size={self.size},{inner}\n)"
 
 
 def build_eval_transform(cfg: DataConfig, img_size: int, *, square: bool = False,
