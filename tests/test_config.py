@@ -24,3 +24,12 @@ def test_no_dead_fields():
     assert not names & {"wandb", "frozen_prefix_no_grad"}
     with pytest.raises(ConfigError, match="unknown key"):
         Config.from_dict({"train": {"wandb": True}})
+
+
+def test_speed_options():
+    with pytest.raises(ConfigError, match=r"train.sync_every=0 must be at least 1"):
+        Config.from_dict({"train": {"sync_every": 0}})
+    cfg = Config().with_overrides(["train.sync_every=1", "train.compile=true", "data.gpu_augment=true"])
+    assert (cfg.train.sync_every, cfg.train.compile, cfg.data.gpu_augment) == (1, True, True)
+    defaults = Config()
+    assert (defaults.train.sync_every, defaults.train.compile, defaults.data.gpu_augment) == (16, False, False)

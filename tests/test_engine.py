@@ -131,6 +131,39 @@ def test_nan_in_an_early_micro_batch_is_never_stepped_or_saved(world, tmp_path, 
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_deferred_finite_check_names_the_step_and_never_saves_after_it(world, tmp_path, monkeypatch):
+    # 3 steps per epoch, flags read every 8 steps, so within epoch 2 only at its last step (6); step 5 is poisoned.
+    import csv
+
+    cfg = tiny_config(world, train=dict(sync_every=8))
+    _count_and_poison(monkeypatch, poison_call=5)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 5: term.s. presence \(found by the "
+                                            r"check of steps 4-6, train.sync_every=8\)"):
+        train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 3  # the end of epoch 1, the last good state
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())]
+    assert steps == [1, 2, 3, 4]  # the rows before the bad step are kept, none from it on
+
+
+def test_flags_are_read_only_at_due_steps(world, tmp_path, monkeypatch):
+    from ivpt.engine.trainer import Trainer
+
+    reads = []
+    original = Trainer.sync
+
+    def counting(self):
+        if self.checks:
+            reads.append([c.step for c in self.checks])
+        original(self)
+
+    monkeypatch.setattr(Trainer, "sync", counting)
+    metrics = train(tiny_config(world, train=dict(sync_every=2, log_every=1)), tmp_path / "run", progress=False)
+    assert metrics["steps"] == 6
+    assert reads == [[1, 2], [3], [4], [5, 6]]  # every 2 steps and at each epoch's last step, nowhere else
+
+
 def test_no_micro_batch_is_left_without_a_step(world, tmp_path, monkeypatch):
     # 15 training images, batch 4 in 2 micro-batches of 2: 3 steps per epoch use 6 of the 7 micro-batches; the
     # 7th (and the odd image) is dropped instead of leaking its gradient into the next epoch's first step.
@@ -139,6 +172,58 @@ def test_no_micro_batch_is_left_without_a_step(world, tmp_path, monkeypatch):
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert metrics["train_images"] == 15 and metrics["steps"] == 6
     assert calls[0] == 12
+
+
+@pytest.mark.parametrize("gpu_augment", [False, True])
+def test_persistent_workers_load_what_the_main_process_would(world, tmp_path, gpu_augment):
+    # Items are seeded by (seed, epoch, index) and the epoch travels with each index: workers that persist across
+    # epochs, each with its own copy of the dataset, give the same run as loading in the main process.
+    cfg = tiny_config(world, data=dict(gpu_augment=gpu_augment))
+    train(cfg, tmp_path / "main", progress=False)
+    train(cfg.with_overrides(["data.num_workers=2"]), tmp_path / "workers", progress=False)
+    a, b = _params(tmp_path / "main"), _params(tmp_path / "workers")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_compile_trains_and_falls_back_with_one_warning(world, tmp_path, monkeypatch, caplog):
+    import functools
+
+    cfg = tiny_config(world, optim=dict(epochs=1), train=dict(max_steps=2, compile=True))
+    # Inductor needs ~75 s to compile this model on 2 CPU cores; the eager backend runs the same dynamo capture of
+    # the training forward (both views, maps_only_from) in seconds.
+    from torch._dynamo.utils import counters
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(original, backend="eager"))
+    counters.clear()
+    with caplog.at_level("WARNING", logger="ivpt"):
+        assert train(cfg, tmp_path / "compiled", progress=False)["steps"] == 2
+    assert not [r for r in caplog.records if "train.compile" in r.getMessage()]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, no breaks
+
+    class FailsWhenCalled:  # what a missing compiler looks like: torch.compile is lazy, the first call fails
+        def __init__(self, module):
+            self.module_ = module
+
+        def __getattr__(self, name):
+            return getattr(self.module_, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("no working C++ compiler found\n(a long traceback of the backend)")
+
+    def refuses(module):
+        raise RuntimeError("Python 3.99 is not supported")
+
+    expected = {FailsWhenCalled: "RuntimeError: no working C++ compiler found",
+                refuses: "RuntimeError: Python 3.99 is not supported"}
+    for broken, reason in expected.items():
+        monkeypatch.setattr(torch, "compile", broken)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ivpt"):
+            assert train(cfg, tmp_path / broken.__name__, progress=False)["steps"] == 2
+        lines = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+        assert lines == [f"train.compile: torch.compile failed ({reason}); continuing without compilation"]
 
 
 def test_resume_refuses_other_backbone_weights_and_loose_state(world, tmp_path):

@@ -38,6 +38,8 @@ __all__ = [
     "any_true",
     "all_gather_object",
     "barrier",
+    "compile_module",
+    "compile_warning",
 ]
 
 
@@ -156,3 +158,19 @@ def all_gather_object(obj: Any, world_size: int) -> list[Any]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def compile_module(module: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
+    """``(torch.compile(module), None)``, or ``(module, warning)`` when torch.compile refuses at once. Compilation
+    itself happens at the first call (forward) and first backward; a caller that sees those fail falls back to
+    ``module`` with :func:`compile_warning`."""
+    try:
+        return torch.compile(module), None
+    except Exception as exc:  # e.g. an unsupported Python or platform
+        return module, compile_warning(exc)
+
+
+def compile_warning(exc: BaseException) -> str:
+    """The one line that says compilation failed and the run goes on without it."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"train.compile: torch.compile failed ({type(exc).__name__}: {first}); continuing without compilation"

@@ -11,6 +11,10 @@ Each optimiser step sees a global batch of ``optim.batch_size`` images (split ov
 its end is dropped, so no micro-batch is ever back-propagated without a step. The clean batch and its randomly
 warped copy go through the model as ONE forward pass of twice the batch, so DDP sees a single forward per
 backward. Checkpoints (``last.pt``) hold everything needed to continue bit-for-bit on CPU.
+
+The hot loop never waits for the device: each step's finite flags (per loss term, and the gradient norm) and the
+log sums stay on the device and are read back together once every ``train.sync_every`` steps — and always before
+anything is saved (:meth:`Trainer.sync`), so no checkpoint ever holds a state after a non-finite step.
 """
 from __future__ import annotations
 
@@ -23,13 +27,13 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .. import runtime as R
 from ..checkpoint import (
@@ -50,7 +54,7 @@ from ..losses import ivpt_losses, random_affine, warp
 from ..eval import evaluate_accuracy
 from ..models import create_model
 from .health import ConceptHealth, collapse_warning
-from .ordering import GlobalBatchSampler, SeededDataset
+from .ordering import EpochBatches, SeededDataset, train_loader
 from .schedule import build_scheduler, depends_on_total, schedule_warning, total_steps
 
 __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "config_changes", "changes_from_run",
@@ -64,7 +68,7 @@ LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "
 # (optim.epochs and train.max_steps only while the schedule ignores the total steps: Trainer._restore checks).
 RESUMABLE_CHANGES = frozenset({
     "optim.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.tensorboard",
-    "train.device", "data.num_workers", "data.root",
+    "train.device", "train.sync_every", "train.compile", "data.num_workers", "data.root",
     *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
 })
 
@@ -112,7 +116,7 @@ class Trainer:
     """One training run in ``out``; see the module docstring for the order of its parts."""
 
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> None:
-        from ..data import build_datasets, reset_corrupt_count
+        from ..data import DeviceAugment, build_datasets, reset_corrupt_count
 
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.info = R.setup(cfg.train.device)
@@ -129,6 +133,8 @@ class Trainer:
                 f"{cfg.model.num_classes}; set model.num_classes={self.data.num_classes}"
             )
         self.train_set = SeededDataset(self.data.train, cfg.train.seed)
+        # data.gpu_augment: items hold uint8 pixels and drawn parameters; the batch is finished on the device.
+        self.augment = DeviceAugment(cfg.data, cfg.model.img_size) if cfg.data.gpu_augment else None
         o = cfg.optim
         if o.batch_size % (o.grad_accum * self.info.world_size):
             raise TrainingError(
@@ -171,12 +177,26 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused,
             )
+        self.eager_net, self.compile_pending = self.net, False  # pending: not yet through one forward/backward
+        if cfg.train.compile:
+            self.net, warning = R.compile_module(self.net)
+            self.compile_pending = warning is None
+            if warning and self.info.is_main:
+                logging.getLogger("ivpt").warning(warning)
         if state is not None and self.info.is_main:
             remove_stale_temporaries(self.out)  # left by a kill inside an atomic write
             remove_stale_temporaries(self.out / "best")
         self.log = _CsvLog(self.out / "log.csv", self.info.is_main, last_step=None if state is None else self.step)
         self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
         self.window = _Window(self.device)
+        self.checks: list[_StepCheck] = []  # steps whose finite flags are still on the device
+        self.rows: list[_Row] = []  # log rows whose values are still on the device
+        self.bar = None  # the epoch's progress bar
+        self.batches = EpochBatches(len(self.train_set), self.micro_global, rank=self.info.rank,
+                                    world_size=self.info.world_size, seed=cfg.train.seed,
+                                    num_batches=self.steps_per_epoch * o.grad_accum)
+        self.loader = train_loader(self.train_set, self.batches, cfg.data.num_workers,
+                                   pin_memory=self.device.type == "cuda")
         self.health = ConceptHealth()
         self.epoch_health: dict[str, float] = {}  # alive_s*/entropy_s* of the last epoch (ivpt.engine.health)
         self.t_start = time.perf_counter()
@@ -240,11 +260,14 @@ class Trainer:
         reached ``train.max_steps`` (e.g. killed during its test pass) goes straight to the test pass."""
         max_steps = self.cfg.train.max_steps
         first = self.cfg.optim.epochs if max_steps and self.step >= max_steps else self.epoch
-        for epoch in range(first, self.cfg.optim.epochs):
-            done = self.train_epoch(epoch)
-            self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
-            if done:
-                break
+        try:
+            for epoch in range(first, self.cfg.optim.epochs):
+                done = self.train_epoch(epoch)
+                self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
+                if done:
+                    break
+        finally:
+            self.loader = None  # its persistent workers exit (before the test pass starts its own)
         self.log.close()
         self.tb.close()
         return self.finish()
@@ -252,24 +275,14 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Optimiser steps of ``epoch`` from ``self.batch_in_epoch`` on; True when ``train.max_steps`` is reached."""
         o = self.cfg.optim
-        self.train_set.set_epoch(epoch)
         first = self.batch_in_epoch
-        sampler = GlobalBatchSampler(
-            len(self.train_set), self.micro_global, rank=self.info.rank, world_size=self.info.world_size,
-            seed=self.cfg.train.seed, epoch=epoch, start=first * o.grad_accum,
-            num_batches=self.steps_per_epoch * o.grad_accum,
-        )
-        from ..data import collate_skip_corrupt, loader_generator
-
-        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-                            collate_fn=collate_skip_corrupt, pin_memory=self.device.type == "cuda",
-                            generator=loader_generator(), persistent_workers=False)
+        self.batches.start(epoch, first * o.grad_accum)
         self.model.train()
-        bar = _progress(self.progress and self.info.is_main, self.steps_per_epoch - first,
-                        f"epoch {epoch + 1}/{o.epochs}")
+        self.bar = bar = _progress(self.progress and self.info.is_main, self.steps_per_epoch - first,
+                                   f"epoch {epoch + 1}/{o.epochs}")
         done = False
         micro: list[dict | None] = []
-        for batch in loader:
+        for batch in self.loader:
             micro.append(batch)
             if len(micro) < o.grad_accum:
                 continue
@@ -279,52 +292,53 @@ class Trainer:
             done = bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
             closing = done or self.batch_in_epoch >= self.steps_per_epoch  # written below, with the health
             if self.step % self.cfg.train.log_every == 0 and not closing:
-                row = self.emit(epoch)
-                bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['img_per_s']:.1f}")
+                self.rows.append(self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start))
             if self.cfg.train.ckpt_every_steps and self.step % self.cfg.train.ckpt_every_steps == 0:
                 self.save_last(epoch, self.batch_in_epoch)
             if done:
                 break
-        bar.close()
         self.epoch_health = self.health.flush(R.all_reduce_sum)  # every rank: the counts are summed
         if self.window.n or self.epoch_health:
-            self.emit(epoch, self.epoch_health)
+            self.rows.append(self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start, self.epoch_health))
+        self.sync()
+        bar.close()
+        self.bar = None
         return done
 
     def optimizer_step(self, epoch: int, micro_batches: list[dict | None]) -> None:
-        """Forward/backward every micro-batch, then ONE finite check (one host sync), clip and step.
+        """Forward/backward every micro-batch, clip and step, without reading anything back from the device.
 
-        A non-finite loss in ANY micro-batch (or, outside fp16 where the scaler skips such steps, a non-finite
-        gradient) stops the run before the optimiser or a checkpoint sees the corrupted gradients."""
+        The step's finite flags (each loss term of every micro-batch and, outside fp16 where the scaler skips
+        such steps, the gradient norm) join :attr:`checks`; :meth:`sync` reads them before this step is applied
+        when the step is due (every ``train.sync_every`` steps, the last step of an epoch or of the run, and a
+        ``train.ckpt_every_steps`` step), so that a non-finite step is never saved."""
         o = self.cfg.optim
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        terms_seen = []
+        names: list[str] = []
+        bad_terms = torch.zeros(0, dtype=torch.bool, device=self.device)  # per logged term, any micro-batch
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, batch in enumerate(micro_batches):
             if batch is None:  # every image of the micro-batch was unreadable
                 continue
             x = batch["image"].to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x = self.augment(x, batch["augment"])
             y = batch["label"].to(self.device, non_blocking=True)
             last = i == len(micro_batches) - 1
             sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with sync:
-                total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen, health=self.health)
-                self.scaler.scale(total / o.grad_accum).backward()
-            finite &= torch.isfinite(total.detach())
-            terms_seen.append(terms)
+                total, terms = self._forward_backward(x, y)
+            flags = ~torch.isfinite(torch.stack([*terms.values(), total.detach()]))
+            bad_terms = flags[:-1] if not names else bad_terms | flags[:-1]
+            bad_loss = bad_loss | flags.any()
+            names = list(terms)
             self.window.add(terms, total, x.shape[0] * self.info.world_size)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip if o.grad_clip > 0 else math.inf)
-        if o.amp != "fp16":
-            finite &= torch.isfinite(norm)
-        if R.any_true(~finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            bad = next((t for t in terms_seen if not all(torch.isfinite(v) for v in t.values())), None)
-            names = [k for k, v in (bad or {}).items() if not torch.isfinite(v)] or ["gradients"]
-            raise TrainingError(
-                f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: term(s) {', '.join(names)}. "
-                f"Nothing was stepped or saved; the last good checkpoint {self.out / 'last.pt'} is kept. Lower the "
-                "learning rates or try optim.amp=none"
-            )
+        bad_grad = ~torch.isfinite(norm.to(self.device)) if o.amp != "fp16" else torch.zeros_like(bad_loss)
+        self.checks.append(_StepCheck(epoch, self.step + 1, names, bad_terms,
+                                      torch.stack([bad_loss, bad_grad]).float()))
+        if self._sync_due():
+            self.sync()  # raises before a non-finite step is applied
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -332,6 +346,67 @@ class Trainer:
         self.scheduler.step()  # the rates of the next step: lr_factor(self.step + 1)
         self.step += 1
         self.batch_in_epoch += 1
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """compute_loss and backward of one micro-batch. The first one under ``train.compile`` is where
+        compilation happens (forward, then backward); if it fails, one warning and the eager model from then on."""
+        try:
+            total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen, health=self.health)
+            self.scaler.scale(total / self.cfg.optim.grad_accum).backward()
+        except Exception as exc:
+            if not self.compile_pending:
+                raise
+            self.compile_pending = False
+            if self.info.is_main:
+                logging.getLogger("ivpt").warning(R.compile_warning(exc))
+            self.net = self.eager_net
+            self.optimizer.zero_grad(set_to_none=True)
+            self.health.reset()  # the failed call may have counted this batch's maps
+            return self._forward_backward(x, y)
+        self.compile_pending = False
+        return total, terms
+
+    def _sync_due(self) -> bool:
+        """Whether the step being taken must be checked before it is applied (the same answer on every rank)."""
+        t, number = self.cfg.train, self.step + 1
+        return (number % t.sync_every == 0 or self.batch_in_epoch + 1 >= self.steps_per_epoch
+                or bool(t.max_steps and number >= t.max_steps)
+                or bool(t.ckpt_every_steps and number % t.ckpt_every_steps == 0))
+
+    def sync(self) -> None:
+        """Read back, in ONE device→host transfer, the finite flags of the steps since the last sync (summed over
+        processes) and the pending log rows; write the rows. At the first non-finite step, write only the rows
+        before it and raise :class:`TrainingError` naming the step and its loss terms: nothing after it is saved.
+        Every rank calls it at the same steps (a collective)."""
+        checks, rows = self.checks, self.rows
+        self.checks, self.rows = [], []
+        parts = []
+        if checks:
+            parts.append(R.all_reduce_sum(torch.stack([c.reduced for c in checks])).flatten())
+            parts += [c.local.float() for c in checks]
+        parts += [r.values for r in rows if r.values is not None]
+        values = torch.cat(parts).tolist() if parts else []  # the one host sync
+        at, bad = 2 * len(checks), None
+        for i, c in enumerate(checks):
+            local, at = values[at : at + len(c.names)], at + len(c.names)
+            if bad is None and (values[2 * i] or values[2 * i + 1]):
+                terms = [n for n, v in zip(c.names, local) if v]
+                bad = c, terms or (["gradients"] if values[2 * i + 1] else ["another process's loss"])
+        for r in rows:
+            at = r.fill(values, at)
+        for r in rows:
+            if bad is None or r.row["step"] < bad[0].step:
+                self._write_row(r.row)
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            check, terms = bad
+            span = (f" (found by the check of steps {checks[0].step}-{checks[-1].step}, train.sync_every="
+                    f"{self.cfg.train.sync_every})" if len(checks) > 1 else "")
+            raise TrainingError(
+                f"non-finite loss at epoch {check.epoch + 1}, step {check.step}: term(s) {', '.join(terms)}{span}. "
+                f"Nothing from step {check.step} on was saved; the last good checkpoint {self.out / 'last.pt'} is "
+                "kept. Lower the learning rates or try optim.amp=none"
+            )
 
     def end_epoch(self, epoch: int, *, finished: bool) -> None:
         """Concept-health warning, validation, ``best/`` and ``last.pt``."""
@@ -399,16 +474,18 @@ class Trainer:
         return scores["top1"]
 
     # ------------------------------------------------------------------------------------------ logs, state
-    def emit(self, epoch: int, health: dict[str, float] | None = None) -> dict:
-        """Write one log row: the loss terms since the last row, the last step's rates and ``health``."""
-        row = {**self.window.flush(epoch, self.step, self.step_lrs, self.t_start), **(health or {})}
+    def _write_row(self, row: dict) -> None:
+        """One log.csv (and TensorBoard) row; the progress bar shows its loss and speed."""
         self.log.write(row, LOG_FIELDS + self.health.columns)
-        self.tb.log(row, self.step)
-        return row
+        self.tb.log(row, row["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row.get('total', math.nan):.3f}", img_s=f"{row['img_per_s']:.1f}")
 
     def save_last(self, epoch: int, batch_in_epoch: int) -> None:
         """Atomically write ``last.pt``: trained parameters, optimiser, scheduler, scaler, position and every
-        process's RNG state (all ranks take part in gathering the RNG states)."""
+        process's RNG state (all ranks take part in gathering the RNG states). Pending finite flags are read
+        first (:meth:`sync`): a state after a non-finite step is never saved."""
+        self.sync()
         rng = R.all_gather_object(_rng_state(self.eq_gen), self.info.world_size)
         if self.info.is_main:
             atomic_torch_save({
@@ -457,8 +534,38 @@ def _split_output(out: Any, n: int) -> tuple[Any, Any]:
     return type(out)(**first), type(out)(**rest)
 
 
+@dataclass
+class _StepCheck:
+    """One optimiser step's finite flags, still on the device: ``local`` (K,) bool, non-finite in some micro-batch
+    of this process, per loss term ``names``; ``reduced`` (2,) float, [non-finite loss, non-finite gradient norm],
+    summed over processes at the read."""
+
+    epoch: int
+    step: int  # 1-based number of the step
+    names: list[str]
+    local: torch.Tensor
+    reduced: torch.Tensor
+
+
+@dataclass
+class _Row:
+    """A log row whose loss-term means (``values``, on the device, for ``names``) are not read back yet."""
+
+    row: dict
+    names: list[str] = field(default_factory=list)
+    values: torch.Tensor | None = None
+
+    def fill(self, flat: list[float], at: int) -> int:
+        """Take this row's values from ``flat`` at ``at``; returns the position after them."""
+        if self.values is None:
+            return at
+        self.row.update(zip(self.names, flat[at : at + len(self.names)]))
+        return at + len(self.names)
+
+
 class _Window:
-    """Loss terms summed on the device since the last log row; read back (one sync) only when a row is written."""
+    """Loss terms summed on the device since the last log row; a row's values are read back later, with the
+    finite flags (:meth:`Trainer.sync`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -474,16 +581,17 @@ class _Window:
             v = v.detach().float().to(self.device)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def flush(self, epoch: int, step: int, lrs: dict[str, float], t_start: float) -> dict:
+    def snapshot(self, epoch: int, step: int, lrs: dict[str, float], t_start: float,
+                 health: dict[str, float] | None = None) -> _Row:
+        """The row of the steps since the last one (loss means still on the device), with ``health``; resets."""
         now = time.perf_counter()
         row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
                "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
-               "img_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start}
+               "img_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start, **(health or {})}
         names = list(self.sums)
-        values = torch.stack([self.sums[k] for k in names]).tolist() if names else []  # one host sync
-        row.update({k: v / max(self.n, 1) for k, v in zip(names, values)})
+        values = torch.stack([self.sums[k] for k in names]) / max(self.n, 1) if names else None
         self.reset(now)
-        return row
+        return _Row(row, names, values)
 
 
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
