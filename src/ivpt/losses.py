@@ -118,10 +118,16 @@ def random_affine(
     return theta.expand(batch, 2, 3).contiguous()
 
 
+def _inv(a: Tensor) -> Tensor:
+    """Inverse of (B, 2, 2) matrices without the error check of ``torch.linalg.inv``, which reads a flag back from
+    the device (a host sync per call on CUDA); a similarity transform is never singular."""
+    return torch.linalg.inv_ex(a).inverse
+
+
 def invert_affine(theta: Tensor) -> Tensor:
     """Inverse of (B, 2, 3) affine matrices."""
     a, t = theta[:, :, :2], theta[:, :, 2:]
-    a_inv = torch.linalg.inv(a)
+    a_inv = _inv(a)
     return torch.cat([a_inv, -a_inv @ t], dim=2)
 
 
@@ -145,7 +151,7 @@ def warp_back(maps: Tensor, theta: Tensor, *, interpolation: str = "bilinear") -
         return warp(maps, invert_affine(theta))
     if interpolation != "nearest":
         raise ValueError(f"interpolation={interpolation!r} must be 'bilinear' or 'nearest'")
-    a_inv = torch.linalg.inv(theta[:, :, :2])
+    a_inv = _inv(theta[:, :, :2])
     eye = torch.eye(2, device=theta.device, dtype=theta.dtype).expand_as(a_inv)
     untranslated = warp(maps, torch.cat([eye, -a_inv @ theta[:, :, 2:]], dim=2), mode="nearest")
     return warp(untranslated, torch.cat([a_inv, torch.zeros_like(theta[:, :, 2:])], dim=2), mode="nearest")

@@ -141,8 +141,9 @@ class FrozenViT(nn.Module):
         return tokens, grid
 
     def stage_features(self, tokens: Tensor) -> Tensor:
-        """Detached, final-normed patch tokens (B, L, D) that concept stages look at."""
-        return self.backbone.norm(tokens.detach())[:, self.num_prefix :]
+        """Detached, final-normed patch tokens (B, L, D) that concept stages look at (the norm is per token, so
+        the prefix tokens are dropped first: contiguous features, no norm of tokens nobody reads)."""
+        return self.backbone.norm(tokens.detach()[:, self.num_prefix :])
 
     # ------------------------------------------------------------------------------------------ save and load
     def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:

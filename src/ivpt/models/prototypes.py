@@ -22,8 +22,7 @@ def region_pool(maps: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         pooled (B, n, D) — zero for a prototype that wins no pixel — and counts (B, n), pixels won.
     """
-    n = maps.shape[1]
-    winner = F.one_hot(maps.argmax(dim=1), n).transpose(1, 2).to(maps.dtype)  # (B, n, L)
+    winner = torch.zeros_like(maps).scatter_(1, maps.argmax(dim=1, keepdim=True), 1.0)  # (B, n, L) one-hot
     weights = maps * winner
     counts = winner.sum(dim=-1)
     total = weights.sum(dim=-1, keepdim=True)
@@ -86,12 +85,13 @@ class ConceptStage(nn.Module):
         """Soft part maps S (B, n, H, W) from features (B, L, D): softmax_k(-||f - π_k||² + β_k).
 
         ||f||² is the same for every prototype, so it cancels in the softmax and is not computed; the maps are
-        evaluated in float32 even under autocast because squared distances lose too much in bf16.
+        evaluated in float32 even under autocast because squared distances lose too much in bf16. The factor 2
+        scales the (n, D) prototypes, not the (B, L, D) features (exact either way: a power of two).
         """
         with torch.autocast(device_type=feats.device.type, enabled=False):
             f = feats.float()
             protos = self.prototypes.float()
-            logits = 2.0 * f @ protos.t() - (protos * protos).sum(-1)  # (B, L, n)
+            logits = f @ (2.0 * protos).t() - (protos * protos).sum(-1)  # (B, L, n)
             logits = logits.transpose(1, 2).reshape(f.shape[0], -1, *grid) + self.bias_for(grid).float()
             return logits.softmax(dim=1)
 
