@@ -1,5 +1,6 @@
 """``ivpt bench``: forward and training-step speed and peak memory of every model kind against the plain frozen
-backbone, measured interleaved on this machine; writes ``OUT/bench.json`` and ``OUT/bench.md``."""
+backbone, measured interleaved on this machine, the training DataLoader's images/s and the projected paper recipe;
+writes ``OUT/bench.json`` and ``OUT/bench.md``."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-pro", type=_ints, default=[17, 14, 11, 8, 5], help="prototype counts (default paper)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 with --quick, else 7)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="autocast precision of every forward and train step (default none: fp32)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="training DataLoader workers for the loader measurement (default min(16, CPUs))")
+    parser.add_argument("--loader-images", type=int, default=None,
+                        help="synthetic images the loader measurement reads (default 64 with --quick, else 512)")
+    parser.add_argument("--loader-image-size", type=int, default=500,
+                        help="side of the synthetic JPEGs in px (default 500, about CUB's 500x375)")
+    parser.add_argument("--no-loader", action="store_true", help="skip the DataLoader measurement")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, one per physical core)")
     parser.add_argument("--frozen-tokens", action="store_true",
@@ -33,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also time ivpt with one view, ivpt and vpt_deep with frozen tokens")
     parser.add_argument("--profile", action="store_true",
-                        help="write torch.profiler tables of one ivpt and one vpt_deep train step")
+                        help="write torch.profiler tables of one ivpt and one vpt_deep train step and report where "
+                             "ivpt's step time goes, by phase")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     # For tests: JSON keyword arguments for timm.create_model (e.g. a tiny ViT).
     parser.add_argument("--backbone-kwargs", type=json.loads, default={}, help=argparse.SUPPRESS)
@@ -48,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch, img_size=args.img_size, n_pro=args.n_pro, num_classes=args.num_classes,
         train_tokens=not args.frozen_tokens, sizes=args.sizes, stage_counts=args.stages, repeats=args.repeats,
         device=args.device, threads=args.threads, memory=not args.no_memory, variants=args.variants, profile=args.profile,
+        amp=args.amp, loader=not args.no_loader, workers=args.workers, loader_images=args.loader_images,
+        loader_image_size=args.loader_image_size,
     )
     report = run_bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
     print((args.out / "bench.md").read_text())
