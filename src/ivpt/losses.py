@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LOSS_TERMS, LossConfig
+from .runtime import to_device
 
 __all__ = [
     "classification_loss",
@@ -114,8 +115,8 @@ def random_affine(
     s = scale[0] + (scale[1] - scale[0]) * r[1].item()
     tx, ty = (2 * translate * (2 * r[2:] - 1)).tolist()
     cos, sin = math.cos(angle) / s, math.sin(angle) / s
-    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32, device=device)
-    return theta.expand(batch, 2, 3).contiguous()
+    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)
+    return to_device(theta.expand(batch, 2, 3).contiguous(), device)  # no host sync on CUDA
 
 
 def _inv(a: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ __all__ = [
     "barrier",
     "compile_module",
     "compile_warning",
+    "to_device",
 ]
 
 
@@ -158,6 +159,16 @@ def all_gather_object(obj: Any, world_size: int) -> list[Any]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor ``t`` on ``device`` without making the host wait for the device. A plain CPU→CUDA ``.to`` (and
+    ``torch.tensor(..., device="cuda")``) synchronises the stream before it copies; this copies from pinned memory,
+    queued behind the work already on the stream."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def compile_module(module: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:

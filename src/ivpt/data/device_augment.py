@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime import to_device
 from .transforms import ColorJitter, mean_fill
 
 if TYPE_CHECKING:
@@ -110,18 +111,27 @@ class DeviceAugment:
         self.adjust = [(i, fn) for i, (fn, on) in enumerate(zip(_ADJUST, enabled)) if on]
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._constants: dict[torch.device, dict[str, Tensor]] = {}
+
+    def constants(self, device: torch.device) -> dict[str, Tensor]:
+        """mean, std, affine_fill, crop_fill as (1, 3, 1, 1) tensors on ``device``, copied there once."""
+        if device not in self._constants:
+            values = {"mean": self.mean, "std": self.std, "affine_fill": self.affine_fill, "crop_fill": self.crop_fill}
+            self._constants[device] = {k: to_device(v.view(1, 3, 1, 1), device) for k, v in values.items()}
+        return self._constants[device]
 
     def __call__(self, images: Tensor, augment: dict[str, Tensor]) -> Tensor:
         device = images.device
         x = self.geometry(images.float().div_(255), augment)
-        x = self.jitter(x, augment["jitter"].to(device, non_blocking=True), augment["order"])
-        return x.sub_(self.mean.to(device)).div_(self.std.to(device))
+        x = self.jitter(x, to_device(augment["jitter"], device), augment["order"])
+        c = self.constants(device)
+        return x.sub_(c["mean"]).div_(c["std"])
 
     def geometry(self, x: Tensor, augment: dict[str, Tensor]) -> Tensor:
         """Resample float images (B, 3, Hc, Wc) into the (B, 3, S, S) crops (flip, affine and crop in one map)."""
         device, (b, _, hc, wc), s = x.device, x.shape, self.size
-        matrix = augment["matrix"].to(device, non_blocking=True)  # (B, 2, 3): output -> source pixel centres
-        frame = augment["frame"].to(device, non_blocking=True).view(b, 4, 1, 1).float()
+        matrix = to_device(augment["matrix"], device)  # (B, 2, 3): output -> source pixel centres
+        frame = to_device(augment["frame"], device).view(b, 4, 1, 1).float()
         left, top, width, height = frame.unbind(dim=1)  # (B, 1, 1) each
         u = torch.arange(s, device=device, dtype=torch.float32)
         src = (matrix[:, None, None, :, 0] * u.view(1, 1, s, 1) + matrix[:, None, None, :, 1] * u.view(1, s, 1, 1)
@@ -136,10 +146,9 @@ class DeviceAugment:
         sy = torch.minimum(sy.clamp_min(0.0), height - 1)
         grid = torch.stack(((2 * sx + 1) / wc - 1, (2 * sy + 1) / hc - 1), dim=-1)
         out = F.grid_sample(x, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
-        affine_fill = self.affine_fill.to(device).view(1, 3, 1, 1)
-        crop_fill = self.crop_fill.to(device).view(1, 3, 1, 1)
-        out = torch.where(inside.unsqueeze(1), out, affine_fill)
-        return torch.where(in_frame.unsqueeze(1), out, crop_fill)
+        c = self.constants(device)
+        out = torch.where(inside.unsqueeze(1), out, c["affine_fill"])
+        return torch.where(in_frame.unsqueeze(1), out, c["crop_fill"])
 
     def jitter(self, x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         """Colour jitter of float images (B, 3, S, S) with per-image ``factors`` (B, 4) on the device, in the
@@ -149,12 +158,14 @@ class DeviceAugment:
             return x
         b = x.shape[0]
         order = order.cpu()
-        for position in range(4):
-            for i, fn in self.adjust:
-                rows = (order[:, position] == i).nonzero().flatten()
-                if rows.numel() == b:
-                    x = fn(x, factors[:, i])
-                elif rows.numel():
-                    index = rows.to(x.device, non_blocking=True)
-                    x = x.index_copy(0, index, fn(x.index_select(0, index), factors.index_select(0, index)[:, i]))
+        steps = [(i, fn, (order[:, position] == i).nonzero().flatten()) for position in range(4)
+                 for i, fn in self.adjust]
+        index = to_device(torch.cat([rows for _, _, rows in steps]), x.device)  # every index set, one copy
+        at = 0
+        for i, fn, rows in steps:
+            n, rows, at = rows.numel(), index[at : at + rows.numel()], at + rows.numel()
+            if n == b:
+                x = fn(x, factors[:, i])
+            elif n:
+                x = x.index_copy(0, rows, fn(x.index_select(0, rows), factors.index_select(0, rows)[:, i]))
         return x
