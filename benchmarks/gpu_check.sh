@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU paths in one script (under 5 minutes on one GPU): a torchrun --nproc_per_node=1 training over NCCL,
-# bf16 and fp16 (GradScaler) steps, kill -9 mid-run and an exact resume on the GPU, and `ivpt eval` under torchrun.
+# The GPU paths in one script (about 5 minutes on one GPU): a torchrun --nproc_per_node=1 training over NCCL,
+# bf16 (with data.gpu_augment) and fp16 (GradScaler) steps, kill -9 mid-run and an exact resume on the GPU,
+# `ivpt eval` under torchrun, train.compile, and the speed report: `ivpt bench --device cuda --amp bf16` (and fp32)
+# at the paper config (ViT-B/14-reg4, 518 px, batch 16; with --profile) and ViT-S/14 at 224 px.
 #
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine
 #   DEVICE=cpu TINY=1 bash benchmarks/gpu_check.sh   # the same steps on CPU (gloo), a dry run of the script
 #
-# It prints one "check ..." line per step and exits non-zero at the first failure.
+# It prints one "check ..." line per step and exits non-zero at the first failure. COMPILE=0 skips the
+# train.compile step (on by default on CUDA; on CPU Inductor needs minutes, so the dry run skips it unless
+# COMPILE=1). The bench reports land in $WORK/bench_*/bench.md.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
@@ -25,7 +29,8 @@ ARGS=(model.backbone=vit_small_patch14_reg4_dinov2 model.weights=random model.im
 if [ -n "${TINY:-}" ]; then ARGS+=("model.backbone_kwargs={depth: 4, embed_dim: 64, num_heads: 2}"); fi
 
 for amp in bf16 fp16; do
-  "${TORCHRUN[@]}" -m ivpt.cli train "${ARGS[@]}" "optim.amp=$amp" optim.epochs=1 train.max_steps=4 \
+  extra=(); [ "$amp" = bf16 ] && extra=(data.gpu_augment=true)  # the device-side augmentation under NCCL
+  "${TORCHRUN[@]}" -m ivpt.cli train "${ARGS[@]}" "optim.amp=$amp" "${extra[@]}" optim.epochs=1 train.max_steps=4 \
       --out "$WORK/$amp" --no-progress > "$WORK/$amp.log" 2>&1 || { tail -30 "$WORK/$amp.log"; exit 1; }
   "$PY" - "$WORK/$amp" "$amp" <<'PY'
 import json, sys
@@ -73,4 +78,49 @@ r = json.load(open(sys.argv[1]))
 print(f"check ivpt eval under torchrun (nproc 1): top-1 {r['top1']:.1f}, consistency {r['consistency']:.1f}, "
       f"NMI {r['nmi']:.1f}, eval.amp {r['protocol']['amp']}")
 PY
+if [ "${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then
+  "$PY" -m ivpt.cli train "${ARGS[@]}" optim.amp=bf16 train.compile=true optim.epochs=1 train.max_steps=3 \
+      --out "$WORK/compiled" --no-progress > "$WORK/compiled.log" 2>&1 || { tail -30 "$WORK/compiled.log"; exit 1; }
+  fallback=$(grep -c "train.compile: torch.compile failed" "$WORK/compiled.log" || true)
+  echo "check train.compile: 3 steps trained, $([ "$fallback" = 0 ] && echo compiled || echo "fell back to eager: $(grep -m1 'train.compile' "$WORK/compiled.log")")"
+fi
+
+# Speed (issue 14): ratios, peak memory, the training DataLoader's images/s (CPU and gpu_augment paths) and the
+# projected paper recipe, in one run per setting.
+if [ -n "${TINY:-}" ]; then
+  PAPER=(--backbone vit_small_patch14_reg4_dinov2 --img-size 56 --batch 2 --n-pro 5,4,3 --loader-images 8
+         --loader-image-size 64 --workers 2 "--backbone-kwargs={\"depth\": 4, \"embed_dim\": 64, \"num_heads\": 2}")
+  SMALL=("${PAPER[@]}")
+else
+  PAPER=(--backbone vit_base_patch14_reg4_dinov2 --img-size 518 --batch 16 --loader-images 1024)
+  SMALL=(--backbone vit_small_patch14_dinov2 --img-size 224 --batch 64 --loader-images 1024)
+fi
+bench() {  # name, then ivpt bench arguments
+  local name=$1; shift
+  "$PY" -m ivpt.cli bench --quick --device "$DEVICE" "$@" --out "$WORK/bench_$name" > "$WORK/bench_$name.log" 2>&1 \
+      || { tail -30 "$WORK/bench_$name.log"; exit 1; }
+  "$PY" - "$WORK/bench_$name/bench.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ivpt = r["groups"][0]["models"]["ivpt"]
+print(f"check bench {sys.argv[2]} ({r['settings']['backbone']}, {r['settings']['img_size']} px, batch "
+      f"{r['settings']['batch']}, {r['settings']['amp']}): ivpt train peak {ivpt.get('train_peak_mb') or 0:.0f} MB, "
+      f"host syncs per train step {ivpt.get('train_host_syncs', '-')}, per eval forward {ivpt.get('forward_host_syncs', '-')}")
+for k, t in r["targets"].items():
+    bound = f"<= {t['max']}" if "max" in t else f">= {t['min']}"
+    measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+    print(f"  {k}: {measured} (target {bound}) {'met' if t['met'] else 'MISSED'}")
+for path in ("cpu", "gpu_augment"):
+    if r.get("loader") and path in r["loader"]:
+        syncs = r["loader"][path].get("host_syncs_per_batch")
+        print(f"  loader {path}: {r['loader'][path]['images_per_s']:.0f} images/s"
+              + ("" if syncs is None else f", {syncs} host syncs per device-augmented batch"))
+if r.get("projection"):
+    print(f"  projection: {r['projection']['formula']}")
+PY
+}
+bench paper_bf16 --amp bf16 --profile "${PAPER[@]}"
+bench paper_fp32 --amp none --no-loader "${PAPER[@]}"
+bench vits_bf16 --amp bf16 "${SMALL[@]}"
+
 echo "gpu_check: all checks passed ($WORK)"

@@ -54,6 +54,7 @@ import torch
 
 from ..config import AMP_MODES, Config, LossConfig, ModelConfig, OptimConfig
 from ..runtime import autocast, resolve_device
+from .phases import count_host_syncs
 
 __all__ = ["BenchOptions", "Entry", "Group", "project", "render_markdown", "run_bench", "targets"]
 
@@ -278,6 +279,8 @@ def time_group(opts: BenchOptions, group: Group, device: torch.device, log: Call
         else:
             work()
             result[label][f"{mode}_peak_mb"] = _probe_subprocess(opts, group, runners[label].entry, mode)
+        if device.type == "cuda":
+            result[label][f"{mode}_host_syncs"] = count_host_syncs(work, device)
     for i in range(opts.n_repeats):
         for label, mode in order:
             result[label].setdefault(f"{mode}_s", []).append(_timed(runners[label].work(mode), device))
@@ -414,7 +417,7 @@ def _summarise(raw: dict, batch: int) -> dict:
             row[f"{mode}_min_s"] = min(times) if times else None
             row[f"{mode}_ms_per_image"] = None if not times else 1000 * min(times) / batch
             row[f"{mode}_median_ms_per_image"] = None if med is None else 1000 * med / batch
-        row.update({k: v for k, v in r.items() if k.endswith("_peak_mb") or k == "train_phases"})
+        row.update({k: v for k, v in r.items() if k.endswith(("_peak_mb", "_host_syncs")) or k == "train_phases"})
         models[label] = row
     return models
 
@@ -647,6 +650,10 @@ def render_markdown(report: dict) -> str:
         bound = f"≤ {t['max']}" if "max" in t else f"≥ {t['min']}"
         median = f" [{_fmt(t['measured_median'], '.2f')}]" if t.get("measured_median") is not None else ""
         lines.append(f"- {k}: {_fmt(t['measured'], '.2f')}{median} (target {bound}) — {verdict}")
+    ivpt = main["models"].get("ivpt", {})
+    if ivpt.get("train_host_syncs") is not None:
+        lines += ["", (f"Host syncs (the host waiting for the device): {ivpt['train_host_syncs']} per ivpt train step, "
+                       f"{ivpt.get('forward_host_syncs')} per eval forward (fp16 steps: the GradScaler's one read).")]
     lines += _loader_lines(report.get("loader"), report.get("projection"))
     phases = main["models"].get("ivpt", {}).get("train_phases")
     if phases:

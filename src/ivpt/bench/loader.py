@@ -63,6 +63,11 @@ def loader_throughput(*, device: torch.device, img_size: int, batch: int, worker
             _sync(device)
             seconds = time.perf_counter() - started
             out[path] = {"images_per_s": seen / seconds, "images": seen, "seconds": seconds}
+            if finish is not None and device.type == "cuda":
+                from .phases import count_host_syncs
+
+                x = b["image"].to(device, non_blocking=True)
+                out[path]["host_syncs_per_batch"] = count_host_syncs(lambda: finish(x, b["augment"]), device)
             del loader  # its persistent workers exit
     return out
 

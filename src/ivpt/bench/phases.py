@@ -1,5 +1,6 @@
 """Where a training step's time goes (``ivpt bench --profile``): the self time of every operator of one profiled
-step, attributed to the phase of the code that ran it.
+step, attributed to the phase of the code that ran it; and how often a piece of work makes the host wait for the
+device (:func:`count_host_syncs`, CUDA).
 
 torch.profiler records every operator with its caller chain (``with_stack``); an operator belongs to the first
 phase of :data:`PHASES` whose pattern appears anywhere in that chain (so region pooling inside the head counts as
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["PHASES", "phase_of", "profile_phases"]
+__all__ = ["PHASES", "count_host_syncs", "phase_of", "profile_phases"]
 
 # (phase, patterns): the first phase with a pattern in an operator's caller chain takes its time.
 PHASES: list[tuple[str, tuple[str, ...]]] = [
@@ -68,3 +69,21 @@ def profile_phases(step: Callable[[], None], device: torch.device) -> list[dict]
     total = sum(v[0] for v in totals.values()) or 1.0
     rows = [{"phase": k, "ms": v[0] / 1000, "share": v[0] / total, "host_ms": v[1] / 1000} for k, v in totals.items()]
     return sorted(rows, key=lambda r: -r["ms"])
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times ``fn()`` makes the host wait for the device (CUDA's sync debug mode reports each: stream
+    synchronisations, blocking copies, ``.item()``); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
