@@ -63,6 +63,10 @@ class ModelConfig:
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto: learned prompt tokens per block
+    # NOT the paper (off in its presets): the concept models' shared classifier also scores the final-normed [CLS]
+    # token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
+    # foreground parts and it. Part logits, maps and every interpretability score are unchanged in kind.
+    global_part: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
