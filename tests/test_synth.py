@@ -154,10 +154,11 @@ def test_hard_is_deterministic_and_differs_from_standard(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_hard_annotations_stay_consistent():
+@pytest.mark.parametrize("difficulty", ["medium", "hard"])
+def test_textured_annotations_stay_consistent(difficulty):
     seen_visible, out_of_frame, occluded = 0, 0, 0
     for i in range(80):
-        s = render_sample([1, 0, i], i % 10, 64, classes=10, difficulty="hard")
+        s = render_sample([1, 0, i], i % 10, 64, classes=10, difficulty=difficulty)
         assert s.part_mask.shape == (64, 64) and s.part_mask.max() <= len(PART_NAMES)
         ys, xs = np.nonzero(s.part_mask)
         assert ys.size > 0  # the bird is never entirely hidden or out of frame
@@ -201,6 +202,14 @@ def test_hard_has_wider_nuisances():
     assert hard_area_cv > 1.4 * area_cv  # scale 0.28..0.62 against 0.40..0.60
     assert hard_background_std > 1.15 * background_std  # layered textures and distractors
     assert hard_grain > 1.5 * background_grain  # textured, not smooth
+
+
+def test_medium_lies_between_standard_and_hard():
+    """Rotation +-50 and scale 0.34..0.62 sit between standard's and hard's ranges, so do the measured spreads."""
+    standard, medium, hard = (_nuisance_stats(d) for d in ("standard", "medium", "hard"))
+    assert standard[0] < medium[0] < hard[0]  # angle spread
+    assert standard[1] < medium[1] < hard[1]  # area spread
+    assert medium[3] > 1.5 * standard[3]  # textured background
 
 
 def test_cli_synth_difficulty(tmp_path, capsys):

@@ -22,7 +22,9 @@ too), the bird anywhere it stays mostly in frame; two to four layers of natural-
 noise, bark-like grain); distractors in the head hues, body colours and wing patterns, so colour in the background
 says nothing about the class; one to three thick branches in front in 60% of images and leaf clusters in 35%; an
 illumination gradient and colour cast over the whole image, mild blur in half the images, Gaussian pixel noise.
-``"standard"`` (the default) writes exactly the bytes it always has.
+``difficulty="medium"`` draws the same kinds of nuisance, milder (:data:`_NUISANCES`): rotation +-50, scale
+0.34..0.62, at most two distractors, branches in 35% of images and leaves in 20%, a weaker cast, less blur and
+noise. ``"standard"`` (the default) writes exactly the bytes it always has.
 """
 from __future__ import annotations
 
@@ -64,7 +66,27 @@ ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wing", WING_PATTERNS),
     ("tail", TAIL_SHAPES),
 )
-DIFFICULTIES = ("standard", "hard")
+DIFFICULTIES = ("standard", "medium", "hard")
+
+
+class _Nuisances(NamedTuple):
+    """How far a textured world's nuisances go (``medium`` and ``hard``; ``standard`` has its own drawing)."""
+
+    rotation: float  # pose rotation within +-rotation degrees
+    scale: tuple[float, float]  # pixels per object unit, as fractions of the image side
+    distractors: tuple[int, int]  # background shapes in part colours: integers(low, high)
+    branch_p: float  # probability of branches in front of the bird ...
+    branches: tuple[int, int]  # ... and how many: integers(low, high)
+    leaves_p: float  # probability of a leaf cluster in front of the bird
+    cast: float  # colour cast: each channel's gain within 1 +- cast
+    blur_p: float  # probability of a mild blur of the whole image
+    noise: tuple[float, float]  # Gaussian pixel noise, std within (low, high) grey levels
+
+
+_NUISANCES = {
+    "medium": _Nuisances(50, (0.34, 0.62), (0, 3), 0.35, (1, 3), 0.2, 0.05, 0.3, (2, 4)),
+    "hard": _Nuisances(60, (0.28, 0.62), (3, 9), 0.6, (1, 4), 0.35, 0.12, 0.5, (2, 7)),
+}
 MAX_CLASSES = 300  # below the 384 combinations so that a balanced, duplicate-free assignment is easy to find
 
 _WING_BASES = ((200, 70, 60), (70, 110, 190), (80, 150, 90), (210, 170, 60), (150, 90, 170), (110, 110, 110))
@@ -166,12 +188,14 @@ class _Pose:
     range is 0.40..0.60) and a centre anywhere the bird still lies mostly inside the frame.
     """
 
-    def __init__(self, rng: np.random.Generator, size: int, hard: bool = False) -> None:
+    def __init__(self, rng: np.random.Generator, size: int, nuisances: _Nuisances | None = None) -> None:
         self.mirror = rng.random() < 0.5
-        self.angle = math.radians(rng.uniform(-60, 60) if hard else rng.uniform(-35, 35))
+        wide = nuisances is not None
+        self.angle = math.radians(rng.uniform(-nuisances.rotation, nuisances.rotation) if wide
+                                  else rng.uniform(-35, 35))
         # pixels per object unit; the bird spans ~1.3 units
-        self.scale = rng.uniform(0.28, 0.62) * size if hard else rng.uniform(0.40, 0.60) * size
-        self.centre = self._hard_centre(rng, size) if hard else self._standard_centre(rng, size)
+        self.scale = rng.uniform(*nuisances.scale) * size if wide else rng.uniform(0.40, 0.60) * size
+        self.centre = self._hard_centre(rng, size) if wide else self._standard_centre(rng, size)
 
     @staticmethod
     def _standard_centre(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -460,14 +484,14 @@ def _layer_alpha(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip((values - rng.uniform(0.35, 0.65)) / edge + 0.5, 0, 1)[..., None]
 
 
-def _hard_background(rng: np.random.Generator, size: int) -> Image.Image:
+def _hard_background(rng: np.random.Generator, size: int, nuisances: _Nuisances) -> Image.Image:
     """Two to four textured layers, each over the last in irregular regions, then distractors in part colours."""
     pixels = _texture_layer(rng, size)
     for _ in range(int(rng.integers(1, 4))):
         alpha = _layer_alpha(rng, size)
         pixels = pixels * (1 - alpha) + _texture_layer(rng, size) * alpha
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(*nuisances.distractors))):
         _draw_distractor(image, rng, size)
     return image
 
@@ -504,13 +528,13 @@ def _draw_patterned_patch(image: Image.Image, rng: np.random.Generator, centre: 
     _paste_pattern(image, _wing_texture(pattern, centre, a, b, tilt), outline, _pattern_ink(base_rgb, rng))
 
 
-def _draw_hard_occluders(canvas: _Canvas, rng: np.random.Generator, size: int) -> None:
-    """In front of the bird: one to three thick branches (60% of images) and a leaf cluster (35%); both hide what
-    they cover (mask 0)."""
-    if rng.random() < 0.6:
-        for _ in range(int(rng.integers(1, 4))):
+def _draw_hard_occluders(canvas: _Canvas, rng: np.random.Generator, size: int, nuisances: _Nuisances) -> None:
+    """In front of the bird: thick branches and a leaf cluster (hard: one to three branches in 60% of images,
+    leaves in 35%); both hide what they cover (mask 0)."""
+    if rng.random() < nuisances.branch_p:
+        for _ in range(int(rng.integers(*nuisances.branches))):
             _draw_branch(canvas, rng, size, half_width=(0.025, 0.07))
-    if rng.random() < 0.35:
+    if rng.random() < nuisances.leaves_p:
         _draw_leaves(canvas, rng, size)
 
 
@@ -524,7 +548,7 @@ def _draw_leaves(canvas: _Canvas, rng: np.random.Generator, size: int) -> None:
         canvas.polygon(leaf, _jitter_rgb(_LEAF_GREENS[int(rng.integers(len(_LEAF_GREENS)))], rng, 15), 0)
 
 
-def _hard_finish(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+def _hard_finish(image: Image.Image, rng: np.random.Generator, nuisances: _Nuisances) -> np.ndarray:
     """Whole-image nuisances, bird included: a linear illumination gradient with a colour cast, mild blur in half
     the images, Gaussian pixel noise. Returns (H, W, 3) uint8."""
     size = image.size[0]
@@ -532,12 +556,12 @@ def _hard_finish(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
     ramp = np.arange(size, dtype=np.float32) / max(1, size - 1) - 0.5
     slope = ramp[None, :] * math.cos(theta) + ramp[:, None] * math.sin(theta)
     gain = rng.uniform(0.75, 1.15) * (1 + strength * slope)
-    cast = 1 + rng.uniform(-0.12, 0.12, size=3)
+    cast = 1 + rng.uniform(-nuisances.cast, nuisances.cast, size=3)
     lit = np.asarray(image, dtype=np.float32) * gain[..., None] * cast.astype(np.float32)
     image = Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8), "RGB")
-    if rng.random() < 0.5:
+    if rng.random() < nuisances.blur_p:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8)) * size / 112))
-    noise = rng.normal(0, rng.uniform(2, 7), size=(size, size, 3))
+    noise = rng.normal(0, rng.uniform(*nuisances.noise), size=(size, size, 3))
     return np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
 
 
@@ -551,15 +575,15 @@ def render_sample(seed: int | Sequence[int] | np.random.Generator, class_id: int
     """
     if not 0 <= class_id < classes:
         raise ValueError(f"class_id={class_id} must lie in [0, {classes})")
-    hard = _is_hard(difficulty)
+    nuisances = _nuisances(difficulty)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     attributes = class_attributes(classes)[class_id]
-    canvas = _Canvas(_hard_background(rng, size) if hard else _background(rng, size))
-    pose = _Pose(rng, size, hard)
+    canvas = _Canvas(_background(rng, size) if nuisances is None else _hard_background(rng, size, nuisances))
+    pose = _Pose(rng, size, nuisances)
     keypoints = np.round(_draw_bird(canvas, rng, attributes, pose), 1)
-    if hard:
-        _draw_hard_occluders(canvas, rng, size)
-        pixels = _hard_finish(canvas.image, rng)
+    if nuisances is not None:
+        _draw_hard_occluders(canvas, rng, size, nuisances)
+        pixels = _hard_finish(canvas.image, rng, nuisances)
     else:
         if rng.random() < 0.2:
             _draw_branch(canvas, rng, size)
@@ -570,10 +594,11 @@ def render_sample(seed: int | Sequence[int] | np.random.Generator, class_id: int
                     _tight_box(part_mask))
 
 
-def _is_hard(difficulty: str) -> bool:
+def _nuisances(difficulty: str) -> _Nuisances | None:
+    """The textured worlds' nuisance ranges, or None for ``standard``."""
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty={difficulty!r} must be one of {', '.join(DIFFICULTIES)}")
-    return difficulty == "hard"
+    return _NUISANCES.get(difficulty)
 
 
 def _visibility(keypoints: np.ndarray, part_mask: np.ndarray) -> np.ndarray:
@@ -706,7 +731,7 @@ def make_partworld(out: str | Path, *, classes: int = 10, per_class: int = 40, s
         raise ValueError(f"per_class={per_class} must be >= 1 and size={size} >= 16")
     if not 0 <= test_fraction <= 1:
         raise ValueError(f"test_fraction={test_fraction} must lie in [0, 1]")
-    _is_hard(difficulty)
+    _nuisances(difficulty)  # an unknown difficulty fails before anything is written
     out = Path(out)
     folders = tuple(f"{c + 1:03d}.{class_name(a)}" for c, a in enumerate(class_attributes(classes)))
     _prepare(out, overwrite, folders)
