@@ -117,3 +117,21 @@ def test_combiner_weights_and_terms():
     assert "entropy" not in terms2
     expected = total - terms["entropy"] + terms["tv"]
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("side", [8, 16, 37])
+def test_tv_reference_grid_makes_one_shape_cost_the_same_at_any_grid(side):
+    """A left/right split of a side×side grid: each of the 2 channels changes by 1 once per row, so the plain mean
+    is 2·side / side² = 2/side; scaled to a 37 grid it is 2/37 at every side, and exactly the plain value at 37."""
+    maps = torch.zeros(1, 2, side, side)
+    maps[:, 0, :, : side // 2] = 1
+    maps[:, 1, :, side // 2 :] = 1
+    assert tv_loss(maps).item() == pytest.approx(2 / side, rel=1e-6)
+    assert tv_loss(maps, reference_grid=37).item() == pytest.approx(2 / 37, rel=1e-6)
+
+
+def test_tv_reference_grid_is_checked():
+    from ivpt.config import ConfigError, LossConfig
+
+    with pytest.raises(ConfigError, match=r"loss.tv_reference_grid=-1.0 must be >= 0"):
+        LossConfig(tv_reference_grid=-1.0)

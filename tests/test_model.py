@@ -247,3 +247,35 @@ def test_maps_only_view_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_global_part_adds_the_cls_score_to_the_part_mean():
+    """model.global_part: logits = (Σ_k part_logits_k + W·LN(cls)) / (N+1), recomputed in float64; the explanation's
+    concept evidence plus its global evidence gives the logits back; off, the logits are the part mean."""
+    from ivpt.explain.core import explain
+
+    model = tiny_model(global_part=True).eval()
+    with torch.no_grad():
+        model.global_norm.weight.uniform_(0.5, 1.5)
+        model.global_norm.bias.normal_()
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        out = model(x)
+        cls = out.tokens[:, 0].double()  # tokens are already final-normed
+        ln = model.global_norm
+        g = torch.nn.functional.layer_norm(cls, (cls.shape[-1],), ln.weight.double(), ln.bias.double(), ln.eps)
+        expected = (out.part_logits.double().sum(1) + g @ model.classifier.weight.double().t()) / 3
+    assert torch.allclose(out.logits.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    assert "global_norm" in {g["name"] for g in model.param_groups(1e-3, 1.0, 1.0)}
+
+    e = explain(model, x)
+    total = e.evidence.sum(1) + e.global_evidence
+    assert abs(total - e.logits).max() <= 1e-5 * abs(e.logits).max()
+
+    plain = tiny_model().eval()
+    assert plain.global_norm is None
+    with torch.no_grad():
+        out = plain(x)
+    assert torch.allclose(out.logits, out.part_logits.mean(1))
+    assert not any(load_config(p).model.global_part for p in ("configs/cub_vitb14_reg4_paper.yaml",
+                                                              "configs/cub_vitb14_reg4_paper_exact.yaml"))

@@ -16,6 +16,7 @@ from ivpt.engine.health import ConceptHealth, collapse_warning, health_summary
 from ivpt.engine.schedule import (
     build_scheduler,
     lr_factor,
+    run_epochs,
     schedule_warning,
     steps_above_half_peak,
     total_steps,
@@ -63,11 +64,28 @@ def test_total_steps_is_the_smaller_of_epochs_and_max_steps():
     assert total_steps(o, 375, max_steps=10**6) == 9375
 
 
+def test_min_steps_raises_the_epochs_of_small_datasets_only():
+    o = OptimConfig(epochs=10, min_steps=1000)
+    assert run_epochs(o, 54) == 19 and total_steps(o, 54) == 19 * 54  # ceil(1000 / 54) = 19 epochs
+    assert run_epochs(o, 375) == 10 and total_steps(o, 375) == 3750  # already above: optim.epochs as set
+    assert total_steps(o, 54, max_steps=500) == 500
+    assert run_epochs(OptimConfig(epochs=10), 1) == 10  # min_steps=0: the paper's exact epochs
+
+
+def test_trainer_runs_the_epochs_min_steps_needs(world, tmp_path):
+    cfg = tiny_config(world, optim=dict(epochs=1, min_steps=5))  # 3 steps per epoch: 2 epochs, 6 steps
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert metrics["steps"] == 6 and rows[-1]["epoch"] == "2"
+
+
 def test_schedule_fields_are_checked():
     with pytest.raises(ConfigError, match="optim.schedule='linear' must be one of step, cosine, constant"):
         OptimConfig(schedule="linear")
     with pytest.raises(ConfigError, match=r"optim.warmup=5.0 is a fraction .* \[0, 1\)"):
         OptimConfig(warmup=5.0)
+    with pytest.raises(ConfigError, match=r"optim.min_steps=-1 must be >= 0"):
+        OptimConfig(min_steps=-1)
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)

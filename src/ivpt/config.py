@@ -63,6 +63,10 @@ class ModelConfig:
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto: learned prompt tokens per block
+    # NOT the paper (off in its presets): the concept models' shared classifier also scores the final-normed [CLS]
+    # token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
+    # foreground parts and it. Part logits, maps and every interpretability score are unchanged in kind.
+    global_part: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,6 +133,10 @@ class LossConfig:
     tv: float = 1.0
     entropy: float = 1.0
     label_smoothing: float = 0.0
+    # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
+    # same at any image size as on that grid (37: the paper's 518 px / patch 14, where the factor is exactly 1).
+    # 0 (the paper presets): the plain per-pixel mean, which weighs the same shapes ~4.6x more at 112 px.
+    tv_reference_grid: float = 0.0
     eq_rotation_deg: float = 90.0
     eq_translate: float = 0.11  # fraction of the image side
     eq_scale: list[float] = field(default_factory=lambda: [0.8, 1.4])
@@ -140,6 +148,9 @@ class LossConfig:
         for name in LOSS_TERMS:
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name}={getattr(self, name)} is a weight and must be >= 0")
+        if self.tv_reference_grid < 0:
+            raise ConfigError(f"loss.tv_reference_grid={self.tv_reference_grid} must be >= 0 (0: unscaled, as the "
+                              "paper; 37: the paper's 518 px / patch 14 grid)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must lie in [0, 1)")
         self.eq_scale = [float(s) for s in self.eq_scale]
@@ -173,6 +184,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 2.0  # global L2 norm; <= 0 disables
     epochs: int = 25
+    # At least this many optimiser steps: epochs are raised until epochs x steps per epoch reaches it, so a small
+    # dataset is not over after a few hundred steps (0: exactly optim.epochs, as the paper).
+    min_steps: int = 0
     batch_size: int = 16  # images per optimiser step over all processes (split over them under torchrun)
     grad_accum: int = 1
     schedule: str = "cosine"  # step | cosine | constant
@@ -189,6 +203,8 @@ class OptimConfig:
         for name in ("epochs", "batch_size", "grad_accum", "step_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be at least 1")
+        if self.min_steps < 0:
+            raise ConfigError(f"optim.min_steps={self.min_steps} must be >= 0 (0: exactly optim.epochs epochs)")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"optim.gamma={self.gamma} must lie in (0, 1]")
         if self.schedule not in SCHEDULES:

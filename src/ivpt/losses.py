@@ -7,6 +7,7 @@ entropy and equivariance terms follow the part-discovery losses of PDiscoFormer 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -80,13 +81,18 @@ def bg_presence_loss(maps: Tensor) -> Tensor:
     return -peak.clamp_min(1e-12).log().mean()
 
 
-def tv_loss(maps: Tensor) -> Tensor:
-    """(Σ|Δ_h S̃| + Σ|Δ_w S̃|) summed over channels and divided by B·H·W."""
+def tv_loss(maps: Tensor, *, reference_grid: float = 0.0) -> Tensor:
+    """(Σ|Δ_h S̃| + Σ|Δ_w S̃|) summed over channels and divided by B·H·W.
+
+    That mean costs the same partition of the image ∝ 1/side of the patch grid (its boundary spans ~side pixels
+    out of side²). ``reference_grid`` > 0 multiplies it by √(H·W) / reference_grid, so one shape costs at any grid
+    what it costs at a reference_grid × reference_grid one (the paper's 37 = 518 px / patch 14); 0: unscaled."""
     maps = maps.float()
     b, _, h, w = maps.shape
     dh = (maps[:, :, 1:] - maps[:, :, :-1]).abs().sum()
     dw = (maps[:, :, :, 1:] - maps[:, :, :, :-1]).abs().sum()
-    return (dh + dw) / (b * h * w)
+    scale = math.sqrt(h * w) / reference_grid if reference_grid > 0 else 1.0
+    return (dh + dw) / (b * h * w) * scale
 
 
 def entropy_loss(maps: Tensor) -> Tensor:
@@ -199,7 +205,7 @@ def ivpt_losses(
         terms.update(
             presence=lambda: stage_mean(presence_loss),
             bg_presence=lambda: stage_mean(bg_presence_loss),
-            tv=lambda: stage_mean(tv_loss),
+            tv=lambda: stage_mean(partial(tv_loss, reference_grid=cfg.tv_reference_grid)),
             entropy=lambda: stage_mean(entropy_loss),
         )
         if warped_out is not None and theta is not None:

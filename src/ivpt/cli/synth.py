@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from ..data.synth import DIFFICULTIES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder (created; must not already hold a dataset unless --overwrite)")
@@ -15,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.5,
                         help="fraction of each class in the test split (default 0.5)")
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard",
+                        help="nuisance level (default standard; its bytes never change). hard: rotation +-60 deg, "
+                             "smaller and off-centre birds, layered textured backgrounds, distractors in part "
+                             "colours, more and thicker branches in front, lighting gradient, colour cast, blur. "
+                             "medium: the same kinds, milder")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering images (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -28,13 +35,14 @@ def run(args: argparse.Namespace) -> int:
         out = make_partworld(
             Path(args.out), classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
             test_fraction=args.test_fraction, workers=args.workers, progress=not args.no_progress,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, difficulty=args.difficulty,
         )
     except (ValueError, FileExistsError) as exc:
         print(f"ivpt synth: {exc}")
         return 2
     seconds = time.perf_counter() - start
     n = args.classes * args.per_class
-    print(f"wrote {n} images ({args.classes} classes x {args.per_class}, {args.size}px) in {seconds:.1f}s "
+    kind = f", {args.difficulty}" if args.difficulty != "standard" else ""
+    print(f"wrote {n} images ({args.classes} classes x {args.per_class}, {args.size}px{kind}) in {seconds:.1f}s "
           f"({n / max(seconds, 1e-9):.0f} images/s) to {out}")
     return 0

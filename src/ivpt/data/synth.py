@@ -15,6 +15,16 @@ pixel noise) vary per image. Keypoints sit at one anchor per part that lies on t
 when the pixel it rounds to shows that part in the final image, i.e. not covered by a part or branch drawn on top
 and inside the frame. Output is a pure function of the arguments: each image draws from
 ``numpy.random.default_rng([seed, 0, index])``, so any number of workers writes the same bytes.
+
+``difficulty="hard"`` keeps the classes, the bird and the annotation rules but widens the nuisances: rotation within
++-60 degrees (standard +-35), scale 0.28..0.62 x size pixels per object unit (standard 0.40..0.60: small birds
+too), the bird anywhere it stays mostly in frame; two to four layers of natural-palette textures (fractal value
+noise, bark-like grain); distractors in the head hues, body colours and wing patterns, so colour in the background
+says nothing about the class; one to three thick branches in front in 60% of images and leaf clusters in 35%; an
+illumination gradient and colour cast over the whole image, mild blur in half the images, Gaussian pixel noise.
+``difficulty="medium"`` draws the same kinds of nuisance, milder (:data:`_NUISANCES`): rotation +-50, scale
+0.34..0.62, at most two distractors, branches in 35% of images and leaves in 20%, a weaker cast, less blur and
+noise. ``"standard"`` (the default) writes exactly the bytes it always has.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 __all__ = [
     "ATTRIBUTES",
+    "DIFFICULTIES",
     "PART_NAMES",
     "Rendered",
     "class_attributes",
@@ -55,10 +66,32 @@ ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wing", WING_PATTERNS),
     ("tail", TAIL_SHAPES),
 )
+DIFFICULTIES = ("standard", "medium", "hard")
+
+
+class _Nuisances(NamedTuple):
+    """How far a textured world's nuisances go (``medium`` and ``hard``; ``standard`` has its own drawing)."""
+
+    rotation: float  # pose rotation within +-rotation degrees
+    scale: tuple[float, float]  # pixels per object unit, as fractions of the image side
+    distractors: tuple[int, int]  # background shapes in part colours: integers(low, high)
+    branch_p: float  # probability of branches in front of the bird ...
+    branches: tuple[int, int]  # ... and how many: integers(low, high)
+    leaves_p: float  # probability of a leaf cluster in front of the bird
+    cast: float  # colour cast: each channel's gain within 1 +- cast
+    blur_p: float  # probability of a mild blur of the whole image
+    noise: tuple[float, float]  # Gaussian pixel noise, std within (low, high) grey levels
+
+
+_NUISANCES = {
+    "medium": _Nuisances(50, (0.34, 0.62), (0, 3), 0.35, (1, 3), 0.2, 0.05, 0.3, (2, 4)),
+    "hard": _Nuisances(60, (0.28, 0.62), (3, 9), 0.6, (1, 4), 0.35, 0.12, 0.5, (2, 7)),
+}
 MAX_CLASSES = 300  # below the 384 combinations so that a balanced, duplicate-free assignment is easy to find
 
 _WING_BASES = ((200, 70, 60), (70, 110, 190), (80, 150, 90), (210, 170, 60), (150, 90, 170), (110, 110, 110))
 _OBJECT_CENTRE = np.array([0.0, 0.06])  # middle of the creature's extent, in object units
+_HARD_MARGIN = 0.45  # object units kept between a hard pose's centre and the frame's edges
 
 
 class Rendered(NamedTuple):
@@ -149,18 +182,35 @@ def _rotate(points: np.ndarray, angle: float, pivot: Sequence[float]) -> np.ndar
 
 
 class _Pose:
-    """Object units -> pixel-centre coordinates: optional mirror, rotation, scale, translation."""
+    """Object units -> pixel-centre coordinates: optional mirror, rotation, scale, translation.
 
-    def __init__(self, rng: np.random.Generator, size: int) -> None:
+    ``hard`` draws a wider pose: rotation within +-60 degrees, 0.28..0.62 pixels-per-unit of ``size`` (the standard
+    range is 0.40..0.60) and a centre anywhere the bird still lies mostly inside the frame.
+    """
+
+    def __init__(self, rng: np.random.Generator, size: int, nuisances: _Nuisances | None = None) -> None:
         self.mirror = rng.random() < 0.5
-        self.angle = math.radians(rng.uniform(-35, 35))
-        self.scale = rng.uniform(0.40, 0.60) * size  # pixels per object unit; the bird spans ~1.3 units
+        wide = nuisances is not None
+        self.angle = math.radians(rng.uniform(-nuisances.rotation, nuisances.rotation) if wide
+                                  else rng.uniform(-35, 35))
+        # pixels per object unit; the bird spans ~1.3 units
+        self.scale = rng.uniform(*nuisances.scale) * size if wide else rng.uniform(0.40, 0.60) * size
+        self.centre = self._hard_centre(rng, size) if wide else self._standard_centre(rng, size)
+
+    @staticmethod
+    def _standard_centre(rng: np.random.Generator, size: int) -> np.ndarray:
         if rng.random() < 0.12:  # now and then the bird leans out of the frame
             direction = rng.uniform(0, 2 * np.pi)
             offset = rng.uniform(0.28, 0.42) * size * np.array([math.cos(direction), math.sin(direction)])
         else:
             offset = rng.uniform(-0.14, 0.14, size=2) * size
-        self.centre = (size - 1) / 2 + offset
+        return (size - 1) / 2 + offset
+
+    def _hard_centre(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        """Anywhere at least ``_HARD_MARGIN`` object units from every edge: the bird reaches ~0.75 units from its
+        centre, so at most roughly a quarter of it leaves the frame."""
+        margin = min(_HARD_MARGIN * self.scale, (size - 1) / 2)
+        return rng.uniform(margin, size - 1 - margin, size=2)
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         p = np.asarray(points, dtype=np.float64) - _OBJECT_CENTRE
@@ -331,51 +381,224 @@ def _draw_wing(canvas: _Canvas, rng: np.random.Generator, pattern: str, pose: _P
     shapes = _wing_texture(pattern, centre, a, b, tilt)
     if not shapes:
         return centre
-    # The pattern is drawn on its own layer and cut out by the wing outline (PIL cannot clip a polygon).
-    texture = Image.new("L", canvas.image.size, 0)
-    draw = ImageDraw.Draw(texture)
-    for shape in shapes:
-        draw.polygon(_flat(pose(shape)), fill=255)
-    inside = Image.new("L", canvas.image.size, 0)
-    ImageDraw.Draw(inside).polygon(_flat(outline), fill=255)
-    light = sum(base_rgb) > 3 * 128
-    ink = _jitter_rgb((30, 30, 35) if light else (240, 240, 230), rng, 10)
-    canvas.image.paste(ink, mask=ImageChops.multiply(texture, inside))
+    _paste_pattern(canvas.image, [pose(shape) for shape in shapes], outline, _pattern_ink(base_rgb, rng))
     return centre
 
 
-def _draw_branch(canvas: _Canvas, rng: np.random.Generator, size: int) -> None:
-    """A bar across the frame in front of the bird: it hides whatever it covers (mask 0)."""
+def _pattern_ink(base_rgb: Sequence[int], rng: np.random.Generator) -> tuple[int, int, int]:
+    """Dark ink on a light base, light ink on a dark one."""
+    light = sum(base_rgb) > 3 * 128
+    return _jitter_rgb((30, 30, 35) if light else (240, 240, 230), rng, 10)
+
+
+def _paste_pattern(image: Image.Image, shapes: Sequence[np.ndarray], outline: np.ndarray, ink) -> None:
+    """Paint ``ink`` where the pixel polygons ``shapes`` overlap the polygon ``outline``. The pattern is drawn on
+    its own layer and cut out by the outline (PIL cannot clip a polygon)."""
+    texture = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(texture)
+    for shape in shapes:
+        draw.polygon(_flat(shape), fill=255)
+    inside = Image.new("L", image.size, 0)
+    ImageDraw.Draw(inside).polygon(_flat(outline), fill=255)
+    image.paste(ink, mask=ImageChops.multiply(texture, inside))
+
+
+def _draw_branch(canvas: _Canvas, rng: np.random.Generator, size: int,
+                 half_width: tuple[float, float] = (0.02, 0.04)) -> None:
+    """A bar across the frame in front of the bird, ``half_width`` (a range, in units of ``size``) thick on each
+    side of its axis: it hides whatever it covers (mask 0)."""
     angle = rng.uniform(0, np.pi)
     through = rng.uniform(0.3, 0.7, size=2) * size
     direction = np.array([math.cos(angle), math.sin(angle)]) * size * 1.5
     normal = np.array([-direction[1], direction[0]]) / np.linalg.norm(direction)
-    half = rng.uniform(0.02, 0.04) * size
+    half = rng.uniform(*half_width) * size
     bar = np.array([through - direction - half * normal, through + direction - half * normal,
                     through + direction + half * normal, through - direction + half * normal])
     canvas.polygon(bar, _jitter_rgb((105, 80, 60), rng, 25), 0)
 
 
+# ---------------------------------------------------------------------------------------------------- hard worlds
+
+# Natural colour ramps for hard backgrounds, dark to light: foliage, bark / soil, sky with clouds, dry grass / sand,
+# stone.
+_PALETTES = (
+    ((30, 56, 22), (58, 100, 38), (110, 146, 58), (168, 180, 92)),
+    ((44, 32, 22), (88, 62, 42), (136, 106, 78), (176, 158, 128)),
+    ((66, 116, 186), (116, 160, 212), (186, 212, 234), (238, 242, 248)),
+    ((112, 94, 64), (166, 146, 106), (204, 188, 148), (230, 220, 188)),
+    ((56, 58, 56), (98, 102, 98), (148, 148, 142), (198, 196, 188)),
+)
+_LEAF_GREENS = ((46, 92, 34), (74, 124, 44), (104, 140, 52), (60, 84, 40))
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    """Stretch to [0, 1] (a constant array becomes 0.5)."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
+
+
+def _fractal_noise(rng: np.random.Generator, size: int, cells: int, octaves: int,
+                   persistence: float = 0.55) -> np.ndarray:
+    """Multi-octave value noise, (size, size) float32 in [0, 1]: random grids of ``cells``, ``2 * cells``, ... cells
+    a side, upsampled bicubically and summed with weights ``persistence ** octave``."""
+    total = np.zeros((size, size), dtype=np.float32)
+    for octave in range(octaves):
+        n = min(size, cells * 2 ** octave)
+        grid = Image.fromarray(rng.random((n, n), dtype=np.float32), "F")
+        total += persistence ** octave * np.asarray(grid.resize((size, size), Image.BICUBIC))
+    return _normalise(total)
+
+
+def _oriented_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Bark- or grass-like grain in [0, 1]: a sine across a random direction whose phase is warped by noise, with
+    fine noise on top."""
+    theta, cycles = rng.uniform(0, np.pi), rng.uniform(4, 18)
+    ramp = np.arange(size, dtype=np.float32) / size
+    across = ramp[None, :] * math.cos(theta) + ramp[:, None] * math.sin(theta)
+    warp = _fractal_noise(rng, size, 2, 3) * rng.uniform(0.5, 3.0)
+    grain = (0.5 + 0.5 * np.sin(2 * np.pi * (cycles * across + warp))) ** rng.uniform(0.5, 2.0)
+    return _normalise(0.75 * grain + 0.25 * _fractal_noise(rng, size, max(2, size // 16), 2))
+
+
+def _colourise(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Map [0, 1] values through a random natural palette (jittered): (H, W, 3) float32."""
+    palette = np.array(_PALETTES[int(rng.integers(len(_PALETTES)))], dtype=np.float32)
+    palette = np.clip(palette + rng.uniform(-18, 18, size=palette.shape), 0, 255)
+    stops = np.linspace(0, 1, len(palette))
+    return np.stack([np.interp(values, stops, palette[:, c]) for c in range(3)], axis=-1).astype(np.float32)
+
+
+def _texture_layer(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One textured layer: fractal noise (foliage, clouds, soil) or oriented grain (bark, stripes), coloured."""
+    if rng.random() < 0.6:
+        values = _fractal_noise(rng, size, int(rng.integers(2, 6)), int(rng.integers(3, 6)))
+    else:
+        values = _oriented_texture(rng, size)
+    return _colourise(values, rng)
+
+
+def _layer_alpha(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Soft-edged irregular regions (thresholded noise), (H, W, 1) float32 in [0, 1]."""
+    values = _fractal_noise(rng, size, int(rng.integers(2, 5)), 3)
+    edge = rng.uniform(0.03, 0.12)
+    return np.clip((values - rng.uniform(0.35, 0.65)) / edge + 0.5, 0, 1)[..., None]
+
+
+def _hard_background(rng: np.random.Generator, size: int, nuisances: _Nuisances) -> Image.Image:
+    """Two to four textured layers, each over the last in irregular regions, then distractors in part colours."""
+    pixels = _texture_layer(rng, size)
+    for _ in range(int(rng.integers(1, 4))):
+        alpha = _layer_alpha(rng, size)
+        pixels = pixels * (1 - alpha) + _texture_layer(rng, size) * alpha
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    for _ in range(int(rng.integers(*nuisances.distractors))):
+        _draw_distractor(image, rng, size)
+    return image
+
+
+def _draw_distractor(image: Image.Image, rng: np.random.Generator, size: int) -> None:
+    """A shape in a class-defining colour, so colour seen in the background says nothing about the class: a
+    head-hued disc, a body-coloured blob, or a wing-like patterned ellipse."""
+    kind = int(rng.integers(3))
+    centre = rng.uniform(0, size, size=2)
+    radius = rng.uniform(0.025, 0.09) * size
+    draw = ImageDraw.Draw(image)
+    if kind == 0:
+        hue = list(HEAD_HUES.values())[int(rng.integers(len(HEAD_HUES)))]
+        rgb = _hsv(hue + rng.uniform(-8, 8), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
+        outline = _ellipse(centre[0], centre[1], radius, radius * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
+        draw.polygon(_flat(outline), fill=rgb)
+    elif kind == 1:
+        rgb = _jitter_rgb(list(BODY_COLOURS.values())[int(rng.integers(len(BODY_COLOURS)))], rng, 14)
+        k = int(rng.integers(5, 9))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, size=k))
+        radii = 1.4 * radius * rng.uniform(0.5, 1.0, size=k)
+        draw.polygon(_flat(centre + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)), fill=rgb)
+    else:
+        _draw_patterned_patch(image, rng, centre, radius)
+
+
+def _draw_patterned_patch(image: Image.Image, rng: np.random.Generator, centre: np.ndarray, radius: float) -> None:
+    """A wing-like ellipse in a wing base colour with a striped, dotted or checkered pattern (pixel units)."""
+    a, b, tilt = 1.6 * radius, 0.65 * radius, rng.uniform(0, np.pi)
+    base_rgb = _jitter_rgb(_WING_BASES[int(rng.integers(len(_WING_BASES)))], rng, 15)
+    outline = _ellipse(centre[0], centre[1], a, b, tilt)
+    ImageDraw.Draw(image).polygon(_flat(outline), fill=base_rgb)
+    pattern = WING_PATTERNS[int(rng.integers(1, len(WING_PATTERNS)))]
+    _paste_pattern(image, _wing_texture(pattern, centre, a, b, tilt), outline, _pattern_ink(base_rgb, rng))
+
+
+def _draw_hard_occluders(canvas: _Canvas, rng: np.random.Generator, size: int, nuisances: _Nuisances) -> None:
+    """In front of the bird: thick branches and a leaf cluster (hard: one to three branches in 60% of images,
+    leaves in 35%); both hide what they cover (mask 0)."""
+    if rng.random() < nuisances.branch_p:
+        for _ in range(int(rng.integers(*nuisances.branches))):
+            _draw_branch(canvas, rng, size, half_width=(0.025, 0.07))
+    if rng.random() < nuisances.leaves_p:
+        _draw_leaves(canvas, rng, size)
+
+
+def _draw_leaves(canvas: _Canvas, rng: np.random.Generator, size: int) -> None:
+    """Four to eight leaf-shaped ellipses around one point."""
+    centre = rng.uniform(0.15, 0.85, size=2) * size
+    for _ in range(int(rng.integers(4, 9))):
+        a = rng.uniform(0.03, 0.07) * size
+        spot = centre + rng.normal(0, 0.06, size=2) * size
+        leaf = _ellipse(spot[0], spot[1], a, a * rng.uniform(0.35, 0.55), rng.uniform(0, np.pi), n=14)
+        canvas.polygon(leaf, _jitter_rgb(_LEAF_GREENS[int(rng.integers(len(_LEAF_GREENS)))], rng, 15), 0)
+
+
+def _hard_finish(image: Image.Image, rng: np.random.Generator, nuisances: _Nuisances) -> np.ndarray:
+    """Whole-image nuisances, bird included: a linear illumination gradient with a colour cast, mild blur in half
+    the images, Gaussian pixel noise. Returns (H, W, 3) uint8."""
+    size = image.size[0]
+    theta, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.8)
+    ramp = np.arange(size, dtype=np.float32) / max(1, size - 1) - 0.5
+    slope = ramp[None, :] * math.cos(theta) + ramp[:, None] * math.sin(theta)
+    gain = rng.uniform(0.75, 1.15) * (1 + strength * slope)
+    cast = 1 + rng.uniform(-nuisances.cast, nuisances.cast, size=3)
+    lit = np.asarray(image, dtype=np.float32) * gain[..., None] * cast.astype(np.float32)
+    image = Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8), "RGB")
+    if rng.random() < nuisances.blur_p:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8)) * size / 112))
+    noise = rng.normal(0, rng.uniform(*nuisances.noise), size=(size, size, 3))
+    return np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
+
+
 def render_sample(seed: int | Sequence[int] | np.random.Generator, class_id: int, size: int = 224, *,
-                  classes: int = 10) -> Rendered:
+                  classes: int = 10, difficulty: str = "standard") -> Rendered:
     """Render one creature of class ``class_id`` (out of ``classes``) on a ``size x size`` image.
 
     ``seed`` is an int, a sequence of ints (as ``make_partworld`` uses: ``[seed, 0, index]``) or a numpy Generator.
+    ``difficulty`` is ``"standard"`` or ``"hard"`` (see the module docstring); the bird, its annotations and the
+    visibility rule are the same in both.
     """
     if not 0 <= class_id < classes:
         raise ValueError(f"class_id={class_id} must lie in [0, {classes})")
+    nuisances = _nuisances(difficulty)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     attributes = class_attributes(classes)[class_id]
-    canvas = _Canvas(_background(rng, size))
-    pose = _Pose(rng, size)
+    canvas = _Canvas(_background(rng, size) if nuisances is None else _hard_background(rng, size, nuisances))
+    pose = _Pose(rng, size, nuisances)
     keypoints = np.round(_draw_bird(canvas, rng, attributes, pose), 1)
-    if rng.random() < 0.2:
-        _draw_branch(canvas, rng, size)
-    noise = rng.integers(-5, 6, size=(size, size, 3), dtype=np.int16)
-    pixels = np.clip(np.asarray(canvas.image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    if nuisances is not None:
+        _draw_hard_occluders(canvas, rng, size, nuisances)
+        pixels = _hard_finish(canvas.image, rng, nuisances)
+    else:
+        if rng.random() < 0.2:
+            _draw_branch(canvas, rng, size)
+        noise = rng.integers(-5, 6, size=(size, size, 3), dtype=np.int16)
+        pixels = np.clip(np.asarray(canvas.image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     part_mask = np.asarray(canvas.mask, dtype=np.int64)
     return Rendered(Image.fromarray(pixels, "RGB"), part_mask, keypoints, _visibility(keypoints, part_mask),
                     _tight_box(part_mask))
+
+
+def _nuisances(difficulty: str) -> _Nuisances | None:
+    """The textured worlds' nuisance ranges, or None for ``standard``."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty={difficulty!r} must be one of {', '.join(DIFFICULTIES)}")
+    return _NUISANCES.get(difficulty)
 
 
 def _visibility(keypoints: np.ndarray, part_mask: np.ndarray) -> np.ndarray:
@@ -408,6 +631,7 @@ class _Job(NamedTuple):
     per_class: int
     size: int
     folders: tuple[str, ...]
+    difficulty: str = "standard"
 
 
 def _write_range(job: _Job, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -415,7 +639,8 @@ def _write_range(job: _Job, start: int, stop: int) -> list[tuple[np.ndarray, np.
     out, records = Path(job.out), []
     for index in range(start, stop):
         class_id = index // job.per_class
-        sample = render_sample([job.seed, 0, index], class_id, job.size, classes=job.classes)
+        sample = render_sample([job.seed, 0, index], class_id, job.size, classes=job.classes,
+                               difficulty=job.difficulty)
         rel = _image_path(job.folders[class_id], index % job.per_class)
         sample.image.save(out / "images" / rel, quality=90)
         Image.fromarray(((sample.part_mask > 0) * 255).astype(np.uint8), "L").save(
@@ -493,22 +718,24 @@ def _write_text(out: Path, job: _Job, records: list[tuple], test_fraction: float
 
 def make_partworld(out: str | Path, *, classes: int = 10, per_class: int = 40, size: int = 224, seed: int = 0,
                    test_fraction: float = 0.5, workers: int = 1, progress: bool = False,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, difficulty: str = "standard") -> Path:
     """Write a part-world of ``classes x per_class`` images of ``size x size`` pixels to ``out`` in the full
     CUB-200-2011 layout (images, labels 1..C, split, boxes, classes, parts, part locations, segmentations).
 
-    ``test_fraction`` of each class (round half up) goes to the test split, chosen by ``seed``. The bytes written
-    depend only on the arguments, not on ``workers``. Raises ``FileExistsError`` when ``out`` already holds a
-    dataset, unless ``overwrite``.
+    ``test_fraction`` of each class (round half up) goes to the test split, chosen by ``seed``. ``difficulty``
+    (``"standard"`` or ``"hard"``) picks the nuisances; classes, split and file layout do not depend on it. The bytes
+    written depend only on the arguments, not on ``workers``. Raises ``FileExistsError`` when ``out`` already holds
+    a dataset, unless ``overwrite``.
     """
     if per_class < 1 or size < 16:
         raise ValueError(f"per_class={per_class} must be >= 1 and size={size} >= 16")
     if not 0 <= test_fraction <= 1:
         raise ValueError(f"test_fraction={test_fraction} must lie in [0, 1]")
+    _nuisances(difficulty)  # an unknown difficulty fails before anything is written
     out = Path(out)
     folders = tuple(f"{c + 1:03d}.{class_name(a)}" for c, a in enumerate(class_attributes(classes)))
     _prepare(out, overwrite, folders)
-    job = _Job(str(out), seed, classes, per_class, size, folders)
+    job = _Job(str(out), seed, classes, per_class, size, folders, difficulty)
     records = _render_all(job, classes * per_class, max(1, min(workers, os.cpu_count() or 1)), progress)
     _write_text(out, job, records, test_fraction)
     return out

@@ -23,16 +23,23 @@ import torch
 
 from ..config import OptimConfig
 
-__all__ = ["total_steps", "warmup_steps", "lr_factor", "depends_on_total", "build_scheduler",
+__all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "depends_on_total", "build_scheduler",
            "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
 
 # Fewer optimiser steps than this above half the peak rate: concepts rarely form (SPEC section 6), so warn.
 FULL_RATE_MIN_STEPS = 500
 
 
+def run_epochs(optim: OptimConfig, steps_per_epoch: int) -> int:
+    """Epochs of the run: ``optim.epochs``, raised until the run has at least ``optim.min_steps`` optimiser steps
+    (a small dataset gets as many steps as a large one would, instead of a few hundred)."""
+    return max(optim.epochs, math.ceil(optim.min_steps / steps_per_epoch))
+
+
 def total_steps(optim: OptimConfig, steps_per_epoch: int, max_steps: int = 0) -> int:
-    """Optimiser steps of the whole run: ``epochs x steps_per_epoch``, or ``max_steps`` when set and smaller."""
-    total = optim.epochs * steps_per_epoch
+    """Optimiser steps of the whole run: ``run_epochs x steps_per_epoch``, or ``max_steps`` when set and
+    smaller."""
+    total = run_epochs(optim, steps_per_epoch) * steps_per_epoch
     return min(total, max_steps) if max_steps else total
 
 

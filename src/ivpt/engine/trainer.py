@@ -55,7 +55,7 @@ from ..eval import evaluate_accuracy
 from ..models import create_model
 from .health import ConceptHealth, collapse_warning
 from .ordering import EpochBatches, SeededDataset, train_loader
-from .schedule import build_scheduler, depends_on_total, schedule_warning, total_steps
+from .schedule import build_scheduler, depends_on_total, run_epochs, schedule_warning, total_steps
 
 __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "config_changes", "changes_from_run",
            "RESUMABLE_CHANGES"]
@@ -65,10 +65,11 @@ __all__ = ["TrainingError", "Trainer", "train", "load_run_config", "config_chang
 LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s"]
 
 # Config keys that may differ between a run and its resume without changing what the resumed run computes
-# (optim.epochs and train.max_steps only while the schedule ignores the total steps: Trainer._restore checks).
+# (optim.epochs, optim.min_steps and train.max_steps only while the schedule ignores the total steps:
+# Trainer._restore checks).
 RESUMABLE_CHANGES = frozenset({
-    "optim.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.tensorboard",
-    "train.device", "train.sync_every", "train.compile", "data.num_workers", "data.root",
+    "optim.epochs", "optim.min_steps", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
+    "train.tensorboard", "train.device", "train.sync_every", "train.compile", "data.num_workers", "data.root",
     *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
 })
 
@@ -152,6 +153,7 @@ class Trainer:
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.epochs = run_epochs(o, self.steps_per_epoch)  # optim.epochs, or more to reach optim.min_steps
         self.total_steps = total_steps(o, self.steps_per_epoch, cfg.train.max_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.steps_per_epoch, o)
         self.step_lrs = _group_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
@@ -201,9 +203,13 @@ class Trainer:
         self.epoch_health: dict[str, float] = {}  # alive_s*/entropy_s* of the last epoch (ivpt.engine.health)
         self.t_start = time.perf_counter()
         reset_corrupt_count()
+        log = logging.getLogger("ivpt")
+        if self.epochs > o.epochs and self.info.is_main:
+            log.info(f"{self.epochs} epochs instead of optim.epochs={o.epochs}: {self.steps_per_epoch} steps per "
+                     f"epoch reach optim.min_steps={o.min_steps} only then")
         warning = schedule_warning(self.total_steps, self.steps_per_epoch, o)
         if warning and self.info.is_main:
-            logging.getLogger("ivpt").warning(warning)
+            log.warning(warning)
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _read_resume_state(self) -> dict:
@@ -224,7 +230,8 @@ class Trainer:
             raise TrainingError(
                 f"cannot resume {self.out}: the config differs from the checkpoint's in {', '.join(changed)}, "
                 "which would not continue the same run exactly; start a new run with --out (only "
-                "optim.epochs, train.max_steps, logging, checkpoint, device, worker and eval settings may change)"
+                "optim.epochs, optim.min_steps, train.max_steps, logging, checkpoint, device, worker and eval "
+                "settings may change)"
             )
         return state
 
@@ -242,7 +249,8 @@ class Trainer:
             raise TrainingError(
                 f"cannot resume {self.out}: optim.schedule={self.cfg.optim.schedule} with optim.warmup="
                 f"{self.cfg.optim.warmup} follows the run's total steps, which would change from "
-                f"{state.get('total_steps')} to {self.total_steps}; keep optim.epochs and train.max_steps, or start "
+                f"{state.get('total_steps')} to {self.total_steps}; keep optim.epochs, optim.min_steps and "
+                f"train.max_steps, or start "
                 "a new run with --out")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -259,9 +267,9 @@ class Trainer:
         """Every remaining epoch, then the test pass; returns ``metrics.json``'s content. A run resumed after it
         reached ``train.max_steps`` (e.g. killed during its test pass) goes straight to the test pass."""
         max_steps = self.cfg.train.max_steps
-        first = self.cfg.optim.epochs if max_steps and self.step >= max_steps else self.epoch
+        first = self.epochs if max_steps and self.step >= max_steps else self.epoch
         try:
-            for epoch in range(first, self.cfg.optim.epochs):
+            for epoch in range(first, self.epochs):
                 done = self.train_epoch(epoch)
                 self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
                 if done:
@@ -279,7 +287,7 @@ class Trainer:
         self.batches.start(epoch, first * o.grad_accum)
         self.model.train()
         self.bar = bar = _progress(self.progress and self.info.is_main, self.steps_per_epoch - first,
-                                   f"epoch {epoch + 1}/{o.epochs}")
+                                   f"epoch {epoch + 1}/{self.epochs}")
         done = False
         micro: list[dict | None] = []
         for batch in self.loader:

@@ -85,8 +85,10 @@ class Explanation:
     labels: m+1 arrays (B, H, W) int16, argmax concept per input pixel (maps upsampled bilinearly first).
     present: m+1 arrays (B, n_i) bool, concept claims >= 1 patch (argmax on the patch grid, as the model pools).
     assignments: m arrays (B, P_i, N), fine→coarse assignment Q_i.
-    evidence: (B, N, C) contribution of each coarse concept to each class logit = part_logits / N; summing over N
-        gives the logits exactly (up to float rounding), because the model's logits are the mean over parts.
+    evidence: (B, N, C) contribution of each coarse concept to each class logit = part_logits / N (N+1 with
+        ``model.global_part``); summing over N gives the logits exactly (up to float rounding), because the model's
+        logits are the mean over parts. With ``model.global_part`` the rest of the logits is ``global_evidence``.
+    global_evidence: (B, C) the global token's contribution (``model.global_part``), else zeros.
     logits: (B, C). probs: (B, C) softmax of the logits.
     top_classes: (B, k) int64 and top_probs: (B, k) float32, the k most probable classes.
     class_names: C names, or None (figures then show class ids).
@@ -99,6 +101,7 @@ class Explanation:
     present: list[np.ndarray]
     assignments: list[np.ndarray]
     evidence: np.ndarray
+    global_evidence: np.ndarray
     logits: np.ndarray
     probs: np.ndarray
     top_classes: np.ndarray
@@ -206,6 +209,7 @@ def explain(
         ]
         N = out.part_logits.shape[1]
         logits = out.logits.float()
+        evidence = out.part_logits.float() / (N + 1 if model.cfg.global_part else N)
         probs = logits.softmax(dim=-1)
         k = min(topk, logits.shape[-1])
         top_p, top_c = probs.topk(k, dim=-1)
@@ -215,7 +219,9 @@ def explain(
             labels=labels,
             present=[(c > 0).cpu().numpy() for c in out.region_counts],
             assignments=[q.float().cpu().numpy() for q in out.assignments],
-            evidence=(out.part_logits.float() / N).cpu().numpy(),
+            evidence=evidence.cpu().numpy(),
+            global_evidence=(logits - evidence.sum(dim=1)).cpu().numpy() if model.cfg.global_part
+            else np.zeros_like(logits.cpu().numpy()),
             logits=logits.cpu().numpy(),
             probs=probs.cpu().numpy(),
             top_classes=top_c.cpu().numpy(),

@@ -188,6 +188,8 @@ class ConceptModel(FrozenViT):
         self.modulation = nn.LayerNorm([self.dim, num_parts])
         self.classifier = nn.Linear(self.dim, self.cfg.num_classes, bias=False)
         nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+        # model.global_part: its own LayerNorm (D) in front of the shared classifier.
+        self.global_norm = nn.LayerNorm(self.dim) if self.cfg.global_part else None
 
     def new_stage(self, n: int, *, num_coarse: int | None = None) -> ConceptStage:
         return ConceptStage(n, self.dim, self.grid, num_coarse=num_coarse, init_std=self.cfg.prototype_init_std)
@@ -199,6 +201,7 @@ class ConceptModel(FrozenViT):
         return [
             ("classifier", list(self.classifier.parameters()), head_lr),
             ("modulation", list(self.modulation.parameters()), head_lr),
+            ("global_norm", list(self.global_norm.parameters()) if self.global_norm is not None else [], head_lr),
             ("prompt_proj", [p for s in prompted for p in s.prompt_proj.parameters()], head_lr),
             ("assigners", [p for s in prompted for p in s.assigner.parameters()], head_lr),
             ("prototypes", [s.prototypes for s in self.stages], concept_lr),
@@ -216,9 +219,18 @@ class ConceptModel(FrozenViT):
 
     def classify(self, tokens: Tensor, final_map: Tensor):
         """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT
-        detached: (logits (B, C), part_logits (B, N, C), modulated (B, D, N+1), counts (B, N+1), normed tokens)."""
+        detached: (logits (B, C), part_logits (B, N, C), modulated (B, D, N+1), counts (B, N+1), normed tokens).
+
+        With ``model.global_part`` the logits average N+1 scores: the N foreground parts' and the global token's.
+        """
         normed = self.backbone.norm(tokens)
         parts, counts = region_pool(final_map.flatten(2), normed[:, self.num_prefix :])  # (B, N+1, D)
         modulated = self.modulation(parts.transpose(1, 2).to(self.modulation.weight.dtype))  # (B, D, N+1)
         part_logits = self.classifier(modulated[:, :, :-1].transpose(1, 2))  # (B, N, C)
-        return part_logits.mean(dim=1), part_logits, modulated, counts, normed
+        if self.global_norm is None:
+            return part_logits.mean(dim=1), part_logits, modulated, counts, normed
+        has_cls = getattr(self.backbone, "cls_token", None) is not None
+        token = normed[:, 0] if has_cls else normed[:, self.num_prefix :].mean(dim=1)  # (B, D)
+        global_logits = self.classifier(self.global_norm(token.to(self.global_norm.weight.dtype)))  # (B, C)
+        logits = (part_logits.sum(dim=1) + global_logits) / (part_logits.shape[1] + 1)
+        return logits, part_logits, modulated, counts, normed
