@@ -22,6 +22,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
         n_pro=[5, 4, 3],
         weights="random",
         backbone_kwargs=dict(TINY),
+        global_part=False,  # the paper's head; the global part's own tests ask for it
     )
     values.update(overrides)
     return ModelConfig(**values)

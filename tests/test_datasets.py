@@ -432,7 +432,7 @@ def test_train_and_eval_end_to_end(tmp_path, fmt, capsys):
     config = {
         "model": dict(backbone="vit_small_patch14_reg4_dinov2", img_size=42, num_classes=CLASSES[fmt], n_pro=[4, 3],
                       weights="random", backbone_kwargs=dict(TINY)),
-        "optim": dict(epochs=1, batch_size=2, amp="none"),
+        "optim": dict(epochs=1, min_steps=0, batch_size=2, amp="none"),
         "data": dict(root=str(root), format=fmt, num_workers=0, val_fraction=0.0),
         "train": dict(seed=0, log_every=1, max_steps=1),
         "eval": dict(batch_size=4, stage="final"),

@@ -30,7 +30,7 @@ def tiny_config(root, **sections) -> Config:
     data = {
         "model": dict(backbone="vit_small_patch14_reg4_dinov2", img_size=56, num_classes=3, n_pro=[5, 4, 3],
                       weights="random", backbone_kwargs=dict(TINY)),
-        "optim": dict(epochs=2, batch_size=4, amp="none"),
+        "optim": dict(epochs=2, min_steps=0, batch_size=4, amp="none"),
         "data": dict(root=str(root), num_workers=0, val_fraction=0.2, resize=64),
         "train": dict(seed=3, log_every=1, deterministic=True),
         "eval": dict(batch_size=8),

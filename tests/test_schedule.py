@@ -69,7 +69,7 @@ def test_min_steps_raises_the_epochs_of_small_datasets_only():
     assert run_epochs(o, 54) == 19 and total_steps(o, 54) == 19 * 54  # ceil(1000 / 54) = 19 epochs
     assert run_epochs(o, 375) == 10 and total_steps(o, 375) == 3750  # already above: optim.epochs as set
     assert total_steps(o, 54, max_steps=500) == 500
-    assert run_epochs(OptimConfig(epochs=10), 1) == 10  # min_steps=0: the paper's exact epochs
+    assert run_epochs(OptimConfig(epochs=10, min_steps=0), 1) == 10  # min_steps=0: the paper's exact epochs
 
 
 def test_trainer_runs_the_epochs_min_steps_needs(world, tmp_path):
@@ -113,6 +113,21 @@ def test_runs_without_a_recipe_follow_training_progress():
 
     for optim in (Config().optim, load_config(CONFIGS / "cpu_vits14_224.yaml").optim):
         assert (optim.schedule, optim.warmup) == ("cosine", 0.05)
+
+
+def test_the_new_dataset_recipe_and_the_paper_configs():
+    """The CPU configs (and the built-in defaults) carry the recipe of benchmarks/recipe.md; every paper config
+    turns its non-paper switches off and keeps exactly 25 epochs."""
+    from ivpt.config import Config
+
+    for cfg in [Config()] + [load_config(p) for p in sorted(CONFIGS.glob("*cpu*.yaml"))]:
+        assert (cfg.model.global_part, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (True, 37.0, 1000)
+    for p in sorted(CONFIGS.glob("*cpu*.yaml")):
+        cfg = load_config(p)
+        assert (cfg.model.n_pro, cfg.model.train_tokens, cfg.optim.batch_size) == ([9, 7, 5], False, 8), p.name
+    for p in PAPER_CONFIGS:
+        cfg = load_config(p)
+        assert (cfg.model.global_part, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (False, 0.0, 0), p.name
 
 
 def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does():

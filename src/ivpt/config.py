@@ -63,10 +63,11 @@ class ModelConfig:
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto: learned prompt tokens per block
-    # NOT the paper (off in its presets): the concept models' shared classifier also scores the final-normed [CLS]
-    # token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
+    # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
+    # [CLS] token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
     # foreground parts and it. Part logits, maps and every interpretability score are unchanged in kind.
-    global_part: bool = False
+    # On by default, the recipe for new datasets (benchmarks/recipe.md).
+    global_part: bool = True
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,8 +136,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
     # same at any image size as on that grid (37: the paper's 518 px / patch 14, where the factor is exactly 1).
-    # 0 (the paper presets): the plain per-pixel mean, which weighs the same shapes ~4.6x more at 112 px.
-    tv_reference_grid: float = 0.0
+    # 0 (the paper configs): the plain per-pixel mean, which weighs the same shapes ~4.6x more at 112 px.
+    # 37 by default, the recipe for new datasets (benchmarks/recipe.md).
+    tv_reference_grid: float = 37.0
     eq_rotation_deg: float = 90.0
     eq_translate: float = 0.11  # fraction of the image side
     eq_scale: list[float] = field(default_factory=lambda: [0.8, 1.4])
@@ -185,8 +187,8 @@ class OptimConfig:
     grad_clip: float = 2.0  # global L2 norm; <= 0 disables
     epochs: int = 25
     # At least this many optimiser steps: epochs are raised until epochs x steps per epoch reaches it, so a small
-    # dataset is not over after a few hundred steps (0: exactly optim.epochs, as the paper).
-    min_steps: int = 0
+    # dataset is not over after a few hundred steps (0: exactly optim.epochs, as the paper configs).
+    min_steps: int = 1000
     batch_size: int = 16  # images per optimiser step over all processes (split over them under torchrun)
     grad_accum: int = 1
     schedule: str = "cosine"  # step | cosine | constant
