@@ -471,11 +471,12 @@ def test_train_and_eval_end_to_end(tmp_path, fmt, capsys):
 def test_bundled_configs_per_dataset(fmt, classes):
     from ivpt.config import load_config
 
-    for name, backbone, size in ((f"{fmt}_cpu", "vit_small_patch14_dinov2.lvd142m", 224),
-                                 (f"{fmt}_vitb14_reg4_paper", "vit_base_patch14_reg4_dinov2.lvd142m", 518)):
+    for name, backbone, size, n_pro in (
+            (f"{fmt}_cpu", "vit_small_patch14_dinov2.lvd142m", 224, [9, 7, 5]),  # the recipe for new datasets
+            (f"{fmt}_vitb14_reg4_paper", "vit_base_patch14_reg4_dinov2.lvd142m", 518, [17, 14, 11, 8, 5])):
         cfg = load_config(f"configs/{name}.yaml")
         assert (cfg.data.format, cfg.model.num_classes) == (fmt, classes), name
-        assert (cfg.model.backbone, cfg.model.img_size, cfg.model.n_pro) == (backbone, size, [17, 14, 11, 8, 5])
+        assert (cfg.model.backbone, cfg.model.img_size, cfg.model.n_pro) == (backbone, size, n_pro)
 
 
 def test_unsupported_metrics_name_their_reason():
