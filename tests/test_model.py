@@ -279,3 +279,19 @@ def test_global_part_adds_the_cls_score_to_the_part_mean():
     assert torch.allclose(out.logits, out.part_logits.mean(1))
     assert not any(load_config(p).model.global_part for p in ("configs/cub_vitb14_reg4_paper.yaml",
                                                               "configs/cub_vitb14_reg4_paper_exact.yaml"))
+
+
+def test_checkpoints_from_before_global_part_load_with_the_parts_only_head(tmp_path, model):
+    """config.json without model.global_part (written by an earlier ivpt) means the paper's head, whatever the
+    default is now: the weights load strictly and the logits are unchanged."""
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["model"]["global_part"]
+    path.write_text(json.dumps(meta))
+    loaded = IVPT.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.global_norm is None
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)

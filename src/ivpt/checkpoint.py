@@ -242,6 +242,8 @@ def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
                               "(save_pretrained writes it)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section; it was not written by save_pretrained")
+    # Written before model.global_part existed (its default is now true): those models had the parts-only head.
+    meta["model"] = {"global_part": False, **meta["model"]}
     try:
         model = Config.from_dict({"model": meta["model"]}).model
     except ConfigError as exc:
