@@ -233,7 +233,7 @@ def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a pretrained folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    from .config import Config, ConfigError
+    from .config import Config, ConfigError, saved_config
 
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -242,8 +242,7 @@ def read_pretrained_config(directory: str | Path) -> tuple[ModelConfig, dict]:
                               "(save_pretrained writes it)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section; it was not written by save_pretrained")
-    # Written before model.global_part existed (its default is now true): those models had the parts-only head.
-    meta["model"] = {"global_part": False, **meta["model"]}
+    meta = saved_config(meta)  # written by an earlier ivpt: the fields it predates as it was trained
     try:
         model = Config.from_dict({"model": meta["model"]}).model
     except ConfigError as exc:

@@ -545,8 +545,25 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
                           f"{expected}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML (or JSON) config file, apply dotted overrides, validate. ``path=None`` gives the defaults."""
+# Fields added after run folders and checkpoints were first saved, with the behaviour a saved config that lacks them
+# was trained with (which is not today's default).
+_BEFORE_FIELD = {("model", "global_part"): False, ("loss", "tv_reference_grid"): 0.0, ("optim", "min_steps"): 0}
+
+
+def saved_config(data: dict) -> dict:
+    """A config SAVED by ivpt (a run's config.yaml, a checkpoint's config.json), with the fields it predates
+    filled in as it was trained: an older run keeps its parts-only head, plain TV term and exact epochs."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, name), value in _BEFORE_FIELD.items():
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(name, value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                saved: bool = False) -> Config:
+    """Read a YAML (or JSON) config file, apply dotted overrides, validate. ``path=None`` gives the defaults;
+    ``saved``: the file was written by ivpt for a run (:func:`saved_config` fills the fields it predates)."""
     if path is None:
         cfg = Config()
     else:
@@ -561,7 +578,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} is not valid UTF-8 YAML ({exc}); fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (model:, loss:, optim:, ...)")
-        cfg = Config.from_dict(data)
+        cfg = Config.from_dict(saved_config(data) if saved else data)
     return cfg.with_overrides(list(overrides)) if overrides else cfg
 
 

@@ -23,7 +23,7 @@ def run_config(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = 
     checkpoint = Path(checkpoint)
     _, meta = read_pretrained_config(checkpoint)
     run_yaml = checkpoint.parent / "config.yaml"
-    data = load_config(run_yaml).to_dict() if run_yaml.is_file() else {}
+    data = load_config(run_yaml, saved=True).to_dict() if run_yaml.is_file() else {}
     data["model"] = {**data.get("model", {}), **meta["model"]}
     return Config.from_dict(data).with_overrides(list(overrides)), meta
 

@@ -96,7 +96,7 @@ def load_run_config(out: str | Path) -> Config:
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    return load_config(path)
+    return load_config(path, saved=True)
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
