@@ -220,8 +220,8 @@ def explain(
             present=[(c > 0).cpu().numpy() for c in out.region_counts],
             assignments=[q.float().cpu().numpy() for q in out.assignments],
             evidence=evidence.cpu().numpy(),
-            global_evidence=(logits - evidence.sum(dim=1)).cpu().numpy() if model.cfg.global_part
-            else np.zeros_like(logits.cpu().numpy()),
+            global_evidence=(logits - evidence.sum(dim=1) if model.cfg.global_part
+                             else torch.zeros_like(logits)).cpu().numpy(),
             logits=logits.cpu().numpy(),
             probs=probs.cpu().numpy(),
             top_classes=top_c.cpu().numpy(),

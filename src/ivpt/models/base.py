@@ -140,6 +140,12 @@ class FrozenViT(nn.Module):
         tokens = bb.norm_pre(tokens)
         return tokens, grid
 
+    def global_token(self, normed: Tensor) -> Tensor:
+        """Image feature (B, D) from final-normed tokens (B, T, D): the cls token, else the mean patch token."""
+        if getattr(self.backbone, "cls_token", None) is not None:
+            return normed[:, 0]
+        return normed[:, self.num_prefix :].mean(dim=1)
+
     def stage_features(self, tokens: Tensor) -> Tensor:
         """Detached, final-normed patch tokens (B, L, D) that concept stages look at (the norm is per token, so
         the prefix tokens are dropped first: contiguous features, no norm of tokens nobody reads)."""
@@ -229,8 +235,7 @@ class ConceptModel(FrozenViT):
         part_logits = self.classifier(modulated[:, :, :-1].transpose(1, 2))  # (B, N, C)
         if self.global_norm is None:
             return part_logits.mean(dim=1), part_logits, modulated, counts, normed
-        has_cls = getattr(self.backbone, "cls_token", None) is not None
-        token = normed[:, 0] if has_cls else normed[:, self.num_prefix :].mean(dim=1)  # (B, D)
-        global_logits = self.classifier(self.global_norm(token.to(self.global_norm.weight.dtype)))  # (B, C)
+        token = self.global_token(normed).to(self.global_norm.weight.dtype)  # (B, D)
+        global_logits = self.classifier(self.global_norm(token))  # (B, C)
         logits = (part_logits.sum(dim=1) + global_logits) / (part_logits.shape[1] + 1)
         return logits, part_logits, modulated, counts, normed

@@ -47,13 +47,6 @@ __all__ = ["LinearProbe", "VPT", "VPTShallow", "VPTDeep", "LastLayerParts", "VPT
            "attention_part_maps"]
 
 
-def _pooled(model: FrozenViT, normed: Tensor) -> Tensor:
-    """Image feature (B, D) from final-normed tokens (B, T, D): the cls token, else the mean patch token."""
-    if getattr(model.backbone, "cls_token", None) is not None:
-        return normed[:, 0]
-    return normed[:, model.num_prefix :].mean(dim=1)
-
-
 def _new_classifier(model: FrozenViT) -> nn.Linear:
     """Linear(D, C) with bias, trunc-normal(0.02) weights and zero bias."""
     head = nn.Linear(model.dim, model.cfg.num_classes)
@@ -151,7 +144,7 @@ class LinearProbe(FrozenViT):
         with torch.no_grad():  # nothing in the backbone trains
             tokens, _ = self.embed(x)
             normed = self.backbone.norm(self.backbone.blocks(tokens))
-        return _global_output(self.classifier(_pooled(self, normed)), normed)
+        return _global_output(self.classifier(self.global_token(normed)), normed)
 
 
 class VPT(FrozenViT):
@@ -197,7 +190,7 @@ class VPT(FrozenViT):
         """
         tokens, last_input, grid = prompted_trunk(self, x, deep=self.deep, insert_prompts=insert_prompts)
         normed = self.backbone.norm(tokens)
-        out = _global_output(self.classifier(_pooled(self, normed)), normed)
+        out = _global_output(self.classifier(self.global_token(normed)), normed)
         if insert_prompts and not self.training:
             R, P = self.num_prefix, self.cfg.num_prompts
             with torch.no_grad():
