@@ -17,7 +17,7 @@ TOKENS = {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token"}
 
 def build(kind: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return create_model(tiny_cfg(kind=kind, num_prompts=3, **overrides))
+    return create_model(tiny_cfg(**{"kind": kind, "num_prompts": 3, **overrides}))
 
 
 def trainable(model) -> set[str]:
@@ -244,3 +244,32 @@ def test_registry_builds_each_kind():
     assert not isinstance(build("last_layer_parts"), IVPT) and isinstance(build("last_layer_parts"), LastLayerParts)
     with pytest.raises(ConfigError, match="unknown"):
         model_class("vpt_medium")
+
+
+_OTHER_VALUE = {"deep_prompts": True, "gumbel_tau": 2.0, "train_gumbel": False, "eval_gumbel": True,
+                "global_part": True, "prototype_init_std": 0.3, "num_prompts": 5, "train_tokens": False}
+
+
+@pytest.mark.parametrize("kind", ["ivpt", *KINDS])
+def test_unread_fields_build_the_same_model(kind):
+    """Every field ModelConfig.unread_fields() names for a kind changes nothing it builds or computes: the same
+    parameters (values and trainability) and, in training and eval mode, the same outputs."""
+    unread = tiny_cfg(kind=kind).unread_fields()
+    assert unread <= set(_OTHER_VALUE)
+    assert (kind == "ivpt") == ("deep_prompts" not in unread)
+    x = torch.randn(B, 3, 56, 56)
+    for name in sorted(unread):
+        a, b = build(kind), build(kind, **{name: _OTHER_VALUE[name]})
+        assert getattr(a.cfg, name) != getattr(b.cfg, name)
+        assert a.state_dict().keys() == b.state_dict().keys(), name
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), name
+        assert trainable(a) == trainable(b), name
+        for train_mode in (True, False):
+            a.train(train_mode), b.train(train_mode)
+            with torch.no_grad():
+                torch.manual_seed(1)
+                out_a = a(x)
+                torch.manual_seed(1)
+                out_b = b(x)
+            assert torch.equal(out_a.logits, out_b.logits), name
+            assert all(torch.equal(p, q) for p, q in zip(out_a.maps, out_b.maps)), name

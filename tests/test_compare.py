@@ -10,6 +10,7 @@ import yaml
 
 import ivpt.compare as C
 from ivpt.cli import main
+from ivpt.config import load_config
 
 from .test_engine import _kill_after_step, _Killed, tiny_config, world  # noqa: F401  (fixture)
 
@@ -120,3 +121,25 @@ def test_tabulate_refuses_runs_measured_differently(tmp_path):
         C.tabulate([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     with pytest.raises(C.CompareError, match=r"has no config.yaml or eval.json; train it"):
         C.tabulate([tmp_path / "missing"], tmp_path / "out")
+
+
+def test_compare_reuses_a_finished_run_after_a_change_its_kind_does_not_read(cfg_file, tmp_path, monkeypatch, capsys):
+    """A finished linear run stays in the comparison when only an IVPT-only switch changed; the ivpt run, which
+    reads it, is refused."""
+    out = tmp_path / "cmp"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    for kind in ("linear", "ivpt"):
+        run = out / "runs" / f"{kind}-seed0"
+        run.mkdir(parents=True)
+        saved = json.loads(json.dumps(cfg))
+        saved["model"]["kind"], saved["train"]["seed"] = kind, 0
+        saved["model"]["deep_prompts"] = not cfg["model"]["deep_prompts"]
+        (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setattr(C, "train", lambda *a, **k: pytest.fail("trained before every folder was checked"))
+    assert _compare(cfg_file, out, "--seeds", "0") == 2
+    ivpt_run = out / "runs" / "ivpt-seed0"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {ivpt_run} holds a run with another config (model.deep_prompts); pass another --out, or delete "
+        f"{ivpt_run} to train it again")
+    linear = load_config(cfg_file, ["model.kind=linear", "train.seed=0"])
+    C._check_same_config(linear, out / "runs" / "linear-seed0")  # no error: the linear run belongs

@@ -295,3 +295,42 @@ def test_checkpoints_from_before_global_part_load_with_the_parts_only_head(tmp_p
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_deep_prompts_run_the_blocks_below_the_concept_stages_as_vpt_deep_does(tmp_path):
+    """model.deep_prompts: the tokens reaching the first concept stage are VPT-deep's after as many blocks, with the
+    same prompts (VPT-deep's own code path); the prompts train at the concept rate, get gradients from the
+    classification loss, survive save/load; ``insert_prompts=False`` is still the plain backbone."""
+    import copy
+
+    from ivpt.models.baselines import VPTDeep, prompted_trunk
+
+    model = tiny_model(deep_prompts=True, num_prompts=3).eval()  # 4 blocks, n_pro [5, 4, 3]: 2 below the stages
+    assert model.first_prompted == 2 and model.prompts.shape == (2, 3, 32)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        _, _, feats, *_ = model.trunk(x)
+        vpt = VPTDeep(tiny_cfg(kind="vpt_deep", num_prompts=3), copy.deepcopy(model.backbone)).eval()
+        vpt.backbone.blocks = vpt.backbone.blocks[: model.first_prompted]
+        vpt.prompts[: model.first_prompted].copy_(model.prompts)
+        reference, _, _ = prompted_trunk(vpt, x, deep=True)
+        expected = model.backbone.norm(reference)[:, model.num_prefix :]
+    assert torch.allclose(feats[0], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    with torch.no_grad():  # without prompts: far from it, and the plain path is unchanged
+        _, _, plain, *_ = model.trunk(x, insert_prompts=False)
+    assert not torch.allclose(plain[0], expected, atol=1e-3)
+
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 10.0, 0.5)}
+    assert groups["prompts"]["params"] == [model.prompts] and groups["prompts"]["lr"] == 5e-4
+    model.train()
+    out = model(x)
+    assert "prompts" in _nonzero_grads(model, classification_loss(out.logits, torch.tensor([1, 2])))
+
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = IVPT.from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(loaded.prompts, model.prompts)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    assert tiny_model().prompts is None
+    assert not any(load_config(p).model.deep_prompts for p in ("configs/cub_vitb14_reg4_paper.yaml",
+                                                               "configs/cub_vitb14_reg4_paper_exact.yaml"))

@@ -9,7 +9,9 @@ Layout of the output folder ``OUT``::
     compare.png / .svg     top-1 against consistency, one marker per run, one colour per kind
 
 Running again into the same ``OUT`` skips finished runs (``metrics.json`` and ``eval.json`` present), resumes
-interrupted ones from their ``last.pt`` and refuses a run folder whose config differs. :func:`tabulate` builds the
+interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a field its kind reads
+(:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only switch
+changes). :func:`tabulate` builds the
 same outputs from existing run folders without training. One process; the device is ``train.device``.
 """
 from __future__ import annotations
@@ -77,7 +79,8 @@ def tabulate(run_dirs: Sequence[str | Path], out: str | Path) -> dict:
 
 
 def _check_same_config(cfg: Config, run_dir: Path) -> None:
-    changed = [k for k in changes_from_run(run_dir, cfg) if k not in IGNORED_CHANGES]
+    unread = {f"model.{name}" for name in cfg.model.unread_fields()}  # e.g. ivpt-only switches, for a vpt_deep run
+    changed = [k for k in changes_from_run(run_dir, cfg) if k not in IGNORED_CHANGES | unread]
     if changed:
         raise CompareError(f"{run_dir} holds a run with another config ({', '.join(changed)}); pass another --out, "
                            f"or delete {run_dir} to train it again")

@@ -38,6 +38,18 @@ class ConfigError(ValueError):
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
 MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto")
 SCHEDULES = ("step", "cosine", "constant")  # ivpt.engine.schedule.lr_factor defines each
+_CONCEPT_KINDS = ("ivpt", "last_layer_parts", "vpt_deep_proto")
+# Model fields that only some kinds read (ivpt.models builds every other kind identically whatever their value).
+_READ_BY = {
+    "deep_prompts": ("ivpt",),
+    "gumbel_tau": ("ivpt",),
+    "train_gumbel": ("ivpt",),
+    "eval_gumbel": ("ivpt",),
+    "global_part": _CONCEPT_KINDS,
+    "prototype_init_std": _CONCEPT_KINDS,
+    "num_prompts": ("ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto"),
+    "train_tokens": tuple(k for k in MODEL_KINDS if k != "linear"),
+}
 
 
 @dataclass
@@ -62,12 +74,17 @@ class ModelConfig:
     train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
-    num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto: learned prompt tokens per block
+    num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block
     # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
     # [CLS] token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
     # foreground parts and it. Part logits, maps and every interpretability score are unchanged in kind.
     # On by default, the recipe for new datasets (benchmarks/recipe.md).
     global_part: bool = True
+    # NOT the paper (false in its configs): IVPT also gets VPT-deep's free prompts — ``num_prompts`` learned tokens
+    # before every block that precedes the first concept stage, each block owning its own — so the frozen layers
+    # below the concept stages adapt as they do in VPT-deep. The concept prompts and maps are unchanged in kind.
+    # On by default, the recipe for new datasets (benchmarks/recipe.md).
+    deep_prompts: bool = True
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +110,10 @@ class ModelConfig:
             raise ConfigError(f"model.gumbel_tau={self.gumbel_tau} must be > 0")
         if self.num_prompts < 1:
             raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
+
+    def unread_fields(self) -> frozenset[str]:
+        """The fields ``kind`` does not read: two configs that differ only in them build the same model."""
+        return frozenset(name for name, kinds in _READ_BY.items() if self.kind not in kinds)
 
     @property
     def num_stages(self) -> int:
@@ -547,7 +568,8 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
 
 # Fields added after run folders and checkpoints were first saved, with the behaviour a saved config that lacks them
 # was trained with (which is not today's default).
-_BEFORE_FIELD = {("model", "global_part"): False, ("loss", "tv_reference_grid"): 0.0, ("optim", "min_steps"): 0}
+_BEFORE_FIELD = {("model", "global_part"): False, ("model", "deep_prompts"): False,
+                 ("loss", "tv_reference_grid"): 0.0, ("optim", "min_steps"): 0}
 
 
 def saved_config(data: dict) -> dict:

@@ -7,6 +7,7 @@ Shapes: B batch, D width, T = R prefix tokens + L patch tokens, H×W patch grid,
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -125,6 +126,15 @@ class FrozenViT(nn.Module):
         last channel of each. Stage indices follow ``model.n_pro`` where the maps are concept stages."""
         return []
 
+    def new_prompts(self, layers: int) -> nn.Parameter:
+        """(layers, P, D) prompt tokens (P = ``model.num_prompts``), row i feeding the i-th prompted block, in VPT's
+        initialisation: uniform(±sqrt(6 / (3·p_h·p_w + D))), Xavier-uniform for a patch-embedding-like map from
+        3·p_h·p_w pixels to D."""
+        prompts = nn.Parameter(torch.empty(layers, self.cfg.num_prompts, self.dim))
+        bound = math.sqrt(6.0 / (3 * self.patch_size[0] * self.patch_size[1] + self.dim))
+        nn.init.uniform_(prompts, -bound, bound)
+        return prompts
+
     # ------------------------------------------------------------------------------------------------- forward
     def frozen_context(self):
         """No autograd for the embedding when nothing in it trains: saves the activations of the frozen path."""
@@ -145,6 +155,14 @@ class FrozenViT(nn.Module):
         if getattr(self.backbone, "cls_token", None) is not None:
             return normed[:, 0]
         return normed[:, self.num_prefix :].mean(dim=1)
+
+    def prompted_block(self, block: nn.Module, tokens: Tensor, prompts: Tensor) -> Tensor:
+        """Run ``block`` on tokens (B, T, D) with ``prompts`` (P, D) inserted after the prefix tokens (VPT's layout:
+        [prefix | prompts | patches]); returns (B, T, D) with the prompts' outputs dropped."""
+        R, P = self.num_prefix, prompts.shape[0]
+        prompts = prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        out = block(torch.cat([tokens[:, :R], prompts, tokens[:, R:]], dim=1))
+        return torch.cat([out[:, :R], out[:, R + P :]], dim=1)
 
     def stage_features(self, tokens: Tensor) -> Tensor:
         """Detached, final-normed patch tokens (B, L, D) that concept stages look at (the norm is per token, so
@@ -182,6 +200,7 @@ class ConceptModel(FrozenViT):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.stages = nn.ModuleList()
+        self.prompts: nn.Parameter | None = None  # free (VPT-deep) prompts (layers, P, D) of the kinds that have them
 
     def map_stages(self) -> list[tuple[int, int]]:
         """The last ``len(stages)`` entries of ``model.n_pro`` (IVPT: all; single-stage heads: the final one)."""
@@ -202,7 +221,8 @@ class ConceptModel(FrozenViT):
 
     def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """Groups from explicit module membership: classifier, modulation, prompt projections and assigners at the
-        head rate; prototypes, spatial biases and (per ``train_tokens``) backbone tokens at the concept rate."""
+        head rate; prototypes, spatial biases, (per ``train_tokens``) backbone tokens and free prompts (as VPT's) at the
+        concept rate."""
         prompted = [s for s in self.stages if s.assigner is not None]
         return [
             ("classifier", list(self.classifier.parameters()), head_lr),
@@ -213,6 +233,7 @@ class ConceptModel(FrozenViT):
             ("prototypes", [s.prototypes for s in self.stages], concept_lr),
             ("spatial_bias", [s.spatial_bias for s in self.stages], concept_lr),
             ("tokens", self.token_parameters() if self.tokens_trainable else [], concept_lr),
+            ("prompts", [self.prompts] if self.prompts is not None else [], concept_lr),
         ]
 
     def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> IVPTOutput:

@@ -34,7 +34,6 @@ prompt initialised at ±0.08 by its own scale in a few steps.
 """
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -59,15 +58,6 @@ def _global_output(logits: Tensor, normed: Tensor) -> IVPTOutput:
     """Output of a model without parts: logits (B, C), final-normed tokens (B, T, D)."""
     return IVPTOutput(logits=logits, part_logits=logits[:, None], maps=[], grouped_maps=[], assignments=[],
                       region_counts=[], modulated=None, tokens=normed)
-
-
-def _new_prompts(model: FrozenViT, layers: int) -> nn.Parameter:
-    """(layers, P, D) prompt tokens, row i feeding block i, in VPT's initialisation: uniform(±sqrt(6 / (3·p_h·p_w
-    + D))), Xavier-uniform for a patch-embedding-like map from 3·p_h·p_w pixels to D."""
-    prompts = nn.Parameter(torch.empty(layers, model.cfg.num_prompts, model.dim))
-    bound = math.sqrt(6.0 / (3 * model.patch_size[0] * model.patch_size[1] + model.dim))
-    nn.init.uniform_(prompts, -bound, bound)
-    return prompts
 
 
 def prompted_trunk(model: FrozenViT, x: Tensor, *, deep: bool, insert_prompts: bool = True,
@@ -167,7 +157,7 @@ class VPT(FrozenViT):
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
-        self.prompts = _new_prompts(self, len(self.backbone.blocks) if self.deep else 1)
+        self.prompts = self.new_prompts(len(self.backbone.blocks) if self.deep else 1)
         self.classifier = _new_classifier(self)
         self.set_trainable()
 
@@ -248,15 +238,11 @@ class VPTDeepProto(ConceptModel):
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
-        self.prompts = _new_prompts(self, len(self.backbone.blocks))
+        self.prompts = self.new_prompts(len(self.backbone.blocks))
         n = cfg.n_pro[-1]
         self.stages.append(self.new_stage(n))
         self.build_head(n)
         self.set_trainable()
-
-    def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
-        """IVPT's head and concept groups plus ``prompts`` at the concept rate (as in VPT)."""
-        return [*super().groups(head_lr, concept_lr), ("prompts", [self.prompts], concept_lr)]
 
     def forward(self, x: Tensor) -> IVPTOutput:
         """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""

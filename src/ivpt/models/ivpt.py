@@ -1,12 +1,15 @@
 """IVPT: Interpretable Visual Prompt Tuning on any timm VisionTransformer (SPEC section 2).
 
 Read top to bottom: the backbone is embedded as timm does it; blocks before the first prompted stage run
-unchanged; before each prompted block, a :class:`~ivpt.models.prototypes.ConceptStage` carves the (detached) tokens into
+unchanged (with ``model.deep_prompts``, not the paper: each with its own VPT-deep prompts, dropped after it);
+before each prompted block, a :class:`~ivpt.models.prototypes.ConceptStage` carves the (detached) tokens into
 concept regions, pools them into N coarse prompt tokens and appends them; the prompts are dropped again after the
 block. At the end, the final stage's maps pool the last tokens into N+1 part features that a shared linear
 classifier scores; logits are the mean over the N foreground parts.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +45,8 @@ class IVPT(ConceptModel):
         N = cfg.num_coarse
         self.stages.extend([self.new_stage(n, num_coarse=N if i < m else None) for i, n in enumerate(cfg.n_pro)])
         self.build_head(N + 1)
+        if cfg.deep_prompts and self.first_prompted > 0:
+            self.prompts = self.new_prompts(self.first_prompted)
         self.set_trainable()
 
     # ------------------------------------------------------------------------------------------------- forward
@@ -50,11 +55,14 @@ class IVPT(ConceptModel):
         soft maps S_i ×(m+1), grouped maps ×m, assignments ×m, region counts ×m)."""
         bb, m = self.backbone, self.cfg.num_stages
         sample = self.cfg.train_gumbel if self.training else self.cfg.eval_gumbel
-        # Nothing before the first prompted block is trainable when the tokens are frozen: no autograd there.
+        # Nothing before the first prompted block trains when the tokens are frozen and it has no free prompts:
+        # no autograd there.
+        free = self.prompts if insert_prompts else None
         with self.frozen_context():
             tokens, grid = self.embed(x)
-            for blk in bb.blocks[: self.first_prompted]:
-                tokens = blk(tokens)
+        with self.frozen_context() if free is None else contextlib.nullcontext():
+            for i, blk in enumerate(bb.blocks[: self.first_prompted]):
+                tokens = blk(tokens) if free is None else self.prompted_block(blk, tokens, free[i])
         T = tokens.shape[1]
 
         feats, maps, grouped, assignments, counts = [], [], [], [], []
