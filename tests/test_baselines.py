@@ -247,7 +247,8 @@ def test_registry_builds_each_kind():
 
 
 _OTHER_VALUE = {"deep_prompts": True, "gumbel_tau": 2.0, "train_gumbel": False, "eval_gumbel": True,
-                "global_part": True, "prototype_init_std": 0.3, "num_prompts": 5, "train_tokens": False}
+                "global_part": True, "prototype_init_std": 0.3, "prototype_init": "normal", "num_prompts": 5,
+                "train_tokens": False}
 
 
 @pytest.mark.parametrize("kind", ["ivpt", *KINDS])

@@ -473,3 +473,22 @@ def test_a_training_split_smaller_than_one_step_is_named(world, tmp_path):
     cfg = tiny_config(world, optim=dict(batch_size=16, grad_accum=2))
     with pytest.raises(TrainingError, match="has 15 images, fewer than one optimiser step of optim.batch_size=16"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_feature_mean_prototype_init_centres_the_prototypes_before_training(world, tmp_path):
+    """model.prototype_init=feature_mean (the default): a fresh run starts from create_model's prototypes shifted by
+    one vector per stage, the mean feature of 64 training images spread over the split (the tiny world has fewer:
+    all of them); =normal starts from create_model's prototypes exactly."""
+    from ivpt.engine.trainer import Trainer
+    from ivpt.models import create_model
+
+    cfg = tiny_config(world)
+    assert cfg.model.prototype_init == "feature_mean"
+    centred = Trainer(cfg, tmp_path / "a", progress=False).model
+    normal = Trainer(cfg.with_overrides(["model.prototype_init=normal"]), tmp_path / "b", progress=False).model
+    fresh = create_model(cfg.model, seed=cfg.train.seed)
+    for a, b, c in zip(centred.stages, normal.stages, fresh.stages, strict=True):
+        assert torch.equal(b.prototypes, c.prototypes)
+        shift = a.prototypes - c.prototypes
+        assert shift.abs().min() > 0
+        assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-6 * shift.abs().max().item())

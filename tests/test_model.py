@@ -334,3 +334,54 @@ def test_deep_prompts_run_the_blocks_below_the_concept_stages_as_vpt_deep_does(t
     assert tiny_model().prompts is None
     assert not any(load_config(p).model.deep_prompts for p in ("configs/cub_vitb14_reg4_paper.yaml",
                                                                "configs/cub_vitb14_reg4_paper_exact.yaml"))
+
+
+@pytest.mark.parametrize("kind", ["ivpt", "last_layer_parts", "vpt_deep_proto"])
+def test_centre_prototypes_shifts_each_stage_by_the_mean_feature_it_reads(kind):
+    """model.prototype_init=feature_mean: stage i's prototypes move by the mean (float64 recomputation) of the
+    features stage i reads once stages < i are centred; the batch split does not matter; the mode is kept."""
+    import copy
+
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(kind=kind, num_prompts=3))
+    before = [s.prototypes.detach().clone() for s in model.stages]
+    reference = copy.deepcopy(model).eval()
+    x = torch.randn(5, 3, 56, 56)
+    model.train()
+    model.centre_prototypes(x, batch_size=2)
+    assert model.training
+    with torch.no_grad():
+        for i, stage in enumerate(reference.stages):
+            mean = reference.concept_features(x)[i].double().mean(dim=(0, 1))
+            stage.prototypes.add_(mean.float())
+            shift = (model.stages[i].prototypes - before[i]).double()
+            assert torch.allclose(shift, mean.expand_as(shift), rtol=1e-5, atol=1e-6 * mean.abs().max().item())
+            assert torch.allclose(model.stages[i].prototypes, stage.prototypes, rtol=1e-6, atol=1e-6)
+    assert len(model.stages) == (3 if kind == "ivpt" else 1)
+
+
+def test_centred_prototypes_undo_a_feature_component_shared_by_every_pixel():
+    """Constructed case: features = a large vector shared by every pixel + small per-pixel parts. With prototypes
+    drawn around the origin, the prototype most aligned with the shared vector wins every pixel; centred, every
+    prototype wins some, and the maps are exactly those of the centred parts under the original prototypes."""
+    from ivpt.models.prototypes import ConceptStage
+
+    torch.manual_seed(0)
+    stage = ConceptStage(5, 64, (6, 6), init_std=0.05)
+    eps = stage.prototypes.detach().clone()
+    shared = torch.randn(64) * 5
+    parts = torch.randn(2, 36, 64)
+    feats = shared + parts
+    counts = stage.maps(feats, (6, 6)).flatten(2).argmax(1).flatten().bincount(minlength=5)
+    assert counts.max() == 72  # one prototype takes all 2 x 36 pixels
+    with torch.no_grad():
+        stage.prototypes.add_(feats.mean(dim=(0, 1)))
+        centred = stage.maps(feats, (6, 6))
+        counts = centred.flatten(2).argmax(1).flatten().bincount(minlength=5)
+        assert counts.min() > 0
+        stage.prototypes.copy_(eps)
+        expected = stage.maps(parts - parts.mean(dim=(0, 1)), (6, 6))
+    # the centred logits cancel terms of size |f|·|π| in float32: allow a few ulps of that
+    centre = feats.mean(dim=(0, 1))
+    tol = 16 * torch.finfo(torch.float32).eps * feats.norm(dim=-1).max() * (eps + centre).norm(dim=-1).max()
+    assert torch.allclose(centred, expected, atol=tol.item()), (centred - expected).abs().max()

@@ -121,15 +121,17 @@ def test_the_new_dataset_recipe_and_the_paper_configs():
     from ivpt.config import Config
 
     for cfg in [Config()] + [load_config(p) for p in sorted(CONFIGS.glob("*cpu*.yaml"))]:
-        assert (cfg.model.global_part, cfg.model.deep_prompts, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (
-            True, True, 37.0, 1000)
+        m = cfg.model
+        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (
+            True, True, "feature_mean", 37.0, 1000)
     for p in sorted(CONFIGS.glob("*cpu*.yaml")):
         cfg = load_config(p)
         assert (cfg.model.n_pro, cfg.model.train_tokens, cfg.optim.batch_size) == ([9, 7, 5], False, 8), p.name
     for p in PAPER_CONFIGS:
         cfg = load_config(p)
-        assert (cfg.model.global_part, cfg.model.deep_prompts, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (
-            False, False, 0.0, 0), p.name
+        m = cfg.model
+        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (
+            False, False, "normal", 0.0, 0), p.name
 
 
 def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does():

@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
 MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto")
 SCHEDULES = ("step", "cosine", "constant")  # ivpt.engine.schedule.lr_factor defines each
+PROTOTYPE_INITS = ("normal", "feature_mean")  # ivpt.models.ConceptModel.centre_prototypes does the second
 _CONCEPT_KINDS = ("ivpt", "last_layer_parts", "vpt_deep_proto")
 # Model fields that only some kinds read (ivpt.models builds every other kind identically whatever their value).
 _READ_BY = {
@@ -47,6 +48,7 @@ _READ_BY = {
     "eval_gumbel": ("ivpt",),
     "global_part": _CONCEPT_KINDS,
     "prototype_init_std": _CONCEPT_KINDS,
+    "prototype_init": _CONCEPT_KINDS,
     "num_prompts": ("ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto"),
     "train_tokens": tuple(k for k in MODEL_KINDS if k != "linear"),
 }
@@ -74,6 +76,10 @@ class ModelConfig:
     train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
+    # "normal": N(0, prototype_init_std²), the paper. "feature_mean" (NOT the paper): that, shifted by the mean
+    # feature each stage reads on the first 64 training images, so that no prototype (often the background one)
+    # starts out winning every pixel and drags the stages after it into collapse. On by default, the recipe.
+    prototype_init: str = "feature_mean"
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block
     # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
     # [CLS] token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
@@ -108,6 +114,9 @@ class ModelConfig:
             raise ConfigError(f"model.num_classes={self.num_classes} must be at least 2")
         if self.gumbel_tau <= 0:
             raise ConfigError(f"model.gumbel_tau={self.gumbel_tau} must be > 0")
+        if self.prototype_init not in PROTOTYPE_INITS:
+            raise ConfigError(f"model.prototype_init={self.prototype_init!r} is unknown; choose one of "
+                              f"{', '.join(PROTOTYPE_INITS)}")
         if self.num_prompts < 1:
             raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
 
@@ -568,8 +577,13 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
 
 # Fields added after run folders and checkpoints were first saved, with the behaviour a saved config that lacks them
 # was trained with (which is not today's default).
-_BEFORE_FIELD = {("model", "global_part"): False, ("model", "deep_prompts"): False,
-                 ("loss", "tv_reference_grid"): 0.0, ("optim", "min_steps"): 0}
+_BEFORE_FIELD = {
+    ("model", "global_part"): False,
+    ("model", "deep_prompts"): False,
+    ("model", "prototype_init"): "normal",
+    ("loss", "tv_reference_grid"): 0.0,
+    ("optim", "min_steps"): 0,
+}
 
 
 def saved_config(data: dict) -> dict:

@@ -150,6 +150,8 @@ class Trainer:
                 f"step of optim.batch_size={o.batch_size}; lower optim.batch_size (or data.val_fraction)")
 
         self.model = create_model(cfg.model, seed=cfg.train.seed).to(self.device)
+        if state is None and self.model.has_concept_maps and cfg.model.prototype_init == "feature_mean":
+            self._centre_prototypes()
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -212,6 +214,21 @@ class Trainer:
             log.warning(warning)
 
     # ------------------------------------------------------------------------------------------------- set-up
+    def _centre_prototypes(self, images: int = 64) -> None:
+        """``model.prototype_init=feature_mean``: centre the prototypes on ``images`` training images spread evenly
+        over the split, as epoch 0 augments them: the same images, hence the same start, on every rank."""
+        from ..data import collate_skip_corrupt
+
+        n = len(self.train_set)
+        picks = torch.linspace(0, n - 1, min(n, images)).round().long().unique().tolist()
+        batch = collate_skip_corrupt([self.train_set[(0, i)] for i in picks])
+        if batch is None:  # every picked image unreadable: keep the normal initialisation
+            return
+        x = batch["image"].to(self.device)
+        if self.augment is not None:
+            x = self.augment(x, batch["augment"])
+        self.model.centre_prototypes(x, batch_size=self.cfg.eval.batch_size)
+
     def _read_resume_state(self) -> dict:
         """last.pt, checked against the config before the run folder is touched."""
         path = self.out / "last.pt"

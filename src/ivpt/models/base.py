@@ -236,6 +236,29 @@ class ConceptModel(FrozenViT):
             ("prompts", [self.prompts] if self.prompts is not None else [], concept_lr),
         ]
 
+    def concept_features(self, x: Tensor) -> list[Tensor]:
+        """The features (B, L, D) each concept stage reads on images (B, 3, H, W), in stage order (eval mode)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def centre_prototypes(self, images: Tensor, *, batch_size: int = 16) -> None:
+        """``model.prototype_init="feature_mean"``: shift every stage's prototypes by the mean of the features it
+        reads on ``images`` (B, 3, H, W), stage by stage (a stage's features depend on the earlier stages' prompts,
+        so each mean is taken with the stages before it already centred). Maps are a softmax over
+        -||f - π_k||², so a feature component shared by every pixel favours whichever random π_k points along it,
+        everywhere; centred, the prototypes compete on what differs between pixels. Runs in eval mode."""
+        was_training = self.training
+        self.eval()
+        for i, stage in enumerate(self.stages):
+            total = torch.zeros(self.dim, dtype=torch.float64, device=stage.prototypes.device)
+            count = 0
+            for x in images.split(batch_size):
+                feats = self.concept_features(x)[i]
+                total += feats.double().sum(dim=(0, 1))
+                count += feats.shape[0] * feats.shape[1]
+            stage.prototypes.add_((total / count).to(stage.prototypes.dtype))
+        self.train(was_training)
+
     def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> IVPTOutput:
         """The output of a model whose only concept stage reads the last block's tokens (B, T, D): one map
         (B, n, H, W), part-pooled logits, no grouped maps or assignments."""

@@ -219,12 +219,18 @@ class LastLayerParts(ConceptModel):
         self.build_head(n)
         self.set_trainable()
 
-    def forward(self, x: Tensor) -> IVPTOutput:
-        """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
+    def trunk(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The last block's output (B, T, D) and the patch grid."""
         with self.frozen_context():
             tokens, grid = self.embed(x)
-            tokens = self.backbone.blocks(tokens)
-        return self.single_stage_output(tokens, grid)
+            return self.backbone.blocks(tokens), grid
+
+    def concept_features(self, x: Tensor) -> list[Tensor]:
+        return [self.stage_features(self.trunk(x)[0])]
+
+    def forward(self, x: Tensor) -> IVPTOutput:
+        """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
+        return self.single_stage_output(*self.trunk(x))
 
 
 class VPTDeepProto(ConceptModel):
@@ -243,6 +249,9 @@ class VPTDeepProto(ConceptModel):
         self.stages.append(self.new_stage(n))
         self.build_head(n)
         self.set_trainable()
+
+    def concept_features(self, x: Tensor) -> list[Tensor]:
+        return [self.stage_features(prompted_trunk(self, x, deep=True)[0])]
 
     def forward(self, x: Tensor) -> IVPTOutput:
         """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""

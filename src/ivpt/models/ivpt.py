@@ -85,6 +85,10 @@ class IVPT(ConceptModel):
         maps.append(self.stages[m].maps(feats[-1], grid))
         return tokens, grid, feats, maps, grouped, assignments, counts
 
+    def concept_features(self, x: Tensor) -> list[Tensor]:
+        """The detached features (B, L, D) each of the m+1 stages reads, in order."""
+        return self.trunk(x)[2]
+
     def forward(self, x: Tensor, *, insert_prompts: bool = True, maps_only_from: int | None = None) -> IVPTOutput:
         """Run IVPT on normalised images (B, 3, H, W). ``insert_prompts=False`` runs the plain backbone.
 
