@@ -36,21 +36,17 @@ def test_speed_options():
 
 
 def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
-    """A run's config.yaml written before model.global_part, model.deep_prompts, model.prototype_init,
-    loss.tv_reference_grid and optim.min_steps existed is read as trained (parts-only head, no free prompts, normal
-    prototype init, plain TV, exact epochs); a user's config file missing them gets the defaults."""
+    """A run's config.yaml written before model.global_part, loss.tv_reference_grid and optim.min_steps existed is
+    read as trained (parts-only head, plain TV, exact epochs); a user's config file missing them gets the defaults."""
     import yaml
 
     from ivpt.config import load_config
     from ivpt.engine.trainer import load_run_config
 
     data = Config().to_dict()
-    del data["model"]["global_part"], data["model"]["deep_prompts"], data["model"]["prototype_init"]
-    del data["loss"]["tv_reference_grid"], data["optim"]["min_steps"]
+    del data["model"]["global_part"], data["loss"]["tv_reference_grid"], data["optim"]["min_steps"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     old = load_run_config(tmp_path)
-    assert (old.model.global_part, old.model.deep_prompts, old.model.prototype_init, old.loss.tv_reference_grid,
-            old.optim.min_steps) == (False, False, "normal", 0.0, 0)
+    assert (old.model.global_part, old.loss.tv_reference_grid, old.optim.min_steps) == (False, 0.0, 0)
     new = load_config(tmp_path / "config.yaml")
-    assert (new.model.global_part, new.model.deep_prompts, new.model.prototype_init, new.loss.tv_reference_grid,
-            new.optim.min_steps) == (True, True, "feature_mean", 37.0, 1000)
+    assert (new.model.global_part, new.loss.tv_reference_grid, new.optim.min_steps) == (True, 37.0, 1000)

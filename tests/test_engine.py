@@ -476,16 +476,16 @@ def test_a_training_split_smaller_than_one_step_is_named(world, tmp_path):
 
 
 def test_feature_mean_prototype_init_centres_the_prototypes_before_training(world, tmp_path):
-    """model.prototype_init=feature_mean (the default): a fresh run starts from create_model's prototypes shifted by
-    one vector per stage, the mean feature of 64 training images spread over the split (the tiny world has fewer:
-    all of them); =normal starts from create_model's prototypes exactly."""
+    """model.prototype_init=feature_mean: a fresh run starts from create_model's prototypes shifted by one vector per
+    stage, the mean feature of 64 training images spread over the split (the tiny world has fewer: all of them);
+    =normal (the default) starts from create_model's prototypes exactly."""
     from ivpt.engine.trainer import Trainer
     from ivpt.models import create_model
 
     cfg = tiny_config(world)
-    assert cfg.model.prototype_init == "feature_mean"
-    centred = Trainer(cfg, tmp_path / "a", progress=False).model
-    normal = Trainer(cfg.with_overrides(["model.prototype_init=normal"]), tmp_path / "b", progress=False).model
+    assert cfg.model.prototype_init == "normal"
+    centred = Trainer(cfg.with_overrides(["model.prototype_init=feature_mean"]), tmp_path / "a", progress=False).model
+    normal = Trainer(cfg, tmp_path / "b", progress=False).model
     fresh = create_model(cfg.model, seed=cfg.train.seed)
     for a, b, c in zip(centred.stages, normal.stages, fresh.stages, strict=True):
         assert torch.equal(b.prototypes, c.prototypes)

@@ -76,10 +76,10 @@ class ModelConfig:
     train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
     prototype_init_std: float = 0.05
-    # "normal": N(0, prototype_init_std²), the paper. "feature_mean" (NOT the paper): that, shifted by the mean
-    # feature each stage reads on the first 64 training images, so that no prototype (often the background one)
-    # starts out winning every pixel and drags the stages after it into collapse. On by default, the recipe.
-    prototype_init: str = "feature_mean"
+    # "normal": N(0, prototype_init_std²), the paper. "feature_mean" (NOT the paper, not in the recipe): that,
+    # shifted by the mean feature each stage reads on 64 training images, so that no prototype (often the
+    # background one) starts out winning every pixel (benchmarks/recipe.md: it did not help accuracy).
+    prototype_init: str = "normal"
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block
     # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
     # [CLS] token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
@@ -89,8 +89,8 @@ class ModelConfig:
     # NOT the paper (false in its configs): IVPT also gets VPT-deep's free prompts — ``num_prompts`` learned tokens
     # before every block that precedes the first concept stage, each block owning its own — so the frozen layers
     # below the concept stages adapt as they do in VPT-deep. The concept prompts and maps are unchanged in kind.
-    # On by default, the recipe for new datasets (benchmarks/recipe.md).
-    deep_prompts: bool = True
+    # Not in the recipe: it helped on one part-world and hurt on another (benchmarks/recipe.md).
+    deep_prompts: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -579,8 +579,6 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
 # was trained with (which is not today's default).
 _BEFORE_FIELD = {
     ("model", "global_part"): False,
-    ("model", "deep_prompts"): False,
-    ("model", "prototype_init"): "normal",
     ("loss", "tv_reference_grid"): 0.0,
     ("optim", "min_steps"): 0,
 }
