@@ -224,10 +224,12 @@ class Trainer:
         batch = collate_skip_corrupt([self.train_set[(0, i)] for i in picks])
         if batch is None:  # every picked image unreadable: keep the normal initialisation
             return
-        x = batch["image"].to(self.device)
-        if self.augment is not None:
-            x = self.augment(x, batch["augment"])
-        self.model.centre_prototypes(x, batch_size=self.cfg.eval.batch_size)
+        self.model.centre_prototypes(self._images(batch), batch_size=self.cfg.eval.batch_size)
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        """A collated batch's images on the device, finished by :attr:`augment` when ``data.gpu_augment``."""
+        x = batch["image"].to(self.device, non_blocking=True)
+        return x if self.augment is None else self.augment(x, batch["augment"])
 
     def _read_resume_state(self) -> dict:
         """last.pt, checked against the config before the run folder is touched."""
@@ -344,9 +346,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if batch is None:  # every image of the micro-batch was unreadable
                 continue
-            x = batch["image"].to(self.device, non_blocking=True)
-            if self.augment is not None:
-                x = self.augment(x, batch["augment"])
+            x = self._images(batch)
             y = batch["label"].to(self.device, non_blocking=True)
             last = i == len(micro_batches) - 1
             sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
