@@ -23,6 +23,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
         weights="random",
         backbone_kwargs=dict(TINY),
         global_part=False,  # the paper's head; the global part's own tests ask for it
+        deep_prompts=False,  # the paper's prompts; the deep prompts' own tests ask for them
     )
     values.update(overrides)
     return ModelConfig(**values)

@@ -36,17 +36,24 @@ def test_speed_options():
 
 
 def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
-    """A run's config.yaml written before model.global_part, loss.tv_reference_grid and optim.min_steps existed is
-    read as trained (parts-only head, plain TV, exact epochs); a user's config file missing them gets the defaults."""
+    """A run's config.yaml written before model.global_part / global_share / deep_prompts, loss.tv_reference_grid
+    and optim.min_steps existed is read as trained (parts-only head, one-more-part weighting, no free prompts, plain
+    TV, exact epochs); a user's config file missing them gets the defaults."""
     import yaml
 
     from ivpt.config import load_config
     from ivpt.engine.trainer import load_run_config
 
     data = Config().to_dict()
-    del data["model"]["global_part"], data["loss"]["tv_reference_grid"], data["optim"]["min_steps"]
+    for section, name in (("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
+                          ("loss", "tv_reference_grid"), ("optim", "min_steps")):
+        del data[section][name]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     old = load_run_config(tmp_path)
-    assert (old.model.global_part, old.loss.tv_reference_grid, old.optim.min_steps) == (False, 0.0, 0)
+    m = old.model
+    assert (m.global_part, m.global_share, m.deep_prompts, old.loss.tv_reference_grid, old.optim.min_steps) == (
+        False, None, False, 0.0, 0)
     new = load_config(tmp_path / "config.yaml")
-    assert (new.model.global_part, new.loss.tv_reference_grid, new.optim.min_steps) == (True, 37.0, 1000)
+    m = new.model
+    assert (m.global_part, m.global_share, m.deep_prompts, new.loss.tv_reference_grid, new.optim.min_steps) == (
+        True, 0.5, True, 37.0, 1000)

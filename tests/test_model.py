@@ -249,12 +249,16 @@ def test_maps_only_view_gives_the_same_gradients():
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
-def test_global_part_adds_the_cls_score_to_the_part_mean():
-    """model.global_part: logits = (Σ_k part_logits_k + W·LN(cls)) / (N+1), recomputed in float64; the explanation's
-    concept evidence plus its global evidence gives the logits back; off, the logits are the part mean."""
+@pytest.mark.parametrize("share, w_part, w_global", [(None, 1 / 3, 1 / 3), (0.5, 0.25, 0.5), (0.2, 0.4, 0.2)])
+def test_global_part_adds_the_cls_score_to_the_part_scores(share, w_part, w_global):
+    """model.global_part: logits = w_part·Σ_k part_logits_k + w_global·W·LN(cls) with N = 2 parts — one more part when
+    global_share is None, else (1 - s)/N and s — recomputed in float64; the explanation's concept evidence plus its
+    global evidence gives the logits back, and the global evidence is w_global times the global score; off, the
+    logits are the part mean."""
     from ivpt.explain.core import explain
 
-    model = tiny_model(global_part=True).eval()
+    model = tiny_model(global_part=True, global_share=share).eval()
+    assert model.logit_weights() == pytest.approx((w_part, w_global))
     with torch.no_grad():
         model.global_norm.weight.uniform_(0.5, 1.5)
         model.global_norm.bias.normal_()
@@ -264,21 +268,30 @@ def test_global_part_adds_the_cls_score_to_the_part_mean():
         cls = out.tokens[:, 0].double()  # tokens are already final-normed
         ln = model.global_norm
         g = torch.nn.functional.layer_norm(cls, (cls.shape[-1],), ln.weight.double(), ln.bias.double(), ln.eps)
-        expected = (out.part_logits.double().sum(1) + g @ model.classifier.weight.double().t()) / 3
+        global_logits = g @ model.classifier.weight.double().t()
+        expected = w_part * out.part_logits.double().sum(1) + w_global * global_logits
     assert torch.allclose(out.logits.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
     assert "global_norm" in {g["name"] for g in model.param_groups(1e-3, 1.0, 1.0)}
 
     e = explain(model, x)
     total = e.evidence.sum(1) + e.global_evidence
     assert abs(total - e.logits).max() <= 1e-5 * abs(e.logits).max()
+    scale = 1e-5 * global_logits.abs().max().item()
+    assert abs(e.global_evidence - w_global * global_logits.numpy()).max() <= scale
 
     plain = tiny_model().eval()
-    assert plain.global_norm is None
+    assert plain.global_norm is None and plain.logit_weights() == (0.5, 0.0)
     with torch.no_grad():
         out = plain(x)
     assert torch.allclose(out.logits, out.part_logits.mean(1))
     assert not any(load_config(p).model.global_part for p in ("configs/cub_vitb14_reg4_paper.yaml",
                                                               "configs/cub_vitb14_reg4_paper_exact.yaml"))
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 1.5])
+def test_global_share_outside_the_open_interval_is_refused(share):
+    with pytest.raises(ConfigError, match="global_share"):
+        tiny_cfg(global_part=True, global_share=share)
 
 
 def test_checkpoints_from_before_global_part_load_with_the_parts_only_head(tmp_path, model):
@@ -297,22 +310,34 @@ def test_checkpoints_from_before_global_part_load_with_the_parts_only_head(tmp_p
         assert torch.equal(model(x).logits, loaded(x).logits)
 
 
-def test_deep_prompts_run_the_blocks_below_the_concept_stages_as_vpt_deep_does(tmp_path):
-    """model.deep_prompts: the tokens reaching the first concept stage are VPT-deep's after as many blocks, with the
-    same prompts (VPT-deep's own code path); the prompts train at the concept rate, get gradients from the
-    classification loss, survive save/load; ``insert_prompts=False`` is still the plain backbone."""
+def test_deep_prompts_give_every_block_its_own_vpt_deep_prompts(tmp_path):
+    """model.deep_prompts: every block's input is [prefix | its own free prompts | ...] as in VPT-deep, with the
+    concept prompts after the patches in the concept blocks; the tokens reaching the first concept stage are VPT-deep's
+    after as many blocks, with the same prompts (VPT-deep's own code path); every block's prompts train at the concept
+    rate and get gradients from the classification loss, survive save/load; ``insert_prompts=False`` is still the
+    plain backbone."""
     import copy
 
     from ivpt.models.baselines import VPTDeep, prompted_trunk
 
     model = tiny_model(deep_prompts=True, num_prompts=3).eval()  # 4 blocks, n_pro [5, 4, 3]: 2 below the stages
-    assert model.first_prompted == 2 and model.prompts.shape == (2, 3, 32)
+    R, P, N, L = model.num_prefix, 3, model.cfg.num_coarse, 16
+    assert model.first_prompted == 2 and model.prompts.shape == (4, P, 32)
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+             for blk in model.backbone.blocks]
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         _, _, feats, *_ = model.trunk(x)
+    for h in hooks:
+        h.remove()
+    assert [t.shape[1] for t in seen] == [R + P + L] * 2 + [R + P + L + N] * 2
+    for i, t in enumerate(seen):
+        assert torch.equal(t[:, R : R + P], model.prompts[i].expand(2, -1, -1)), i
+    with torch.no_grad():
         vpt = VPTDeep(tiny_cfg(kind="vpt_deep", num_prompts=3), copy.deepcopy(model.backbone)).eval()
         vpt.backbone.blocks = vpt.backbone.blocks[: model.first_prompted]
-        vpt.prompts[: model.first_prompted].copy_(model.prompts)
+        vpt.prompts[: model.first_prompted].copy_(model.prompts[: model.first_prompted])
         reference, _, _ = prompted_trunk(vpt, x, deep=True)
         expected = model.backbone.norm(reference)[:, model.num_prefix :]
     assert torch.allclose(feats[0], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
@@ -323,8 +348,10 @@ def test_deep_prompts_run_the_blocks_below_the_concept_stages_as_vpt_deep_does(t
     groups = {g["name"]: g for g in model.param_groups(1e-3, 10.0, 0.5)}
     assert groups["prompts"]["params"] == [model.prompts] and groups["prompts"]["lr"] == 5e-4
     model.train()
+    model.zero_grad()
     out = model(x)
-    assert "prompts" in _nonzero_grads(model, classification_loss(out.logits, torch.tensor([1, 2])))
+    classification_loss(out.logits, torch.tensor([1, 2])).backward()
+    assert (model.prompts.grad.abs().sum(dim=(1, 2)) > 0).all()  # every block's prompts, the concept blocks' too
 
     model.eval().save_pretrained(tmp_path / "ckpt")
     loaded = IVPT.from_pretrained(tmp_path / "ckpt").eval()

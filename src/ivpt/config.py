@@ -47,6 +47,7 @@ _READ_BY = {
     "train_gumbel": ("ivpt",),
     "eval_gumbel": ("ivpt",),
     "global_part": _CONCEPT_KINDS,
+    "global_share": _CONCEPT_KINDS,
     "prototype_init_std": _CONCEPT_KINDS,
     "prototype_init": _CONCEPT_KINDS,
     "num_prompts": ("ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto"),
@@ -82,15 +83,19 @@ class ModelConfig:
     prototype_init: str = "normal"
     num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block
     # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
-    # [CLS] token (patch mean without one) as one more, always-present "global part"; logits = mean over the N
-    # foreground parts and it. Part logits, maps and every interpretability score are unchanged in kind.
+    # [CLS] token (patch mean without one) as an always-present "global part", weighed by ``global_share``. Part
+    # logits, maps and every interpretability score are unchanged in kind.
     # On by default, the recipe for new datasets (benchmarks/recipe.md).
     global_part: bool = True
     # NOT the paper (false in its configs): IVPT also gets VPT-deep's free prompts — ``num_prompts`` learned tokens
-    # before every block that precedes the first concept stage, each block owning its own — so the frozen layers
-    # below the concept stages adapt as they do in VPT-deep. The concept prompts and maps are unchanged in kind.
-    # Not in the recipe: it helped on one part-world and hurt on another (benchmarks/recipe.md).
-    deep_prompts: bool = False
+    # before EVERY block, each block owning its own, dropped after it; the concept stages' prompts are added to them
+    # in the blocks they feed. The global token then sees everything VPT-deep's does, and the concept maps are
+    # unchanged in kind. On by default, the recipe for new datasets (benchmarks/recipe.md, round 4).
+    deep_prompts: bool = True
+    # NOT the paper (only read with ``global_part``): the share of the logits that comes from the global part,
+    # logits = (1 - s) * mean(part logits) + s * global logits. None: the global part counts as one more part,
+    # s = 1 / (N + 1). 0.5, the recipe: the global token and the N foreground parts together weigh the same.
+    global_share: float | None = 0.5
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +122,9 @@ class ModelConfig:
         if self.prototype_init not in PROTOTYPE_INITS:
             raise ConfigError(f"model.prototype_init={self.prototype_init!r} is unknown; choose one of "
                               f"{', '.join(PROTOTYPE_INITS)}")
+        if self.global_share is not None and not 0 < self.global_share < 1:
+            raise ConfigError(f"model.global_share={self.global_share} must lie strictly between 0 and 1 (the parts "
+                              "and the global token both need a say), or be null for one more part")
         if self.num_prompts < 1:
             raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
 
@@ -579,6 +587,8 @@ def _parse_value(raw: str, hint: Any, item: str) -> Any:
 # was trained with (which is not today's default).
 _BEFORE_FIELD = {
     ("model", "global_part"): False,
+    ("model", "global_share"): None,
+    ("model", "deep_prompts"): False,
     ("loss", "tv_reference_grid"): 0.0,
     ("optim", "min_steps"): 0,
 }

@@ -53,6 +53,7 @@ def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int) ->
     overrides = [
         f"model.img_size={preset.img_size}", f"model.num_classes={preset.classes}", f"model.n_pro={preset.n_pro}",
         f"model.weights={weights}", "model.train_tokens=false", "model.global_part=false",
+        "model.deep_prompts=false",
         "loss.tv_reference_grid=0",
         f"optim.epochs={preset.epochs}", "optim.min_steps=0", f"optim.batch_size={preset.batch_size}",
         "optim.schedule=constant", "optim.warmup=0",

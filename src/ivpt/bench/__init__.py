@@ -173,7 +173,7 @@ def _config(opts: BenchOptions, group: Group, entry: Entry) -> Config:
     model = ModelConfig(
         kind=kind, backbone=opts.backbone, img_size=group.img_size, num_classes=opts.num_classes,
         n_pro=list(group.n_pro), weights="random", train_tokens=opts.train_tokens, num_prompts=opts.num_prompts,
-        global_part=False,  # the paper's head, as the authors' code runs it
+        global_part=False, deep_prompts=False,  # the paper's head and prompts, as the authors' code runs them
         backbone_kwargs=dict(opts.backbone_kwargs),
     )
     model = dataclasses.replace(model, **entry.model)

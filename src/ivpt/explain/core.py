@@ -85,9 +85,10 @@ class Explanation:
     labels: m+1 arrays (B, H, W) int16, argmax concept per input pixel (maps upsampled bilinearly first).
     present: m+1 arrays (B, n_i) bool, concept claims >= 1 patch (argmax on the patch grid, as the model pools).
     assignments: m arrays (B, P_i, N), fine→coarse assignment Q_i.
-    evidence: (B, N, C) contribution of each coarse concept to each class logit = part_logits / N (N+1 with
-        ``model.global_part``); summing over N gives the logits exactly (up to float rounding), because the model's
-        logits are the mean over parts. With ``model.global_part`` the rest of the logits is ``global_evidence``.
+    evidence: (B, N, C) contribution of each coarse concept to each class logit = part_logits · w_part (1/N for
+        the parts-only head, (1 - s)/N with ``model.global_part`` and share s; ``ConceptModel.logit_weights``);
+        summing over N gives the logits exactly (up to float rounding) for the parts-only head. With
+        ``model.global_part`` the rest of the logits is ``global_evidence``.
     global_evidence: (B, C) the global token's contribution (``model.global_part``), else zeros.
     logits: (B, C). probs: (B, C) softmax of the logits.
     top_classes: (B, k) int64 and top_probs: (B, k) float32, the k most probable classes.
@@ -207,9 +208,8 @@ def explain(
             .argmax(dim=1).to(torch.int16).cpu().numpy()
             for s in maps
         ]
-        N = out.part_logits.shape[1]
         logits = out.logits.float()
-        evidence = out.part_logits.float() / (N + 1 if model.cfg.global_part else N)
+        evidence = out.part_logits.float() * model.logit_weights()[0]
         probs = logits.softmax(dim=-1)
         k = min(topk, logits.shape[-1])
         top_p, top_c = probs.topk(k, dim=-1)

@@ -271,7 +271,7 @@ class ConceptModel(FrozenViT):
         """Part-pooled classification from the last tokens (B, T, D) and the final map (B, N+1, H, W), both NOT
         detached: (logits (B, C), part_logits (B, N, C), modulated (B, D, N+1), counts (B, N+1), normed tokens).
 
-        With ``model.global_part`` the logits average N+1 scores: the N foreground parts' and the global token's.
+        With ``model.global_part`` the global token's score joins the N foreground parts' (:meth:`logit_weights`).
         """
         normed = self.backbone.norm(tokens)
         parts, counts = region_pool(final_map.flatten(2), normed[:, self.num_prefix :])  # (B, N+1, D)
@@ -281,5 +281,16 @@ class ConceptModel(FrozenViT):
             return part_logits.mean(dim=1), part_logits, modulated, counts, normed
         token = self.global_token(normed).to(self.global_norm.weight.dtype)  # (B, D)
         global_logits = self.classifier(self.global_norm(token))  # (B, C)
-        logits = (part_logits.sum(dim=1) + global_logits) / (part_logits.shape[1] + 1)
+        w_part, w_global = self.logit_weights()
+        logits = w_part * part_logits.sum(dim=1) + w_global * global_logits
         return logits, part_logits, modulated, counts, normed
+
+    def logit_weights(self) -> tuple[float, float]:
+        """(w_part, w_global): logits = w_part · Σ_k part_logits_k + w_global · global_logits. The parts only
+        (the paper): (1/N, 0); with ``model.global_part``: s = ``model.global_share`` (1/(N+1) when None) gives
+        ((1 - s)/N, s)."""
+        N = self.cfg.num_coarse
+        if not self.cfg.global_part:
+            return 1.0 / N, 0.0
+        share = 1.0 / (N + 1) if self.cfg.global_share is None else self.cfg.global_share
+        return (1.0 - share) / N, share

@@ -1,11 +1,12 @@
 """IVPT: Interpretable Visual Prompt Tuning on any timm VisionTransformer (SPEC section 2).
 
 Read top to bottom: the backbone is embedded as timm does it; blocks before the first prompted stage run
-unchanged (with ``model.deep_prompts``, not the paper: each with its own VPT-deep prompts, dropped after it);
-before each prompted block, a :class:`~ivpt.models.prototypes.ConceptStage` carves the (detached) tokens into
-concept regions, pools them into N coarse prompt tokens and appends them; the prompts are dropped again after the
-block. At the end, the final stage's maps pool the last tokens into N+1 part features that a shared linear
-classifier scores; logits are the mean over the N foreground parts.
+unchanged; before each prompted block, a :class:`~ivpt.models.prototypes.ConceptStage` carves the (detached) tokens
+into concept regions, pools them into N coarse prompt tokens and appends them; the prompts are dropped again after
+the block. At the end, the final stage's maps pool the last tokens into N+1 part features that a shared linear
+classifier scores; logits are the mean over the N foreground parts (the paper). With ``model.deep_prompts`` (not the
+paper, the recipe) every block also gets its own VPT-deep prompts, dropped after it; with ``model.global_part`` (not
+the paper, the recipe) the classifier also scores the global token, which takes ``model.global_share`` of the logits.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ class IVPT(ConceptModel):
         N = cfg.num_coarse
         self.stages.extend([self.new_stage(n, num_coarse=N if i < m else None) for i, n in enumerate(cfg.n_pro)])
         self.build_head(N + 1)
-        if cfg.deep_prompts and self.first_prompted > 0:
-            self.prompts = self.new_prompts(self.first_prompted)
+        if cfg.deep_prompts:
+            self.prompts = self.new_prompts(depth)  # row i feeds block i, as in VPT-deep
         self.set_trainable()
 
     # ------------------------------------------------------------------------------------------------- forward
@@ -66,7 +67,7 @@ class IVPT(ConceptModel):
         T = tokens.shape[1]
 
         feats, maps, grouped, assignments, counts = [], [], [], [], []
-        for stage, blk in zip(self.stages[:m], bb.blocks[self.first_prompted :]):
+        for j, (stage, blk) in enumerate(zip(self.stages[:m], bb.blocks[self.first_prompted :])):
             f = self.stage_features(tokens)
             s = stage.maps(f, grid)
             regions, c = region_pool(s.detach().flatten(2), f)
@@ -78,7 +79,9 @@ class IVPT(ConceptModel):
             grouped.append(ConceptStage.grouped_map(s, q))
             if insert_prompts:
                 prompts = stage.prompts(regions[:, :-1], q).to(tokens.dtype)
-                tokens = blk(torch.cat([tokens, prompts], dim=1))[:, :T]
+                joined = torch.cat([tokens, prompts], dim=1)  # [prefix | patches | concept prompts]
+                out = blk(joined) if free is None else self.prompted_block(blk, joined, free[self.first_prompted + j])
+                tokens = out[:, :T]
             else:
                 tokens = blk(tokens)
         feats.append(self.stage_features(tokens))
