@@ -143,3 +143,29 @@ def test_compare_reuses_a_finished_run_after_a_change_its_kind_does_not_read(cfg
         f"{ivpt_run} to train it again")
     linear = load_config(cfg_file, ["model.kind=linear", "train.seed=0"])
     C._check_same_config(linear, out / "runs" / "linear-seed0")  # no error: the linear run belongs
+
+
+def test_compare_with_jobs_trains_runs_in_parallel_processes_and_raises_a_failed_one(cfg_file, tmp_path, capfd):
+    """--jobs 2: every run is trained and evaluated (in spawned processes) and tabulated in plan order; a second
+    call reuses them all. A run that fails (here: a corrupt last.pt to resume from) does not lose the others: they
+    finish and are kept, and the failure's error ends the command."""
+    out = tmp_path / "cmp"
+    bad = out / "runs" / "linear-seed1"
+    bad.mkdir(parents=True)
+    (bad / "last.pt").write_bytes(b"not a checkpoint")
+    assert _compare(cfg_file, out, "--jobs", "2") == 2
+    assert "error: cannot resume" in capfd.readouterr().err
+    finished = sorted(p.parent.name for p in (out / "runs").glob("*/eval.json"))
+    assert finished == ["ivpt-seed0", "ivpt-seed1", "linear-seed0"]
+    assert not (out / "compare.json").exists()
+
+    (bad / "last.pt").unlink()
+    capfd.readouterr()
+    assert _compare(cfg_file, out, "--jobs", "2") == 0
+    printed = capfd.readouterr().out
+    assert printed.count("finished earlier, reusing") == 3 and "[4/4] linear-seed1 ready" in printed
+    result = json.loads((out / "compare.json").read_text())
+    assert [(r["kind"], r["seed"], r["metrics"]["steps"]) for r in result["runs"]] == [
+        ("ivpt", 0, 2), ("ivpt", 1, 2), ("linear", 0, 2), ("linear", 1, 2)]
+    with pytest.raises(C.CompareError, match="--jobs 0"):
+        C.compare(load_config(cfg_file), out, kinds=["ivpt"], seeds=[0], jobs=0)

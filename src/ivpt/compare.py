@@ -12,12 +12,17 @@ Running again into the same ``OUT`` skips finished runs (``metrics.json`` and ``
 interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a field its kind reads
 (:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only switch
 changes). :func:`tabulate` builds the
-same outputs from existing run folders without training. One process; the device is ``train.device``.
+same outputs from existing run folders without training. The device is ``train.device``; ``jobs`` > 1 trains that
+many runs at once, each in its own process (a GPU shared by small runs, or several CPU cores, does more work that
+way: round 4 of benchmarks/recipe.md ran 12-14 runs on one H200).
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,25 +54,71 @@ def run_name(kind: str, seed: int) -> str:
 
 
 def compare(cfg: Config, out: str | Path, *, kinds: Sequence[str], seeds: Sequence[int], progress: bool = True,
-            say: Callable[[str], None] = print) -> dict:
+            say: Callable[[str], None] = print, jobs: int = 1) -> dict:
     """Train and evaluate every kind x seed of ``cfg`` under ``out/runs/`` (reusing what is done), then write the
-    comparison files; returns the content of ``compare.json``. ``say`` gets one line per run start and end."""
+    comparison files; returns the content of ``compare.json``. ``say`` gets one line per run start and end.
+
+    ``jobs`` > 1: that many runs at once, each in a process of its own with ``cpu_count // jobs`` torch threads and
+    no progress bars; their start lines go to standard output, ``say`` gets the end of each. A failed run lets the
+    runs already started finish (they are kept), starts no others, and its error is raised."""
     unknown = [k for k in kinds if k not in MODEL_KINDS]
     if unknown or not kinds:
         raise CompareError(f"kinds {unknown or '(none)'}: choose from {', '.join(MODEL_KINDS)}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise CompareError(f"seeds {list(seeds)} must be distinct and at least one, e.g. 0,1,2")
+    if jobs < 1:
+        raise CompareError(f"--jobs {jobs} must be at least 1")
     out = Path(out)
     plan = [(cfg.with_overrides([f"model.kind={k}", f"train.seed={s}"]), out / "runs" / run_name(k, s))
             for k in kinds for s in seeds]
     for run_cfg, run_dir in plan:  # every folder checked before any training starts
         _check_same_config(run_cfg, run_dir)
     t0 = time.perf_counter()
-    records = []
-    for i, (run_cfg, run_dir) in enumerate(plan, 1):
-        records.append(_run_one(run_cfg, run_dir, f"[{i}/{len(plan)}]", progress, say))
+    tags = [f"[{i}/{len(plan)}]" for i in range(1, len(plan) + 1)]
+    if jobs == 1 or len(plan) == 1:
+        records = [_run_one(c, d, tag, progress, say) for (c, d), tag in zip(plan, tags)]
+    else:
+        records = _run_parallel(plan, tags, jobs, say)
     say(f"all {len(plan)} runs ready in {time.perf_counter() - t0:.1f}s")
     return _write(records, out, config=cfg.to_dict())
+
+
+def _run_parallel(plan: list[tuple[Config, Path]], tags: list[str], jobs: int, say: Callable[[str], None]) -> list:
+    """The runs of ``plan`` in ``jobs`` spawned processes; their records in plan order."""
+    records: list[dict | None] = [None] * len(plan)
+    failure: BaseException | None = None
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked CUDA or thread-pool state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, c, d, tag, False, _print_now): i
+                   for i, ((c, d), tag) in enumerate(zip(plan, tags))}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                records[i] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the started runs end
+                if failure is None:
+                    failure = exc
+                    for other in futures:
+                        other.cancel()  # not started yet: never start
+                    say(f"{tags[i]} {plan[i][1].name} failed ({exc}); waiting for the runs already started")
+                continue
+            scores = ", ".join(f"{title} {_fmt(records[i]['eval'].get(key))}" for key, title in TABLE_COLUMNS[:3])
+            say(f"{tags[i]} {plan[i][1].name} ready: {scores}")
+    if failure is not None:
+        raise failure
+    return records
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def tabulate(run_dirs: Sequence[str | Path], out: str | Path) -> dict:

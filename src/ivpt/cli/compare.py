@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tabulate", nargs="+", metavar="RUN_DIR",
                         help="build the comparison from these finished run folders (config.yaml + eval.json) "
                              "without training")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default 1); on a GPU, small runs "
+                             "share it better several at a time")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise CompareError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        result = compare(config_from_args(args), out, kinds=kinds, seeds=seeds, progress=not args.no_progress)
+        result = compare(config_from_args(args), out, kinds=kinds, seeds=seeds, progress=not args.no_progress,
+                         jobs=args.jobs)
     print(format_markdown(result))
     print(f"written {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.svg'}")
     return 0
