@@ -27,7 +27,8 @@ def main() -> None:
     from ivpt.models import IVPT
 
     torch.manual_seed(0)
-    model = IVPT(ModelConfig(backbone=args.backbone, img_size=args.img_size, weights="random")).eval()
+    model = IVPT(ModelConfig(backbone=args.backbone, img_size=args.img_size, weights="random",
+                             deep_prompts=False)).eval()  # the concept prompts alone, as measured in README
     backbone = model.backbone
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp == "bf16" else torch.no_grad

@@ -259,6 +259,29 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(worl
     train(cfg.with_overrides(["optim.epochs=2"]), run, resume=True, progress=False)  # more epochs: exact, allowed
 
 
+def test_a_run_saved_before_newer_fields_resumes_as_it_was_trained(world, tmp_path):
+    """last.pt and config.yaml written before model.global_share / model.deep_prompts existed: both are read with
+    the behaviour they were trained with (one-more-part weighting, no free prompts), so the run resumes."""
+    import yaml
+
+    from ivpt.engine import load_run_config
+
+    cfg = tiny_config(world, model=dict(global_part=True, global_share=None, deep_prompts=False),
+                      optim=dict(epochs=1, schedule="step", warmup=0.0))
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for config in (state["config"], saved):
+        del config["model"]["global_share"], config["model"]["deep_prompts"]
+    torch.save(state, run / "last.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    old = load_run_config(run)
+    assert (old.model.global_share, old.model.deep_prompts) == (None, False)
+    metrics = train(old.with_overrides(["optim.epochs=2"]), run, resume=True, progress=False)
+    assert metrics["steps"] > state["step"]
+
+
 def test_new_parameters_do_not_depend_on_what_weight_resolution_drew(monkeypatch):
     import ivpt.weights as W
     from ivpt.checkpoint import adapter_state

@@ -113,6 +113,22 @@ def test_evidence_sums_to_logits(expl):
     np.testing.assert_allclose(expl.evidence, out.part_logits.numpy() / out.part_logits.shape[1], atol=1e-6)
 
 
+def test_evidence_figure_draws_the_global_part_as_one_more_row():
+    """With model.global_part the figure has one more bar per class block (the global evidence, half of the logit
+    at global_share 0.5), so its class blocks are one row taller; without it, the concept rows alone."""
+    import dataclasses
+
+    e = explain(tiny_model(global_part=True, global_share=0.5), _images())
+    assert np.abs(e.global_evidence).max() > 0
+    parts_only = dataclasses.replace(e, global_evidence=np.zeros_like(e.global_evidence))
+    k = min(3, e.top_classes.shape[1])
+    with_global, without = render_evidence(e, 0, classes=k), render_evidence(parts_only, 0, classes=k)
+    row_h, title_h, pad, N = 21, 46, 16, e.num_coarse
+    block_h = 40 + N * row_h + 14
+    assert without.height == max(title_h + 224 + 44, title_h + k * block_h + pad)
+    assert with_global.height == max(title_h + 224 + 44, title_h + k * (block_h + row_h) + pad)
+
+
 def test_rendering_is_deterministic():
     digests = []
     for _ in range(2):

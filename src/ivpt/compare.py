@@ -13,8 +13,8 @@ interrupted ones from their ``last.pt`` and refuses a run folder whose config di
 (:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only switch
 changes). :func:`tabulate` builds the
 same outputs from existing run folders without training. The device is ``train.device``; ``jobs`` > 1 trains that
-many runs at once, each in its own process (a GPU shared by small runs, or several CPU cores, does more work that
-way: round 4 of benchmarks/recipe.md ran 12-14 runs on one H200).
+many runs at once, each in its own process (small runs leave most of a GPU idle: round 4 of benchmarks/recipe.md
+ran 12-14 runs at once on one H200, each as a separate ``ivpt compare`` process).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,6 +34,7 @@ from .engine import load_run_config, train
 from .engine.trainer import changes_from_run
 from .eval import evaluate_checkpoint
 from .runs import run_config
+from .runtime import launched_by_torchrun
 
 __all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name"]
 
@@ -58,9 +59,9 @@ def compare(cfg: Config, out: str | Path, *, kinds: Sequence[str], seeds: Sequen
     """Train and evaluate every kind x seed of ``cfg`` under ``out/runs/`` (reusing what is done), then write the
     comparison files; returns the content of ``compare.json``. ``say`` gets one line per run start and end.
 
-    ``jobs`` > 1: that many runs at once, each in a process of its own with ``cpu_count // jobs`` torch threads and
-    no progress bars; their start lines go to standard output, ``say`` gets the end of each. A failed run lets the
-    runs already started finish (they are kept), starts no others, and its error is raised."""
+    ``jobs`` > 1 (not under torchrun): that many runs at once, each in a process of its own with
+    ``cpu_count // jobs`` torch threads and no progress bars; the runs' own lines go to standard output. A failed
+    run lets the runs already started finish (they are kept), starts no others, and its error is raised."""
     unknown = [k for k in kinds if k not in MODEL_KINDS]
     if unknown or not kinds:
         raise CompareError(f"kinds {unknown or '(none)'}: choose from {', '.join(MODEL_KINDS)}")
@@ -68,6 +69,9 @@ def compare(cfg: Config, out: str | Path, *, kinds: Sequence[str], seeds: Sequen
         raise CompareError(f"seeds {list(seeds)} must be distinct and at least one, e.g. 0,1,2")
     if jobs < 1:
         raise CompareError(f"--jobs {jobs} must be at least 1")
+    if jobs > 1 and launched_by_torchrun():
+        raise CompareError("--jobs > 1 starts processes of its own; run ivpt compare without torchrun (or with "
+                           "--jobs 1, one run at a time over all of torchrun's processes)")
     out = Path(out)
     plan = [(cfg.with_overrides([f"model.kind={k}", f"train.seed={s}"]), out / "runs" / run_name(k, s))
             for k in kinds for s in seeds]
@@ -84,28 +88,32 @@ def compare(cfg: Config, out: str | Path, *, kinds: Sequence[str], seeds: Sequen
 
 
 def _run_parallel(plan: list[tuple[Config, Path]], tags: list[str], jobs: int, say: Callable[[str], None]) -> list:
-    """The runs of ``plan`` in ``jobs`` spawned processes; their records in plan order."""
+    """The runs of ``plan`` in ``jobs`` spawned processes, never more submitted than running (so that after a
+    failure nothing new starts); their records in plan order."""
     records: list[dict | None] = [None] * len(plan)
     failure: BaseException | None = None
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(plan)))
     context = multiprocessing.get_context("spawn")  # no forked CUDA or thread-pool state
+    pending = list(range(len(plan)))[::-1]  # a stack: plan order
+    running: dict = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_one, c, d, tag, False, _print_now): i
-                   for i, ((c, d), tag) in enumerate(zip(plan, tags))}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                records[i] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the started runs end
-                if failure is None:
-                    failure = exc
-                    for other in futures:
-                        other.cancel()  # not started yet: never start
-                    say(f"{tags[i]} {plan[i][1].name} failed ({exc}); waiting for the runs already started")
-                continue
-            scores = ", ".join(f"{title} {_fmt(records[i]['eval'].get(key))}" for key, title in TABLE_COLUMNS[:3])
-            say(f"{tags[i]} {plan[i][1].name} ready: {scores}")
+        while pending or running:
+            while pending and failure is None and len(running) < jobs:
+                i = pending.pop()
+                running[pool.submit(_run_one, *plan[i], tags[i], False, _print_now)] = i
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
+                try:
+                    records[i] = future.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, once the started runs end
+                    if failure is None:
+                        failure = exc
+                        say(f"{tags[i]} {plan[i][1].name} failed ({exc}); starting no other run, waiting for "
+                            f"the {len(running)} already started")
     if failure is not None:
         raise failure
     return records

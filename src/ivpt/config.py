@@ -129,8 +129,12 @@ class ModelConfig:
             raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
 
     def unread_fields(self) -> frozenset[str]:
-        """The fields ``kind`` does not read: two configs that differ only in them build the same model."""
-        return frozenset(name for name, kinds in _READ_BY.items() if self.kind not in kinds)
+        """The fields ``kind`` (and, for ``global_share``, ``global_part``) does not read: two configs that differ
+        only in them build the same model."""
+        unread = {name for name, kinds in _READ_BY.items() if self.kind not in kinds}
+        if not self.global_part:
+            unread.add("global_share")
+        return frozenset(unread)
 
     @property
     def num_stages(self) -> int:

@@ -49,7 +49,7 @@ from ..checkpoint import (
     load_pretrained,
     read_pretrained_config,
 )
-from ..config import LOSS_TERMS, Config, EvalConfig, load_config
+from ..config import LOSS_TERMS, Config, EvalConfig, load_config, saved_config
 from ..losses import ivpt_losses, random_affine, warp
 from ..eval import evaluate_accuracy
 from ..models import create_model
@@ -243,7 +243,7 @@ class Trainer:
                                 "it was not written by a finished checkpoint save") from exc
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise TrainingError(f"cannot resume: {path} is not a training checkpoint written by `ivpt train`")
-        changed = [k for k in config_changes(Config.from_dict(state["config"]), self.cfg)
+        changed = [k for k in config_changes(Config.from_dict(saved_config(state["config"])), self.cfg)
                    if k not in RESUMABLE_CHANGES]
         if changed:
             raise TrainingError(

@@ -25,6 +25,7 @@ __all__ = ["render_stage_regions", "render_evidence", "render_gallery", "stack_i
 PAPER = (255, 255, 255)
 INK = (34, 34, 34)
 MUTED = (115, 115, 115)
+GLOBAL_COLOR = (90, 90, 90)  # the global part (model.global_part) in the evidence figure
 RULE = (225, 225, 225)
 PAD = 16
 
@@ -133,8 +134,8 @@ def render_evidence(expl: Explanation, i: int, *, classes: int = 3, size: int = 
     """Why image ``i`` got its top classes: each coarse concept's contribution to each class logit.
 
     Left: the final stage's regions (coloured as the bars). Right: one block per top class, one horizontal bar
-    per coarse concept, rightwards for positive and leftwards for negative contributions, on one shared scale;
-    the contributions of a class add up to its logit.
+    per coarse concept (and one for the global part, ``model.global_part``), rightwards for positive and leftwards
+    for negative contributions, on one shared scale; the contributions of a class add up to its logit.
 
     Args:
         classes: how many of the top classes to show.
@@ -144,17 +145,20 @@ def render_evidence(expl: Explanation, i: int, *, classes: int = 3, size: int = 
     N = expl.num_coarse
     k = min(classes, expl.top_classes.shape[1])
     chosen = [int(c) for c in expl.top_classes[i, :k]]
-    ev = expl.evidence[i]  # (N, C)
+    present = expl.present[-1][i]
+    rows = [(f"concept {n}", concept_color(n), bool(present[n]), expl.evidence[i, n]) for n in range(N)]
+    if np.any(expl.global_evidence[i]):  # exactly zero without model.global_part
+        rows.append(("global", GLOBAL_COLOR, True, expl.global_evidence[i]))
+    ev = np.stack([r[3] for r in rows])  # (rows, C)
     shown = ev[:, chosen]
     # The axis spans [min(0, lowest), max(0, highest)] so that all-positive evidence uses the full width.
     lo, hi = min(0.0, float(shown.min())), max(0.0, float(shown.max()))
     span = max(hi - lo, 1e-12)
-    present = expl.present[-1][i]
 
     chip_w, bar_w, value_w, row_h, head_h, gap = 84, 230, 96, 21, 40, 14
     left_w = value_w if lo < 0 else 8  # room for labels of negative bars only when there are some
     panel_w = chip_w + left_w + bar_w + value_w
-    block_h = head_h + N * row_h + gap
+    block_h = head_h + len(rows) * row_h + gap
     title_h = 46
     width = PAD + size + 2 * PAD + panel_w + PAD
     height = max(title_h + size + 44, title_h + k * block_h + PAD)
@@ -177,22 +181,21 @@ def render_evidence(expl: Explanation, i: int, *, classes: int = 3, size: int = 
         draw.text((x0, y + 2), _fit(name, f_head, panel_w - sw - 12), font=f_head, fill=INK)
         draw.text((x0 + panel_w - sw, y + 4), stats, font=f_sub, fill=MUTED)
         top = y + head_h - 12
-        draw.line([(zero, top - 3), (zero, top + N * row_h)], fill=(160, 160, 160), width=1)
-        for n in range(N):
+        draw.line([(zero, top - 3), (zero, top + len(rows) * row_h)], fill=(160, 160, 160), width=1)
+        for n, (label_text, color, here, _) in enumerate(rows):
             ry = top + n * row_h
-            color = concept_color(n)
-            draw_chip(draw, (x0, ry), f"concept {n}", color if present[n] else (200, 200, 200), fnt=f_sub,
+            draw_chip(draw, (x0, ry), label_text, color if here else (200, 200, 200), fnt=f_sub,
                       anchor_center=False, outline=None, pad=2)
             v = float(ev[n, c])
             length = max(int(round(abs(v) / span * bar_w)), 1)
             box = (zero, ry + 2, zero + length, ry + row_h - 4) if v >= 0 else (zero - length, ry + 2, zero,
                                                                                  ry + row_h - 4)
-            draw.rectangle(box, fill=(*color, 235 if present[n] else 90))
-            label = _signed(v) + ("" if present[n] else " (absent)")
+            draw.rectangle(box, fill=(*color, 235 if here else 90))
+            label = _signed(v) + ("" if here else " (absent)")
             tx = box[2] + 4 if v >= 0 else box[0] - 4 - text_size(label, f_sub)[0]
-            draw.text((tx, ry + 3), label, font=f_sub, fill=ink_color(color) if present[n] else MUTED)
-        draw.text((x0, top + N * row_h + 1), f"sum of contributions = logit {_signed(float(ev[:, c].sum()))}",
-                  font=font(11), fill=MUTED)
+            draw.text((tx, ry + 3), label, font=f_sub, fill=ink_color(color) if here else MUTED)
+        draw.text((x0, top + len(rows) * row_h + 1),
+                  f"sum of contributions = logit {_signed(float(ev[:, c].sum()))}", font=font(11), fill=MUTED)
     return fig
 
 

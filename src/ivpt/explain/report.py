@@ -319,7 +319,8 @@ def build_report(
                 f'<div class="card sample"><h3>{name}</h3>'
                 f"{_prediction_html(expl, i, label=label)}<div class=\"figs\">"
                 f'<figure><img src="{evidence}" alt="class evidence"><figcaption>Coarse-concept contributions to '
-                "the top logits (they add up to the logit).</figcaption></figure>"
+                "the top logits, and the global part's where the model has one (together they add up to the logit)."
+                "</figcaption></figure>"
                 f'<figure><img src="{regions}" alt="concept regions"><figcaption>Concept regions per stage, fine '
                 "to coarse.</figcaption></figure></div>"
                 f'<details><summary>hierarchy of this image</summary><div class="scroll">{hierarchy_svg(expl, i)}'

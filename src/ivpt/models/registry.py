@@ -64,6 +64,7 @@ def describe(model: FrozenViT, cfg: Config) -> dict:
     if isinstance(model, IVPT):
         m = cfg.model.num_stages
         summary["num_coarse"] = cfg.model.num_coarse
+        summary["free_prompts_per_block"] = cfg.model.num_prompts if model.prompts is not None else 0
         summary["stages"] = [
             {
                 "stage": i,
