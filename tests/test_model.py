@@ -412,3 +412,36 @@ def test_centred_prototypes_undo_a_feature_component_shared_by_every_pixel():
     centre = feats.mean(dim=(0, 1))
     tol = 16 * torch.finfo(torch.float32).eps * feats.norm(dim=-1).max() * (eps + centre).norm(dim=-1).max()
     assert torch.allclose(centred, expected, atol=tol.item()), (centred - expected).abs().max()
+
+
+def test_a_coarse_concept_that_no_fine_concept_feeds_gets_a_zero_feature_not_nan():
+    """Q with exactly-zero columns (a confident assigner underflows the others: it stopped a run on hard16 at step
+    727 with NaN tokens): that coarse concept's pooled feature is zero before the joint LayerNorm, recomputed in
+    float64; a whole model with such an assigner stays finite, in training (Gumbel) and eval mode."""
+    import torch.nn.functional as F
+
+    from ivpt.models.prototypes import ConceptStage
+
+    torch.manual_seed(0)
+    stage = ConceptStage(5, 8, (2, 2), num_coarse=3)
+    regions = torch.randn(2, 4, 8)
+    q = torch.zeros(2, 4, 3)
+    q[..., 0] = 1.0  # every fine concept to coarse concept 0: columns 1 and 2 are exactly zero
+    with torch.no_grad():
+        out = stage.prompts(regions, q)
+    coarse = torch.zeros(2, 3, 8, dtype=torch.float64)
+    coarse[:, 0] = regions.double().mean(dim=1)
+    normed = F.layer_norm(coarse, coarse.shape[-2:])
+    W, b = stage.prompt_proj.weight.double(), stage.prompt_proj.bias.double()
+    expected = normed @ W.t() + b
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+    model = tiny_model()
+    with torch.no_grad():
+        for s in model.stages[: model.cfg.num_stages]:
+            s.assigner.bias.copy_(torch.tensor([1e4] + [0.0] * (s.assigner.bias.numel() - 1)))
+    x = torch.randn(2, 3, 56, 56)
+    for training in (True, False):
+        model.train(training)
+        o = model(x)
+        assert torch.isfinite(o.logits).all() and all(torch.isfinite(m).all() for m in o.maps), training

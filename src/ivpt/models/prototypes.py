@@ -111,7 +111,10 @@ class ConceptStage(nn.Module):
         """Prompt tokens (B, N, D) from foreground regions (B, P, D) and a detached assignment (B, P, N)."""
         assert self.prompt_proj is not None, "the final stage has no prompt projection"
         weights = assignment.detach()
-        coarse = torch.einsum("bkn,bkd->bnd", weights, regions) / weights.sum(dim=1).unsqueeze(-1)
+        # A coarse concept that no fine concept feeds (its column of Q underflowed to exact zeros, as a confident
+        # assigner does) gets a zero feature instead of 0/0 = NaN, which would poison every token of the block.
+        mass = weights.sum(dim=1).unsqueeze(-1).clamp_min(1e-12)
+        coarse = torch.einsum("bkn,bkd->bnd", weights, regions) / mass
         # One LayerNorm over all N·D values of a sample jointly, without affine (the reference froze its affine
         # by accident; an affine-free norm is what it actually trained).
         coarse = F.layer_norm(coarse, coarse.shape[-2:])
