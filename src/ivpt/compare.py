@@ -98,12 +98,10 @@ def _run_parallel(plan: list[tuple[Config, Path]], tags: list[str], jobs: int, s
     running: dict = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        while pending or running:
+        while running or (pending and failure is None):
             while pending and failure is None and len(running) < jobs:
                 i = pending.pop()
                 running[pool.submit(_run_one, *plan[i], tags[i], False, _print_now)] = i
-            if not running:
-                break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 i = running.pop(future)
