@@ -308,9 +308,9 @@ def test_imagefolder_with_and_without_splits(tmp_path):
     assert item["image"].shape == (3, 24, 24) and item["label"] == 1 and item["index"] == 0
 
     _folder(tmp_path / "b", ["x", "y"])
-    assert ImageFolderDataset(tmp_path / "b").labels == [0, 0, 1, 1]
-    with pytest.raises(DatasetError, match="no test split"):
-        ImageFolderDataset(tmp_path / "b", "test")
+    # class folders directly under the root: a fixed share of each class is the test split
+    b_train, b_test = ImageFolderDataset(tmp_path / "b"), ImageFolderDataset(tmp_path / "b", "test")
+    assert b_train.labels == [0, 1] and b_test.labels == [0, 1] and not set(b_train.paths) & set(b_test.paths)
 
     _folder(tmp_path / "a" / "test", ["dog"], n=1)
     with pytest.raises(DatasetError, match="dog"):
@@ -361,9 +361,10 @@ def test_build_datasets_cub(tmp_path):
 def test_build_datasets_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"set data\.root="):
         build_datasets(Config())
+    _folder(tmp_path / "g" / "train", ["x", "y"])  # the split layout without its test folder
+    with pytest.raises(DatasetError, match="has train/ but no test/"):
+        build_datasets(_config(tmp_path / "g", format="imagefolder"))
     _folder(tmp_path / "f", ["x", "y"])
-    with pytest.raises(DatasetError, match="no test split"):
-        build_datasets(_config(tmp_path / "f", format="imagefolder"))
     with pytest.raises(DatasetError, match="part annotations"):
         build_datasets(_config(tmp_path / "f", format="imagefolder"), with_parts=True)
 

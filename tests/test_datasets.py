@@ -490,6 +490,6 @@ def test_unsupported_metrics_name_their_reason():
     assert unsupported_metrics(cfg("partimagenet"), ALL_METRICS) == {
         m: "partimagenet has no part keypoints" for m in ("consistency", "stability", "kpr")}
     assert set(unsupported_metrics(cfg("stanford_cars"), ALL_METRICS)) == {"consistency", "stability", "kpr",
-                                                                           "nmi_ari"}
+                                                                           "nmi_ari", "fg_iou"}
     assert unsupported_metrics(cfg("cub", "linear"), ["acc", "nmi_ari"]) == {
         "nmi_ari": "model.kind=linear has no part maps"}

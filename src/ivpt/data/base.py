@@ -97,8 +97,10 @@ class AnnotatedDataset:
     A corrupt image gives ``None`` (logged and counted).
 
     Capabilities (class attributes, what the release annotates): ``has_keypoints``, ``has_bbox``,
-    ``has_part_masks``; ``has_fg_masks`` is per instance (some releases ship masks separately, so it depends on
-    what is on disk: every image of the split must have one).
+    ``has_part_masks``, ``can_have_fg_masks`` (foreground masks exist for this format at all, shipped or from the
+    part masks: without them the evaluator skips fg IoU before reading anything); ``has_fg_masks`` is per
+    instance (some releases ship masks separately, so it depends on what is on disk: every image of the split must
+    have one).
     """
 
     FORMAT: ClassVar[str] = ""
@@ -108,6 +110,7 @@ class AnnotatedDataset:
     has_keypoints: ClassVar[bool] = False
     has_bbox: ClassVar[bool] = False
     has_part_masks: ClassVar[bool] = False
+    can_have_fg_masks: ClassVar[bool] = False
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:

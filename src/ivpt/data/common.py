@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
@@ -25,6 +27,7 @@ __all__ = [
     "collate_skip_corrupt",
     "corrupt_count",
     "corrupt_count_all",
+    "index_path",
     "load_image",
     "read_utf8",
     "report_missing",
@@ -101,10 +104,29 @@ def reset_corrupt_count() -> None:
     CORRUPT_IMAGES.reset()
 
 
+# Integer modes PIL gives 16-bit files (PNG, TIFF, PGM); "I" is what older PIL gave a 16-bit PNG.
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L": value * 255 / 65535, rounded (PIL's own ``convert`` clips at 255,
+    which reads almost every pixel as white). 16-bit RGB, RGBA and LA files PIL already reduces to 8 bits."""
+    if im.mode not in _WIDE_GRAY:
+        return im
+    wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def load_image(path: Path, mode: str, counter: CorruptImageCounter = CORRUPT_IMAGES) -> Image.Image | None:
-    """Decode ``path`` fully into ``mode`` ("RGB" or "L"); on failure log a warning, count it, return None."""
+    """Decode ``path`` fully into ``mode`` ("RGB" or "L"); on failure log a warning, count it, return None.
+
+    A 16-bit grayscale photo read as "RGB" is scaled to 8 bits first. "L" (label and foreground masks) keeps
+    PIL's conversion, which leaves label values 0..255 as they are."""
     try:
         with Image.open(path) as im:
+            if mode == "RGB":
+                im.load()
+                im = _eight_bit(im)
             return im.convert(mode)  # convert() forces the full decode, so truncated files fail here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         logger.warning("skipping corrupt image %s (%s: %s)", path, type(exc).__name__, exc)
@@ -158,6 +180,35 @@ def read_utf8(path: Path) -> str:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DatasetError(f"{path}, line {lineno}, column {column}: byte {data[exc.start]:#04x} is not UTF-8; "
                            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+_PARENT = re.compile(r"(^|[/\\])\.\.($|[/\\])")
+
+
+def index_path(root: Path, folder: Path, entry: str, where: str) -> Path:
+    """``folder / entry`` for the path ``entry`` that an index file names (``where``: the file and its line or
+    entry, e.g. "images.txt, line 3"), refused with a one-line :class:`DatasetError` unless it stays inside the
+    dataset folder ``root``.
+
+    The check is on the text of the entry, the only thing an index file controls: it must be a relative path
+    without a ``..`` component (no release's index has one), so it can only go down from ``folder``. Symbolic
+    links inside ``root`` (e.g. ``images/`` on another disk, or a tree built of links) are followed like any
+    folder: the dataset's owner put them there."""
+    text = str(entry)
+    problem = None
+    if not text.strip():
+        problem = "is empty"
+    elif "\0" in text:
+        problem = "holds a NUL byte"
+    elif PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive:
+        problem = "is absolute"
+    elif _PARENT.search(text):
+        problem = "climbs out with '..'"
+    if problem:
+        raise DatasetError(f"{where}: the path {text!r} {problem} and could leave the dataset folder {root}; every "
+                           f"path an index names must stay inside the dataset folder: write it relative to "
+                           f"{folder}, without '..'")
+    return folder / text
 
 
 def report_missing(paths: Sequence[Path], what: str) -> None:

@@ -1,6 +1,7 @@
 """CUB-200-2011 with labels, splits, boxes, part keypoints and masks (NABirds reuses this reader: ivpt.data.nabirds).
 
-Layout under ``root`` (paths inside the text files are relative to ``root/images``)::
+Layout under ``root`` (paths inside the text files are relative to ``root/images`` and must stay inside ``root``:
+no ``..``, not absolute; see :func:`ivpt.data.common.index_path`)::
 
     images.txt               <image_id> <relative path>
     image_class_labels.txt   <image_id> <class_id>
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .base import AnnotatedDataset, Records, require_file
-from .common import DatasetError, MissingFileError, read_utf8
+from .common import DatasetError, MissingFileError, index_path, read_utf8
 
 __all__ = ["CubDataset", "CubMeta", "read_cub"]
 
@@ -111,6 +112,7 @@ def _read_images(root: Path, need: Need) -> tuple[list[str], list[str], dict[str
         if not fields:
             raise _malformed(path, lineno, "<image_id> <path>")
         image_id, rel = fields
+        index_path(root, root / "images", rel, f"{path}, line {lineno}")  # must stay inside root
         if image_id in row_of:
             raise DatasetError(f"{path}, line {lineno}: image id {image_id} appears twice")
         row_of[image_id] = len(ids)
@@ -284,6 +286,7 @@ class CubDataset(AnnotatedDataset):
     ANNOTATION_FILES = _FILES
     has_keypoints = True
     has_bbox = True
+    can_have_fg_masks = True
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:

@@ -49,6 +49,7 @@ class Flowers102Dataset(AnnotatedDataset):
     FORMAT = "flowers102"
     LAYOUT = LAYOUT
     ANNOTATION_FILES = ("imagelabels.mat", "setid.mat")
+    can_have_fg_masks = True
 
     @classmethod
     def read(cls, root: Path) -> Records:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .base import AnnotatedDataset, Records, require_file
-from .common import DatasetError, read_utf8
+from .common import DatasetError, index_path, read_utf8
 from .transforms import IGNORE
 
 __all__ = ["PartImageNetDataset"]
@@ -72,6 +72,7 @@ class PartImageNetDataset(AnnotatedDataset):
     ANNOTATION_FILES = tuple(f"annotations/{s}/{s}.json" for s in _SPLITS)
     has_bbox = True
     has_part_masks = True
+    can_have_fg_masks = True
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
                  indices: Sequence[int] | None = None, with_parts: bool = False, bbox_crop: bool = False) -> None:
@@ -111,7 +112,9 @@ class PartImageNetDataset(AnnotatedDataset):
                 image_id, name = _entry(path, "images", i, image, ("id", "file_name"))
                 if image_id not in box_of:
                     continue
-                files.append(str(name).replace("\\", "/"))
+                name = str(name).replace("\\", "/")
+                index_path(root, root / "images" / split, name, f"{path}, images[{i}].file_name")
+                files.append(name)
                 split_of.append(split)
                 boxes.append(box_of[image_id])
         if not files:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import AnnotatedDataset, Records, boxes_from_corners
-from .common import DatasetError
+from .common import DatasetError, index_path
 from .matfiles import mat_field, mat_strings, read_mat
 
 __all__ = ["StanfordCarsDataset"]
@@ -57,7 +57,8 @@ class StanfordCarsDataset(AnnotatedDataset):
                 raise DatasetError(f"{path}: class {bad[0]} is outside 1..{len(names)} (the names of {meta})")
             for k in _FIELDS:
                 columns[k] += values[k]
-            paths += [root / folder / str(f) for f in values["fname"]]
+            paths += [index_path(root, root / folder, str(f), f"{path}, annotations({k}).fname")
+                      for k, f in enumerate(values["fname"], 1)]
             splits += [split] * len(values["fname"])
         x1, y1, x2, y2 = (np.array(columns[k], dtype=np.float64) for k in _FIELDS[:4])
         return Records(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import AnnotatedDataset, Records, boxes_from_corners
-from .common import DatasetError, report_missing
+from .common import DatasetError, index_path, report_missing
 from .matfiles import mat_ints, mat_strings, read_mat
 
 __all__ = ["StanfordDogsDataset", "read_voc_box"]
@@ -74,6 +74,9 @@ class StanfordDogsDataset(AnnotatedDataset):
             if not len(f) == len(a) == n.size:
                 raise DatasetError(f"{path}: file_list, annotation_list and labels differ in length "
                                    f"({len(f)}, {len(a)}, {n.size})")
+            for what, folder, entries in (("file_list", "Images", f), ("annotation_list", "Annotation", a)):
+                for k, entry in enumerate(entries, 1):
+                    index_path(root, root / folder, entry, f"{path}, {what} entry {k}")
             files += f
             notes += a
             numbers += n.tolist()

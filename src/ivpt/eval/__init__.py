@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from .. import runtime as R
 from ..config import Config, ConfigError
 from ..metrics import no_data_reasons
+from .classes import align_classes, note_remapped
 from .protocols import Discovery, KeypointFit, PartHits, StageMaps
 from .runner import AccuracyConsumer, eval_loader, evaluate_accuracy, run_pass
 from .table import ACCURACY_KEYS, format_table
@@ -49,7 +50,8 @@ def unsupported_metrics(cfg: Config, metrics: Iterable[str]) -> dict[str, str]:
                "stability": None if reader.has_keypoints else f"{fmt} has no part keypoints",
                "kpr": None if reader.has_keypoints else f"{fmt} has no part keypoints",
                "nmi_ari": (None if reader.has_keypoints or reader.has_part_masks
-                           else f"{fmt} has no part keypoints or part masks")}
+                           else f"{fmt} has no part keypoints or part masks"),
+               "fg_iou": None if reader.can_have_fg_masks else f"{fmt} has no foreground masks or part masks"}
     return {m: reasons[m] for m in interpretability if reasons.get(m)}
 
 
@@ -62,9 +64,20 @@ def evaluate(
     metrics: Iterable[str] = ALL_METRICS,
     info: R.DistInfo | None = None,
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
-    """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent)."""
-    from ..data import build_eval_transform, check_num_classes, corrupt_count_all, open_dataset, reset_corrupt_count
+    """Evaluate ``model`` on ``cfg.data.root``'s ``split``; returns the eval.json content (scores in percent).
+
+    ``class_names``: the model's classes in label order (a checkpoint's ``class_names``); a dataset that numbers
+    the same classes otherwise is relabelled by name, one with other names refused (:func:`.classes.align_classes`).
+    No readable image in the split is a :class:`~ivpt.data.DatasetError`, not a score of zero."""
+    from ..data import (DatasetError, build_eval_transform, check_num_classes, corrupt_count_all, open_dataset,
+                        reset_corrupt_count)
+
+    def opened(split_name: str, transform, **kwargs):
+        dataset = open_dataset(cfg.data, split_name, transform, **kwargs)
+        check_num_classes(dataset, cfg.model.num_classes, "the model")
+        return align_classes(dataset, class_names)
 
     requested = set(metrics)
     unknown = requested - set(ALL_METRICS)
@@ -89,14 +102,13 @@ def evaluate(
 
     regressors = {}
     if "kpr" in active:
-        train_set = open_dataset(cfg.data, "train", transform, with_parts=True)
-        check_num_classes(train_set, cfg.model.num_classes, "the model")
+        train_set = opened("train", transform, with_parts=True)
         fit = KeypointFit(stages, len(train_set.part_names), cfg)
         run_pass(model, train_set, cfg, info, [fit], desc="kpr fit (train)", progress=progress)
         regressors = fit.regressors()
 
-    dataset = open_dataset(cfg.data, split, transform, with_parts=parts_needed)
-    check_num_classes(dataset, cfg.model.num_classes, "the model")
+    dataset = opened(split, transform, with_parts=parts_needed)
+    remapped = note_remapped(dataset)
     if "fg_iou" in active and not dataset.has_fg_masks:
         skipped["fg_iou"] = f"{cfg.data.format} at {cfg.data.root} has no foreground mask for every {split} image"
         active.discard("fg_iou")
@@ -110,12 +122,16 @@ def evaluate(
                               fg_iou="fg_iou" in active)
         consumers.append(discovery)
     run_pass(model, dataset, cfg, info, consumers, desc=f"evaluate ({split})", progress=progress)
+    if acc.meter.images == 0:  # summed over the processes: no rank scored anything
+        raise DatasetError(f"no image of the {split} split of {getattr(dataset, 'root', cfg.data.root)} could be "
+                           f"read ({len(dataset)} listed, {corrupt_count_all()} unreadable file(s) skipped), so "
+                           "nothing was scored; replace the unreadable files or evaluate another split")
 
     hits = None
     if active & {"consistency", "stability"}:
         # The protocol resizes the whole box to the model input (no centre crop that would cut the object).
         square = build_eval_transform(cfg.data, cfg.model.img_size, square=True)
-        crops = open_dataset(cfg.data, split, square, with_parts=True, bbox_crop=True)
+        crops = opened(split, square, with_parts=True, bbox_crop=True)
         hits = PartHits(stages, cfg, crops, noisy="stability" in active)
         run_pass(model, crops, cfg, info, [hits], desc="consistency/stability", progress=progress)
 
@@ -146,6 +162,8 @@ def evaluate(
     result["data"] = {"root": str(Path(cfg.data.root).resolve()), "split": split, "format": cfg.data.format,
                       "images": acc.meter.images, "images_listed": len(dataset), "num_classes": cfg.model.num_classes,
                       "corrupt_images_skipped": corrupt_count_all()}
+    if remapped:
+        result["data"]["labels_remapped"] = True  # the dataset numbers the classes otherwise; matched by name
     result["metrics_requested"] = sorted(requested)
     if discovery is not None and (discovery.cont or discovery.pmask):
         result["nmi_ari_from"] = "keypoints" if discovery.cont else "part masks"
@@ -162,6 +180,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, meta: dict, *, weig
     from ..models import load_model
 
     model = load_model(checkpoint, cfg.model, meta, weights=weights, allow_backbone_mismatch=allow_backbone_mismatch)
+    names = meta.get("class_names")  # written by the trainer in label order
+    if isinstance(names, list) and len(names) == cfg.model.num_classes:
+        kwargs.setdefault("class_names", [str(n) for n in names])
     result = evaluate(model, cfg, **kwargs)
     result["checkpoint"] = {"path": str(Path(checkpoint).resolve()), **meta.get("backbone", {})}
     return result
