@@ -68,10 +68,9 @@ def test_compare_trains_resumes_skips_and_tabulates(cfg_file, tmp_path, monkeypa
 
     table = (out / "compare.md").read_text()
     s = result["summary"]
-    assert (f"| ivpt | 2 | {s['ivpt']['consistency']['mean']:.1f} ± {s['ivpt']['consistency']['std']:.1f} | "
-            in table)
-    assert f"| linear | 2 | – | – | {s['linear']['top1']['mean']:.1f} ± {s['linear']['top1']['std']:.1f} | – | – | – |" \
-        in table
+    consistency, top1 = s["ivpt"]["consistency"], s["linear"]["top1"]
+    assert f"| ivpt | 2 | 0 (5 prototypes) | {consistency['mean']:.1f} ± {consistency['std']:.1f} | " in table
+    assert f"| linear | 2 | – | – | – | {top1['mean']:.1f} ± {top1['std']:.1f} | – | – | – |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = (out / "compare.svg").read_text()
     assert "<svg" in svg and "linear (no consistency)" in svg
@@ -91,7 +90,7 @@ def test_compare_trains_resumes_skips_and_tabulates(cfg_file, tmp_path, monkeypa
     assert tab["config"] is None and [(r["kind"], r["seed"]) for r in tab["runs"]] == [("ivpt", 1), ("linear", 0)]
     top1 = tab["summary"]["ivpt"]["top1"]
     assert top1["std"] is None and top1["values"] == [result["runs"][1]["eval"]["top1"]]
-    assert f"| ivpt | 1 | {tab['summary']['ivpt']['consistency']['mean']:.1f} | " in \
+    assert f"| ivpt | 1 | 0 (5 prototypes) | {tab['summary']['ivpt']['consistency']['mean']:.1f} | " in \
         (tmp_path / "tab" / "compare.md").read_text()
 
 

@@ -252,7 +252,7 @@ def report(tmp_path_factory) -> Path:
     """``ivpt report`` on a tiny CUB-layout dataset, with an eval.json and a log.csv in the run folder."""
     tmp = tmp_path_factory.mktemp("report")
     ckpt = tmp / "run" / "best"
-    tiny_model().save_pretrained(ckpt)
+    tiny_model(num_classes=2).save_pretrained(ckpt)  # the dataset's 2 classes: the report scores its labels
     (tmp / "run" / "eval.json").write_text(json.dumps({
         "top1": 81.25, "top5": 97.5, "consistency": 70.0, "stability": 72.5,
         "stage": {"index": 0, "n_pro": 5, "spec": "auto"},

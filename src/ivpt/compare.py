@@ -5,16 +5,18 @@ Layout of the output folder ``OUT``::
 
     runs/<kind>-seed<k>/   an ``ivpt train`` run folder per kind and seed, with its eval.json (test split)
     compare.json           every run's training metrics, evaluation and config, and the per-kind summary
-    compare.md             method | runs | consistency | stability | top-1 | NMI | ARI | KPR: mean ± std over seeds
+    compare.md             method | runs | stage | consistency | stability | top-1 | NMI | ARI | KPR: mean ± std
+                           over seeds; stage: where each run's interpretability was scored
     compare.png / .svg     top-1 against consistency, one marker per run, one colour per kind
 
-Running again into the same ``OUT`` skips finished runs (``metrics.json`` and ``eval.json`` present), resumes
-interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a field its kind reads
-(:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only switch
-changes). :func:`tabulate` builds the
-same outputs from existing run folders without training. The device is ``train.device``; ``jobs`` > 1 trains that
-many runs at once, each in its own process (small runs leave most of a GPU idle: round 4 of benchmarks/recipe.md
-ran 12-14 runs at once on one H200, each as a separate ``ivpt compare`` process).
+Running again into the same ``OUT`` skips finished runs (``metrics.json``, and an ``eval.json`` made with the
+comparison's settings, :func:`eval_settings`; one made otherwise, e.g. by ``ivpt eval --protocol``, is made again),
+resumes interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a field its kind
+reads (:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only
+switch changes). :func:`tabulate` builds the same outputs from existing run folders without training. The device
+is ``train.device``; ``jobs`` > 1 trains that many runs at once, each in its own process (small runs leave most of
+a GPU idle: round 4 of benchmarks/recipe.md ran 12-14 runs at once on one H200, each as a separate ``ivpt
+compare`` process).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import json
 import multiprocessing
 import os
 import time
+from dataclasses import asdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,11 +35,12 @@ from .checkpoint import atomic_write, atomic_write_text
 from .config import MODEL_KINDS, Config, ConfigError
 from .engine import load_run_config, train
 from .engine.trainer import changes_from_run
-from .eval import evaluate_checkpoint
+from .eval import ALL_METRICS, evaluate_checkpoint
 from .runs import run_config
 from .runtime import launched_by_torchrun
 
-__all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name"]
+__all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name",
+           "eval_settings"]
 
 # (eval.json key, column title) of the table, in the paper's order; scores in percent, KPR lower is better.
 TABLE_COLUMNS = (("consistency", "consistency"), ("stability", "stability"), ("top1", "top-1"),
@@ -143,12 +147,47 @@ def _check_same_config(cfg: Config, run_dir: Path) -> None:
                            f"or delete {run_dir} to train it again")
 
 
+def eval_settings(cfg: Config, run_dir: Path) -> dict:
+    """What the eval.json of ``run_dir`` must have been made with to belong to a comparison under ``cfg``: the
+    eval section (but its batch size), the test split of ``cfg``'s dataset, every metric, the run's ``best/``."""
+    return {"protocol": {k: v for k, v in asdict(cfg.eval).items() if k != "batch_size"}, "split": "test",
+            "root": str(Path(cfg.data.root).resolve()), "format": cfg.data.format,
+            "metrics": sorted(ALL_METRICS), "checkpoint": str((run_dir / "best").resolve())}
+
+
+def _settings_of(evaluation: dict) -> dict:
+    """:func:`eval_settings` as recorded in an eval.json (``ivpt eval`` writes all of them)."""
+    data = evaluation.get("data") if isinstance(evaluation.get("data"), dict) else {}
+    protocol = evaluation.get("protocol") if isinstance(evaluation.get("protocol"), dict) else {}
+    checkpoint = evaluation.get("checkpoint") if isinstance(evaluation.get("checkpoint"), dict) else {}
+    return {"protocol": {k: v for k, v in protocol.items() if k != "batch_size"}, "split": data.get("split"),
+            "root": data.get("root"), "format": data.get("format"), "metrics": evaluation.get("metrics_requested"),
+            "checkpoint": checkpoint.get("path")}
+
+
+def _eval_differences(evaluation: dict, expected: dict) -> list[str]:
+    """The settings in which an eval.json differs from ``expected`` (eval.* keys named one by one)."""
+    found = _settings_of(evaluation)
+    differ = [f"eval.{k}" for k in sorted(set(expected["protocol"]) | set(found["protocol"]))
+              if expected["protocol"].get(k) != found["protocol"].get(k)]
+    names = {"split": "split", "root": "data.root", "format": "data.format", "metrics": "metrics",
+             "checkpoint": "checkpoint"}
+    return differ + [label for key, label in names.items() if found[key] != expected[key]]
+
+
 def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable[[str], None]) -> dict:
     name, t0 = run_dir.name, time.perf_counter()
     if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
-        say(f"{tag} {name}: finished earlier, reusing {run_dir}")
-        return _read_run(run_dir)
-    if not (run_dir / "metrics.json").is_file():
+        try:
+            differ = _eval_differences(_read_json(run_dir / "eval.json", run_dir), eval_settings(cfg, run_dir))
+        except CompareError:
+            differ = ["unreadable"]
+        if not differ:
+            say(f"{tag} {name}: finished earlier, reusing {run_dir}")
+            return _read_run(run_dir)
+        say(f"{tag} {name}: trained earlier, but its eval.json was made with other settings "
+            f"({', '.join(differ)}); evaluating {run_dir / 'best'} again")
+    elif not (run_dir / "metrics.json").is_file():
         resume = (run_dir / "last.pt").is_file()
         say(f"{tag} {name}: {'resuming' if resume else 'training'} {cfg.model.kind}, seed {cfg.train.seed} "
             f"-> {run_dir}")
@@ -173,8 +212,28 @@ def _read_run(run_dir: Path) -> dict:
     cfg = load_run_config(run_dir)
     metrics = run_dir / "metrics.json"
     return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
-            "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
-            "eval": json.loads((run_dir / "eval.json").read_text()), "config": cfg.to_dict()}
+            "metrics": _read_json(metrics, run_dir) if metrics.is_file() else None,
+            "eval": _read_json(run_dir / "eval.json", run_dir), "config": cfg.to_dict()}
+
+
+def _read_json(path: Path, run_dir: Path) -> dict:
+    """A run's eval.json or metrics.json as a dict; a file that is not one (truncated, damaged, an eval.json
+    without the dataset it measured) is a :class:`CompareError` naming it and how to write it again."""
+    fix = (f"evaluate the run again (`ivpt eval {run_dir / 'best'}`)" if path.name == "eval.json"
+           else f"train the run again (`ivpt train --resume {run_dir}`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompareError(f"{path} is unreadable ({type(exc).__name__}: {exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CompareError(f"{path} holds a {type(data).__name__}, not the JSON object ivpt writes; {fix}")
+    if path.name == "eval.json":
+        measured = data.get("data")
+        missing = [k for k in ("root", "split", "format", "images")
+                   if not isinstance(measured, dict) or k not in measured]
+        if missing:
+            raise CompareError(f"{path} does not say what it measured (no data.{', data.'.join(missing)}); {fix}")
+    return data
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, dict]]:
@@ -202,26 +261,39 @@ def _cell(stat: dict | None) -> str:
     return _fmt(stat["mean"]) + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "")
 
 
+def _stage(evaluation: dict) -> str:
+    """The stage a run's interpretability scores come from, e.g. '2 (11 prototypes)'; DASH without part maps.
+
+    Each run has its own: eval.stage picks IVPT's (auto: n_pro[-3]), and a kind with fewer map stages (a VPT's one
+    attention map, last_layer_parts' one stage) falls back to its last (:func:`ivpt.eval.evaluate`)."""
+    stage = evaluation.get("stage")
+    if not isinstance(stage, dict):
+        return DASH
+    return f"{stage.get('index')} ({stage.get('n_pro')} prototypes)"
+
+
 def format_markdown(result: dict) -> str:
-    """compare.md: the per-kind table (mean ± std over seeds), how it was measured, then every run."""
+    """compare.md: the per-kind table (mean ± std over seeds), how it was measured, then every run; each row names
+    the stage its interpretability scores come from."""
     runs, summary = result["runs"], result["summary"]
     first = runs[0]["eval"]
-    stage = first.get("stage")
     lines = ["# Comparison", "",
              f"Test split of {first['data']['format']} at {first['data']['root']} ({first['data']['images']} images); "
-             f"eval.protocol={first.get('eval_protocol')}"
-             + (f"; interpretability at stage {stage['index']} ({stage['n_pro']} prototypes)" if stage else "")
-             + f". Mean ± sample std over seeds, in percent; {DASH}: the method has no such score.", "",
-             "| method | runs | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(TABLE_COLUMNS)]
+             f"eval.protocol={first.get('eval_protocol')}; interpretability at each run's own stage (column stage: "
+             f"its index in model.n_pro and its part maps' channels). Mean ± sample std over seeds, in percent; "
+             f"{DASH}: the method has no such score.", "",
+             "| method | runs | stage | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+             "|---|---:|---|" + "---:|" * len(TABLE_COLUMNS)]
     for kind, stats in summary.items():
-        n = sum(r["kind"] == kind for r in runs)
-        lines.append(f"| {kind} | {n} | " + " | ".join(_cell(stats.get(k)) for k, _ in TABLE_COLUMNS) + " |")
-    lines += ["", "| run | steps | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-              "|---|---:|" + "---:|" * len(TABLE_COLUMNS)]
+        mine = [r for r in runs if r["kind"] == kind]
+        stages = ", ".join(dict.fromkeys(_stage(r["eval"]) for r in mine))
+        lines.append(f"| {kind} | {len(mine)} | {stages} | "
+                     + " | ".join(_cell(stats.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    lines += ["", "| run | steps | stage | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+              "|---|---:|---|" + "---:|" * len(TABLE_COLUMNS)]
     for r in runs:
         steps = (r["metrics"] or {}).get("steps", DASH)
-        lines.append(f"| {run_name(r['kind'], r['seed'])} | {steps} | "
+        lines.append(f"| {run_name(r['kind'], r['seed'])} | {steps} | {_stage(r['eval'])} | "
                      + " | ".join(_fmt(r["eval"].get(k)) for k, _ in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_config_arguments, config_from_args
+from .common import add_config_arguments, config_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tabulate", nargs="+", metavar="RUN_DIR",
                         help="build the comparison from these finished run folders (config.yaml + eval.json) "
                              "without training")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="runs trained at once, each in its own process (default 1); on a GPU, small runs "
                              "share it better several at a time")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

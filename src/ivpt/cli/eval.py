@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import EVAL_PROTOCOLS
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "code); default: eval.protocol of the run (docs/deviations.md)")
     parser.add_argument("--out", help="folder for eval.json (default: the checkpoint's run folder)")
     parser.add_argument("--weights", default=None, help="override the backbone weight source")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. eval.half_size=36 data.format=cub")
     parser.add_argument("--no-progress", action="store_true")

@@ -7,18 +7,20 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from .common import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
-    parser.add_argument("--topk", type=int, default=5, help="classes kept in the prediction (default 5)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--topk", type=positive_int, default=5, help="classes kept in the prediction (default 5)")
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input side in pixels (default: the checkpoint's model.img_size)")
     parser.add_argument("--weights", default=None,
                         help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
                         help="load even if the backbone weights differ from those the checkpoint was trained on")
 

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from .common import non_negative_int, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
     parser.add_argument("--data", help="dataset root (default: data.root of the run that wrote the checkpoint)")
     parser.add_argument("--out", required=True, help="output folder for index.html")
     parser.add_argument("--split", default="test", choices=["train", "test"], help="dataset split (default test)")
-    parser.add_argument("--samples", type=int, default=8, help="explained images shown (default 8)")
+    parser.add_argument("--samples", type=positive_int, default=8, help="explained images shown (default 8)")
     parser.add_argument("--eval", dest="eval_file", help="eval.json to show (default: CHECKPOINT/../eval.json)")
     parser.add_argument("--log", help="training log.csv (default: CHECKPOINT/../log.csv)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="use only the first N images for the hierarchy and galleries (default: all)")
-    parser.add_argument("--gallery-topk", type=int, default=8, help="patches per concept in the galleries")
+    parser.add_argument("--gallery-topk", type=positive_int, default=8, help="patches per concept in the galleries")
     parser.add_argument("--weights", default=None,
                         help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
                         help="load even if the backbone weights differ from those the checkpoint was trained on")
 

@@ -8,6 +8,7 @@ grid, (H, W) input pixels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -134,7 +135,8 @@ class Explanation:
 
     @classmethod
     def concat(cls, parts: Sequence["Explanation"]) -> "Explanation":
-        """One explanation holding the images of several (e.g. from batches of one model), in order."""
+        """One explanation holding the images of several (e.g. from batches of one model), in order: every array
+        field is concatenated (a field added later cannot be dropped), the model's constants come from the first."""
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
@@ -145,8 +147,7 @@ class Explanation:
                 return [np.concatenate(stage) for stage in zip(*values)]
             return np.concatenate(values)
 
-        arrays = ("images", "maps", "labels", "present", "assignments", "evidence", "logits", "probs",
-                  "top_classes", "top_probs")
+        arrays = [f.name for f in dataclasses.fields(cls) if f.name not in ("class_names", "n_pro", "depth")]
         return cls(**{name: cat(name) for name in arrays}, class_names=first.class_names, n_pro=first.n_pro,
                    depth=first.depth)
 

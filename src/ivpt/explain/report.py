@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..models import IVPT
 from .charts import training_charts
 from .core import (
     IMAGENET_MEAN,
@@ -29,11 +30,12 @@ from .core import (
     Explanation,
     HierarchyAccumulator,
     _depth,
+    denormalise,
     explain,
     paper_stage,
     run_batches,
 )
-from .draw import concept_color, hex_color
+from .draw import concept_color, hex_color, overlay_regions
 from .gallery import GalleryAccumulator, batch_indices, collate_images, loader_for
 from .hierarchy import hierarchy_svg, render_hierarchy
 from .render import render_evidence, render_gallery, render_stage_regions
@@ -121,7 +123,9 @@ def page(title: str, body: str, *, header: str = "") -> str:
     )
 
 
-def _prediction_html(expl: Explanation, i: int, *, label: int | None = None, k: int = 3) -> str:
+def _prediction_html(expl: Any, i: int, *, label: int | None = None, k: int = 3) -> str:
+    """The top-``k`` prediction of image ``i`` of ``expl`` (an :class:`Explanation` or a :class:`_Prediction`:
+    anything with ``top_classes``, ``top_probs`` and ``class_name``), marked right or wrong against ``label``."""
     items = []
     for j in range(min(k, expl.top_classes.shape[1])):
         c, p = int(expl.top_classes[i, j]), float(expl.top_probs[i, j])
@@ -135,6 +139,50 @@ def _prediction_html(expl: Explanation, i: int, *, label: int | None = None, k: 
     else:
         text = f"predicted: {text}"
     return f'<p class="note">{text}</p>'
+
+
+@dataclass
+class _Prediction:
+    """What a model without IVPT's concept hierarchy shows of a batch: the top classes and its one part map."""
+
+    top_classes: np.ndarray  # (B, k)
+    top_probs: np.ndarray  # (B, k)
+    maps: np.ndarray | None  # (B, n, h, w) part maps (background last), or None without any
+    class_names: Sequence[str] | None
+
+    def class_name(self, c: int) -> str:
+        if self.class_names is not None and 0 <= c < len(self.class_names):
+            return str(self.class_names[c])
+        return f"class {c}"
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, class_names: Sequence[str] | None, k: int = 5) -> _Prediction:
+    """One eval-mode forward of any model kind: its top-``k`` classes and the last of its part maps, if any."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    probs = out.logits.float().softmax(dim=-1)
+    top_p, top_c = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    maps = out.maps[-1].float().cpu().numpy() if out.maps else None
+    return _Prediction(top_c.cpu().numpy(), top_p.cpu().numpy(), maps, class_names)
+
+
+def _part_map_figure(image: np.ndarray, maps: np.ndarray | None, size: int = 224) -> Image.Image:
+    """The input, and beside it the part map's argmax regions when the model has one."""
+    panels = [Image.fromarray(image).resize((size, size), Image.BICUBIC)]
+    if maps is not None:
+        panels.append(overlay_regions(image, maps, size=size))
+    fig = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)),
+                    (255, 255, 255))
+    x = 0
+    for panel in panels:
+        fig.paste(panel, (x, 0))
+        x += panel.width + 8
+    return fig
 
 
 @dataclass
@@ -269,6 +317,10 @@ def build_report(
     """Write ``out/index.html``: metrics, training curves, the dataset-level hierarchy, prototype galleries of the
     final stage and the paper's stage, and ``samples`` explained images — one self-contained file.
 
+    Any model kind: without IVPT's fine→coarse assignments (every other kind) the hierarchy section says why it
+    is empty, the gallery shows the model's one part map (none for ``linear``, and the section says so) and each
+    sample shows the prediction beside the input and its part map.
+
     The hierarchy and galleries come from ONE pass over ``dataset`` (items: dicts with ``image`` normalised,
     ``label`` and ``index``), or over its first ``limit`` items.
 
@@ -281,23 +333,33 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     n_pro, depth = list(model.cfg.n_pro), _depth(model)
     m = len(n_pro) - 1
+    kind = getattr(model, "kind", "") or type(model).__name__
+    # Only IVPT assigns fine concepts to coarse ones (hierarchy, per-concept evidence); the other kinds have one
+    # part map at most (FrozenViT.map_stages), shown as a gallery and beside each sample.
+    concepts = isinstance(model, IVPT)
+    map_stages = model.map_stages() if getattr(model, "has_part_maps", False) else []
     names = list(class_names) if class_names is not None else getattr(dataset, "class_names", None)
     total = len(dataset)
     used = total if limit is None else min(limit, total)
     subset = dataset if used == total else torch.utils.data.Subset(dataset, range(used))
 
-    gallery_stages = [m] + [s for s in [paper_stage(n_pro)] if s is not None and s != m]
-    galleries = {s: GalleryAccumulator(s, topk=gallery_topk, mean=mean, std=std) for s in gallery_stages}
-    hierarchy = HierarchyAccumulator()
+    # section anchor's stage → index into the output's maps
+    if concepts:
+        gallery_stages = {s: s for s in [m] + [s for s in [paper_stage(n_pro)] if s is not None and s != m]}
+    else:
+        gallery_stages = {map_stages[-1][0]: -1} if map_stages else {}
+    galleries = {s: GalleryAccumulator(i, topk=gallery_topk, mean=mean, std=std) for s, i in gallery_stages.items()}
+    hierarchy = HierarchyAccumulator() if concepts else None
     seen = 0
     loader = loader_for(subset, batch_size=batch_size, num_workers=num_workers)
     for batch, x, output in run_batches(model, loader):
         indices = batch_indices(batch, seen, x.shape[0])
         for acc in galleries.values():
             acc.update(x, output, indices)
-        hierarchy.update(output)
+        if hierarchy is not None:
+            hierarchy.update(output)
         seen += x.shape[0]
-    dataset_hierarchy = hierarchy.result(n_pro, depth)
+    dataset_hierarchy = hierarchy.result(n_pro, depth) if hierarchy is not None and seen else None
 
     picks = sorted({int(round(v)) for v in np.linspace(0, used - 1, min(samples, used))}) if used else []
     items = [dataset[j] for j in picks]
@@ -306,13 +368,30 @@ def build_report(
     if items:
         batch = collate_images(items)
         assert batch is not None
-        expls = [explain(model, batch["image"][s : s + batch_size], class_names=names, mean=mean, std=std)
-                 for s in range(0, len(items), batch_size)]
+        chunks = [batch["image"][s : s + batch_size] for s in range(0, len(items), batch_size)]
+        if concepts:
+            expls = [explain(model, x, class_names=names, mean=mean, std=std) for x in chunks]
+        else:
+            preds = [_predict(model, x, names) for x in chunks]
+            pixels = [denormalise(x, mean=mean, std=std) for x in chunks]
         for b, item in enumerate(items):
-            expl, i = expls[b // batch_size], b % batch_size
             label = item.get("label")
             label = int(label) if label is not None else None
             name = f"image #{int(item.get('index', picks[b]))}"
+            if not concepts:
+                pred, i = preds[b // batch_size], b % batch_size
+                figure = png_data_uri(_part_map_figure(pixels[b // batch_size][i],
+                                                       None if pred.maps is None else pred.maps[i]))
+                caption = ("The input and the model's part map (argmax regions, background uncoloured)."
+                           if pred.maps is not None else f"The input (model.kind={escape(kind)} has no part maps).")
+                sample_html.append(
+                    f'<div class="card sample"><h3>{name}</h3>'
+                    f"{_prediction_html(pred, i, label=label)}<div class=\"figs\">"
+                    f'<figure><img src="{figure}" alt="input and part map"><figcaption>{caption}</figcaption>'
+                    "</figure></div></div>"
+                )
+                continue
+            expl, i = expls[b // batch_size], b % batch_size
             regions = png_data_uri(render_stage_regions(expl, i, title=name))
             evidence = png_data_uri(render_evidence(expl, i, title=name))
             sample_html.append(
@@ -343,23 +422,33 @@ def build_report(
     section("training", "Training", "Logged every few optimiser steps; faint vertical lines mark epochs."
             if charts else "No log.csv found — pass <code>--log</code>.",
             f'<div class="charts">{"".join(charts)}</div>' if charts else "")
-    section(
-        "hierarchy", "Concept hierarchy",
-        f"How each intermediate concept feeds the {n_pro[-1] - 1} coarse concepts, averaged over the {seen} images "
-        "where it claims at least one patch. Colours: concept ids of each stage (coarse: "
-        f"{_legend_html(n_pro[-1] - 1)}). Hover nodes and edges for exact values.",
-        f'<div class="card scroll">{hierarchy_svg(dataset_hierarchy)}</div>',
-    )
-    for s in gallery_stages:
+    if dataset_hierarchy is not None:
+        section(
+            "hierarchy", "Concept hierarchy",
+            f"How each intermediate concept feeds the {n_pro[-1] - 1} coarse concepts, averaged over the {seen} "
+            "images where it claims at least one patch. Colours: concept ids of each stage (coarse: "
+            f"{_legend_html(n_pro[-1] - 1)}). Hover nodes and edges for exact values.",
+            f'<div class="card scroll">{hierarchy_svg(dataset_hierarchy)}</div>',
+        )
+    else:
+        why = (f"model.kind={escape(kind)} has no concept hierarchy: only IVPT assigns fine concepts to coarse ones."
+               if not concepts else "No image of the dataset could be read, so there is no hierarchy to show.")
+        section("hierarchy", "Concept hierarchy", why, "")
+    for s, index in gallery_stages.items():
         rows = render_gallery(galleries[s].result(), stage=s)
-        which = "final stage (the coarse concepts the classifier reads)" if s == m else \
-            "the paper's scored stage (n_pro[-3] prototypes)"
+        if not concepts:
+            which = f"the part map of model.kind={escape(kind)} ({map_stages[-1][1] - 1} parts and background)"
+        else:
+            which = "final stage (the coarse concepts the classifier reads)" if s == m else \
+                "the paper's scored stage (n_pro[-3] prototypes)"
         imgs = "".join(f'<img src="{png_data_uri(im)}" alt="stage {s} concept {k}">' for k, im in rows.items())
-        section(f"gallery-{s}", f"Prototypes of stage {s}",
+        section(f"gallery-{s}", f"Prototypes of stage {s}" if concepts else "Parts",
                 f"{which}: for every concept, the {gallery_topk} images whose map peaks highest, cropped around the "
                 "peak; captions give image index and peak value.", f'<div class="card gallery">{imgs}</div>')
-    section("samples", "Explained images", f"{len(sample_html)} images spread evenly over the dataset.",
-            "".join(sample_html))
+    if not gallery_stages:
+        section("galleries", "Prototypes", f"model.kind={escape(kind)} has no part maps, so there is no gallery.", "")
+    section("samples", "Explained images" if concepts else "Predictions",
+            f"{len(sample_html)} images spread evenly over the dataset.", "".join(sample_html))
 
     header = (f"<header><h1>{escape(title)}</h1><div class=\"sub\">{escape(subtitle)}</div></header>"
               f'<nav>{"".join(nav)}</nav>')
@@ -376,6 +465,8 @@ def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str
     """:func:`build_report` for the pretrained folder ``checkpoint`` of a run: its run's dataset split, its
     ``eval.json`` (else the trainer's ``metrics.json``) and ``log.csv`` beside it, its class names. Returns
     the path of ``out/index.html``."""
+    from ..data import check_num_classes
+    from ..eval.classes import align_classes, note_remapped
     from ..runs import class_names_of, load_run, open_split
     from .charts import read_log
 
@@ -384,6 +475,10 @@ def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str
                                 allow_backbone_mismatch=allow_backbone_mismatch)
     root = data_root or cfg.data.root
     dataset = open_split(cfg, split, root=root)
+    # "true" marks need the checkpoint's label order: the same classes numbered otherwise are relabelled by name
+    check_num_classes(dataset, cfg.model.num_classes, "the model")
+    dataset = align_classes(dataset, class_names_of(meta, cfg.model.num_classes))
+    note_remapped(dataset)
     run_dir = checkpoint.resolve().parent
     if eval_file is None:
         eval_file = run_dir / "eval.json"
@@ -392,7 +487,8 @@ def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str
     log_file = Path(log_file) if log_file else run_dir / "log.csv"
     names = class_names_of(meta, cfg.model.num_classes) or list(getattr(dataset, "class_names", []) or []) or None
     m = cfg.model
-    subtitle = (f"{checkpoint} · {m.backbone} at {m.img_size}px · n_pro {','.join(map(str, m.n_pro))} · "
+    subtitle = (f"{checkpoint} · model.kind={m.kind} · {m.backbone} at {m.img_size}px · "
+                f"n_pro {','.join(map(str, m.n_pro))} · "
                 f"{m.num_classes} classes · {split} split of {root} ({len(dataset)} images)")
     return build_report(
         model, dataset, out, metrics=read_metrics(eval_file), log=read_log(log_file) if log_file.is_file() else None,
