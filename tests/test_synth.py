@@ -119,7 +119,7 @@ def test_cli_synth(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "wrote 6 images" in summary and "images/s" in summary and str(out) in summary
     assert len(CubDataset(out, "test")) == 3
-    assert main(argv) == 2 and "already holds a dataset" in capsys.readouterr().out
+    assert main(argv) == 2 and "already holds a dataset" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
 
 

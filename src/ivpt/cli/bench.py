@@ -8,9 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+from .common import non_negative_int, number_in, positive_int, whole_numbers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,25 +16,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="only every kind at --img-size with 3 repeats (about 2 min for ViT-S/14 on 2 CPU cores)")
     parser.add_argument("--backbone", default="vit_small_patch14_dinov2", help="timm VisionTransformer name")
-    parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    parser.add_argument("--img-size", type=int, default=224, help="image size of the main comparison (default 224)")
-    parser.add_argument("--sizes", type=_ints, default=[224, 336, 448, 518],
+    parser.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--img-size", type=positive_int, default=224,
+                        help="image size of the main comparison (default 224)")
+    parser.add_argument("--sizes", type=whole_numbers(">= 1", "224,336"), default=[224, 336, 448, 518],
                         help="image sizes of the growth table (full run; default 224,336,448,518)")
-    parser.add_argument("--stages", type=_ints, default=[2, 3, 4, 5], metavar="COUNTS",
+    parser.add_argument("--stages", type=whole_numbers(">= 2", "2,3"), default=[2, 3, 4, 5], metavar="COUNTS",
                         help="n_pro lengths of the stage-growth table (full run; default 2,3,4,5)")
-    parser.add_argument("--n-pro", type=_ints, default=[17, 14, 11, 8, 5], help="prototype counts (default paper)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 with --quick, else 7)")
+    parser.add_argument("--n-pro", type=whole_numbers(">= 2", "17,14,11,8,5", at_least=2),
+                        default=[17, 14, 11, 8, 5], help="prototype counts (default paper)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed rounds (default 3 with --quick, else 7)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                         help="autocast precision of every forward and train step (default none: fp32)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="training DataLoader workers for the loader measurement (default min(16, CPUs))")
-    parser.add_argument("--loader-images", type=int, default=None,
+    parser.add_argument("--loader-images", type=positive_int, default=None,
                         help="synthetic images the loader measurement reads (default 64 with --quick, else 512)")
-    parser.add_argument("--loader-image-size", type=int, default=500,
+    parser.add_argument("--loader-image-size", type=positive_int, default=500,
                         help="side of the synthetic JPEGs in px (default 500, about CUB's 500x375)")
     parser.add_argument("--no-loader", action="store_true", help="skip the DataLoader measurement")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice, one per physical core)")
     parser.add_argument("--frozen-tokens", action="store_true",
                         help="freeze pos/cls/reg tokens in every kind (default: the paper's set, they train)")
@@ -48,12 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     # For tests: JSON keyword arguments for timm.create_model (e.g. a tiny ViT).
     parser.add_argument("--backbone-kwargs", type=json.loads, default={}, help=argparse.SUPPRESS)
-    parser.add_argument("--num-classes", type=int, default=200, help=argparse.SUPPRESS)
+    parser.add_argument("--num-classes", type=number_in(">= 2", "200"), default=200, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import BenchOptions, run_bench
+    from ..runtime import resolve_device
 
+    resolve_device(args.device)  # a device this machine lacks: one line before anything is written
     opts = BenchOptions(
         out=args.out, quick=args.quick, backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
         batch=args.batch, img_size=args.img_size, n_pro=args.n_pro, num_classes=args.num_classes,

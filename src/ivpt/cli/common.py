@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
-from ..config import Config, load_config
+from ..config import Bounds, Config, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +39,40 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 0, e.g. 0")
     return value
+
+
+def number_in(spec: str, example: str, *, integer: bool = True) -> Callable[[str], int | float]:
+    """argparse type: a finite number (a whole one with ``integer``) within ``spec``, as a config field's bounds
+    (:meth:`ivpt.config.Bounds.parse`: ``">= 16"``, ``"[0, 1]"``); anything else is argparse's usage error."""
+    bounds = Bounds.parse(spec)
+    kind = "whole number" if integer else "number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}, e.g. {example}") from None
+        if not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a {kind} {bounds.describe(integer, words=False)}, "
+                                             f"e.g. {example}")
+        return value
+
+    return parse
+
+
+def whole_numbers(spec: str, example: str, *, at_least: int = 1) -> Callable[[str], list[int]]:
+    """argparse type: ``at_least`` or more comma-separated whole numbers, each within ``spec`` (as
+    :func:`number_in`)."""
+    one = number_in(spec, example)
+
+    def parse(text: str) -> list[int]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if len(values) < at_least:
+            raise argparse.ArgumentTypeError(f"{text!r} needs at least {at_least} comma-separated whole numbers, "
+                                             f"e.g. {example}")
+        try:
+            return [int(one(v)) for v in values]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"in {text!r}: {exc}") from None
+
+    return parse

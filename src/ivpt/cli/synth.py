@@ -6,28 +6,33 @@ import argparse
 import time
 from pathlib import Path
 
-from ..data.synth import DIFFICULTIES
+from ..data.synth import DIFFICULTIES, MAX_CLASSES
+from .common import non_negative_int, number_in, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder (created; must not already hold a dataset unless --overwrite)")
-    parser.add_argument("--classes", type=int, default=10, help="number of classes (2..300, default 10)")
-    parser.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
-    parser.add_argument("--test-fraction", type=float, default=0.5,
+    parser.add_argument("--classes", type=number_in(f"[2, {MAX_CLASSES}]", "10"), default=10,
+                        help=f"number of classes (2..{MAX_CLASSES}, default 10)")
+    parser.add_argument("--per-class", type=positive_int, default=40, help="images per class (default 40)")
+    parser.add_argument("--size", type=number_in(">= 16", "224"), default=224,
+                        help="image side in pixels, at least 16 (default 224)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="the same seed writes the same bytes (default 0)")
+    parser.add_argument("--test-fraction", type=number_in("[0, 1]", "0.5", integer=False), default=0.5,
                         help="fraction of each class in the test split (default 0.5)")
     parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard",
                         help="nuisance level (default standard; its bytes never change). hard: rotation +-60 deg, "
                              "smaller and off-centre birds, layered textured backgrounds, distractors in part "
                              "colours, more and thicker branches in front, lighting gradient, colour cast, blur. "
                              "medium: the same kinds, milder")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes rendering images (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import OutputError
     from ..data.synth import make_partworld
 
     start = time.perf_counter()
@@ -37,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction, workers=args.workers, progress=not args.no_progress,
             overwrite=args.overwrite, difficulty=args.difficulty,
         )
-    except (ValueError, FileExistsError) as exc:
-        print(f"ivpt synth: {exc}")
-        return 2
+    except FileExistsError as exc:  # one line and exit 2 through ivpt.cli.main (--debug: the traceback)
+        raise OutputError(str(exc)) from exc
     seconds = time.perf_counter() - start
     n = args.classes * args.per_class
     kind = f", {args.difficulty}" if args.difficulty != "standard" else ""

@@ -25,6 +25,10 @@ def build_backbone(cfg: ModelConfig, *, weights: str | None = None) -> nn.Module
         backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.backbone={cfg.backbone!r}: {exc}") from exc
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError) as exc:  # timm refusing model.backbone_kwargs
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model.backbone={cfg.backbone!r} cannot be built with model.backbone_kwargs="
+                          f"{cfg.backbone_kwargs}: {first}") from exc
     patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
     if patch is not None:  # not a ViT: refused with its own message by the model
         check_img_size(cfg, patch)
