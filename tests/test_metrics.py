@@ -287,6 +287,19 @@ def test_protocol_noise_is_clipped_and_reproducible():
     assert (n1.abs() == 0.25).any()  # N(0, 0.2²) exceeds 0.25 often enough to be clipped
 
 
+@pytest.mark.parametrize("std,clip", [(0.2, 0.25), (0.05, 0.25), (1.0, 0.5)])
+def test_protocol_noise_has_the_clipped_normal_spread(std, clip):
+    # The standard deviation of N(0, std²) clipped to ±clip, in float64: E[X² ; |X| < c] + c² P(|X| >= c).
+    from scipy.stats import norm
+
+    a = clip / std
+    inside = std ** 2 * ((2 * norm.cdf(a) - 1) - 2 * a * norm.pdf(a))
+    expected = math.sqrt(inside + clip ** 2 * 2 * norm.sf(a))
+    n = add_protocol_noise(torch.zeros(1_000_000), std=std, clip=clip, generator=torch.Generator().manual_seed(1))
+    # 1e6 samples: the sample std's relative standard error is below 0.1 %.
+    assert float(n.double().std()) == pytest.approx(expected, rel=5e-3)
+
+
 # ----------------------------------------------------------------------------------- concepts at keypoints
 
 

@@ -106,7 +106,7 @@ def add_protocol_noise(images: Tensor, *, std: float = 0.2, clip: float = 0.25,
     With a ``generator`` the noise is drawn on the generator's device, then moved to the images' device.
     """
     device = images.device if generator is None else generator.device
-    noise = torch.randn(images.shape, generator=generator, device=device, dtype=torch.float32)
+    noise = torch.randn(images.shape, generator=generator, device=device, dtype=torch.float32).mul_(std)
     return images + noise.clamp_(-clip, clip).to(images.device, images.dtype)
 
 
