@@ -168,8 +168,14 @@ def test_eval_refuses_a_checkpoint_with_nan_parameters(world, run, tmp_path, cap
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, best / "model.safetensors", metadata={"format": "pt"})
     err = _one_line_error(capsys, _eval(best, world, tmp_path / "ev"))
-    assert str(best) in err and ("finite" in err or "NaN" in err or "nan" in err)
+    assert str(best) in err and "non-finite" in err
     assert not (tmp_path / "ev" / "eval.json").exists()
+    image = str(_test_images(world)[0])
+    for command in (["explain", str(best), image, "--out", str(tmp_path / "ex")],
+                    ["report", str(best), "--data", str(world), "--out", str(tmp_path / "rep")]):
+        err = _one_line_error(capsys, main([*command, "--weights", "random", "--device", "cpu"]))
+        assert str(best) in err and "non-finite" in err
+    assert not (tmp_path / "ex" / "index.html").exists() and not (tmp_path / "rep" / "index.html").exists()
 
 
 # ------------------------------------------------------------------------- 6-8. compare: stage, reuse, tabulate
