@@ -85,7 +85,7 @@ if [ "${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then
   echo "check train.compile: 3 steps trained, $([ "$fallback" = 0 ] && echo compiled || echo "fell back to eager: $(grep -m1 'train.compile' "$WORK/compiled.log")")"
 fi
 
-# Speed (issue 14): ratios, peak memory, the training DataLoader's images/s (CPU and gpu_augment paths) and the
+# Speed: ratios, peak memory, the training DataLoader's images/s (CPU and gpu_augment paths) and the
 # projected paper recipe, in one run per setting.
 if [ -n "${TINY:-}" ]; then
   PAPER=(--backbone vit_small_patch14_reg4_dinov2 --img-size 56 --batch 2 --n-pro 5,4,3 --loader-images 8

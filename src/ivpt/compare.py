@@ -15,7 +15,7 @@ resumes interrupted ones from their ``last.pt`` and refuses a run folder whose c
 reads (:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only
 switch changes). :func:`tabulate` builds the same outputs from existing run folders without training. The device
 is ``train.device``; ``jobs`` > 1 trains that many runs at once, each in its own process (small runs leave most of
-a GPU idle: round 4 of benchmarks/recipe.md ran 12-14 runs at once on one H200, each as a separate ``ivpt
+a GPU idle: benchmarks/recipe.md reports 12-14 runs at once on one H200, each as a separate ``ivpt
 compare`` process).
 """
 from __future__ import annotations

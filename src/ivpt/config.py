@@ -258,7 +258,7 @@ class ModelConfig:
     # NOT the paper (false in its configs): IVPT also gets VPT-deep's free prompts — ``num_prompts`` learned tokens
     # before EVERY block, each block owning its own, dropped after it; the concept stages' prompts are added to them
     # in the blocks they feed. The global token then sees everything VPT-deep's does, and the concept maps are
-    # unchanged in kind. On by default, the recipe for new datasets (benchmarks/recipe.md, round 4).
+    # unchanged in kind. On by default, the recipe for new datasets (benchmarks/recipe.md).
     deep_prompts: bool = True
     # NOT the paper (only read with ``global_part``): the share of the logits that comes from the global part,
     # logits = (1 - s) * mean(part logits) + s * global logits. None: the global part counts as one more part,

@@ -66,7 +66,7 @@ CUB_TRAIN_IMAGES, CUB_TEST_IMAGES, PAPER_EPOCHS = 5994, 5794, 25
 
 
 def targets(device_type: str, amp: str) -> dict[str, dict[str, float]]:
-    """The speed targets (issue 14) that apply on ``device_type`` at precision ``amp``: {name: {"max" or "min":
+    """The speed targets that apply on ``device_type`` at precision ``amp``: {name: {"max" or "min":
     value}}. Ratios hold for any backbone; the two absolute ones are stated for ViT-S/14 at 224 px (training
     images/s, loader included) and for the paper config, ViT-B/14-reg4 at 518 px (full recipe seconds)."""
     if device_type == "cuda":
