@@ -7,9 +7,13 @@ frozen backbone is rebuilt from its name and weight source, so a ViT-B checkpoin
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import pickle
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,6 +27,8 @@ from .config import ModelConfig
 __all__ = [
     "CheckpointError",
     "OutputError",
+    "RunLock",
+    "load_training_state",
     "check_output_folder",
     "check_output_folder_all_ranks",
     "remove_stale_temporaries",
@@ -33,6 +39,8 @@ __all__ = [
     "backbone_fingerprint",
     "backbone_identity",
     "check_backbone",
+    "check_finite",
+    "non_finite_entries",
     "load_adapter_state",
     "save_pretrained",
     "load_pretrained",
@@ -102,6 +110,93 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+class RunLock:
+    """Exclusive use of a run folder by one process: ``FOLDER/.lock``, held with ``fcntl.flock`` for the run's life.
+
+    The kernel drops a ``flock`` when its holder exits, however it exits, so the lock of a killed run is stale by
+    construction and the next run simply takes it over; the file only names the holder (``pid N on HOST``) for the
+    message of a refused one. :meth:`release` deletes the file while still holding it, and :meth:`acquire` retries
+    when the file it locked was deleted meanwhile, so two processes never hold locks on different files. On a
+    platform or file system without ``flock`` the folder is not locked (one warning)."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise :class:`OutputError` naming the folder and its holder; the folder must exist."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            logging.getLogger("ivpt").warning(f"cannot lock {self.folder} on this platform (no fcntl): make sure no "
+                                              "other run writes into it at the same time")
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise OutputError(f"cannot create the lock file {self.path} ({exc.strerror or exc}); choose "
+                                  "another folder or make it writable") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(
+                        f"run folder {self.folder} is in use by another ivpt process ({holder or 'holder unknown'}; "
+                        f"lock {self.path}); wait for it to finish or stop it, or choose another folder") from None
+                logging.getLogger("ivpt").warning(f"cannot lock {self.folder} ({exc.strerror or exc}): make sure no "
+                                                  "other run writes into it at the same time")
+                return self
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and deleted the file between our open and flock: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Delete the lock file and drop the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)  # drops the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the kernel drops the lock; the file, naming a dead holder, is taken over later
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place, so a crash never
     leaves a half-written file under the final name. The file gets the permissions the umask gives a new file
@@ -132,6 +227,52 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def _numpy_globals() -> list:
+    """What ``np.random.get_state()``'s array needs to unpickle (a last.pt written before RNG states were stored as
+    tensors): the array reconstructor, the array and dtype types; nothing that can call other code."""
+    import numpy as np
+
+    allowed: list = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reconstruct = __import__(module, fromlist=["_reconstruct"])._reconstruct
+        except (ImportError, AttributeError):
+            continue
+        for name in ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"):
+            allowed.append((reconstruct, name))
+        break
+    return allowed
+
+
+def load_training_state(path: str | Path) -> Any:
+    """``torch.load`` of a training checkpoint (last.pt) with ``weights_only=True``: tensors and plain values only,
+    plus the numpy RNG array of files written by earlier versions. A file that needs any other Python object is
+    refused, naming those objects, since unpickling them could run code; an unreadable one is a
+    :class:`CheckpointError` too."""
+    path = Path(path)
+    allowed = torch.serialization.safe_globals(_numpy_globals())
+    try:
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+            try:
+                with allowed:
+                    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # a damaged archive: the unpickler's own words must do
+                names = []
+            what = ", ".join(names) if names else str(exc).split("WeightsUnpickler error: ")[-1].split(" was ")[0]
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain values ({what}); it is not loaded, since "
+                "unpickling them could run code. A last.pt written by `ivpt train` holds none: use a file you trust"
+            ) from None
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # truncated or foreign files fail in many ways
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -204,9 +345,31 @@ def check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tenso
         raise CheckpointError("\n".join(lines))
 
 
+def non_finite_entries(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` with a NaN or infinite entry (one host sync)."""
+    names = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    flags = [torch.isfinite(state[k]).all() for k in names]
+    flags = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the entries of ``state`` with non-finite values: such a checkpoint was
+    saved after training diverged and would only ever predict garbage."""
+    bad = non_finite_entries(state)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{where} holds non-finite values in {', '.join(bad[:5])}{more}; it was saved after "
+                              "training diverged: use an earlier checkpoint, or train again with lower learning rates")
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Load trained parameters strictly: every entry of :func:`adapter_state` and nothing else, shapes equal."""
+    """Load trained parameters strictly: every entry of :func:`adapter_state` and nothing else, shapes equal, every
+    value finite."""
     check_state(adapter_state(model), state, where)
+    check_finite(state, where)
     model.load_state_dict(state, strict=False)  # the frozen backbone is not in ``state``, by design
 
 

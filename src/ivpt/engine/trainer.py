@@ -14,7 +14,13 @@ backward. Checkpoints (``last.pt``) hold everything needed to continue bit-for-b
 
 The hot loop never waits for the device: each step's finite flags (per loss term, and the gradient norm) and the
 log sums stay on the device and are read back together once every ``train.sync_every`` steps — and always before
-anything is saved (:meth:`Trainer.sync`), so no checkpoint ever holds a state after a non-finite step.
+anything is saved (:meth:`Trainer.sync`), so no checkpoint ever holds a state after a non-finite step, and every
+save first checks that the parameters and optimiser state are finite.
+
+A run folder belongs to one process at a time (:class:`ivpt.checkpoint.RunLock` on ``out/.lock``, taken by rank 0
+for the run's life). SIGTERM and SIGINT during the training loop stop the run at the next optimiser step boundary
+(under torchrun: at the next flag read, ``train.sync_every``) with ``last.pt`` saved there, so ``--resume`` ends
+exactly where an uninterrupted run would; a second signal stops at once.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ import json
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,8 @@ from torch import nn
 from .. import runtime as R
 from ..checkpoint import (
     CheckpointError,
+    OutputError,
+    RunLock,
     adapter_state,
     atomic_torch_save,
     atomic_write_text,
@@ -47,6 +58,8 @@ from ..checkpoint import (
     remove_stale_temporaries,
     load_adapter_state,
     load_pretrained,
+    load_training_state,
+    non_finite_entries,
     read_pretrained_config,
 )
 from ..config import LOSS_TERMS, Config, EvalConfig, load_config, saved_config
@@ -57,8 +70,8 @@ from .health import ConceptHealth, collapse_warning
 from .ordering import EpochBatches, SeededDataset, train_loader
 from .schedule import build_scheduler, depends_on_total, run_epochs, schedule_warning, total_steps
 
-__all__ = ["TrainingError", "Trainer", "train", "load_run_config", "config_changes", "changes_from_run",
-           "RESUMABLE_CHANGES"]
+__all__ = ["TrainingError", "TrainingStopped", "Trainer", "train", "load_run_config", "config_changes",
+           "changes_from_run", "check_resumable", "check_new_run_folder", "RESUMABLE_CHANGES", "RUN_FILES"]
 
 # The columns of every run's log.csv; runs with concept maps add alive_s<i>, entropy_s<i> per map stage
 # (ivpt.engine.health), filled in the last row of each epoch.
@@ -74,21 +87,71 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
+# What a run writes into its folder: a folder holding any of them holds a run (started or finished).
+RUN_FILES = ("last.pt", "metrics.json", "best", "config.yaml", "log.csv", "eval.json", "tensorboard")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+class TrainingStopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run at an optimiser step boundary, with ``last.pt`` saved there; ``signum`` is
+    the signal. A KeyboardInterrupt, so that callers treat it as the interruption it is."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+          new_run: bool = False) -> dict:
     """Train ``cfg`` into folder ``out``; with ``resume`` continue from ``out/last.pt``.
 
     Writes ``config.yaml``, ``log.csv``, ``last.pt`` (full training state), ``best/`` (pretrained folder chosen
     on the validation split, or the last epoch without one) and ``metrics.json`` (test accuracy of ``best``).
-    Returns the content of ``metrics.json``.
+    Returns the content of ``metrics.json``. ``new_run`` (``ivpt train --out``) refuses a folder that already holds
+    a run (:func:`check_new_run_folder`); without it a folder that holds no ``last.pt`` is trained afresh.
     """
+    trainer = None
     try:
-        return Trainer(cfg, out, resume=resume, progress=progress).fit()
+        trainer = Trainer(cfg, out, resume=resume, progress=progress, new_run=new_run)
+        return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         R.teardown()  # leaves the torchrun process group, also when set-up failed
+
+
+def check_resumable(out: str | Path) -> Path:
+    """``out/last.pt``, or :class:`TrainingError` saying why ``out`` cannot be resumed."""
+    out = Path(out)
+    path = out / "last.pt"
+    if path.is_file():
+        return path
+    finished = [n for n in ("metrics.json", "best") if (out / n).exists()]
+    if finished:
+        raise TrainingError(
+            f"cannot resume: {path} not found; {out} holds a finished run ({', '.join(finished)}) whose training "
+            f"state was deleted, so it cannot continue: evaluate {out / 'best'}, or train again with another --out")
+    raise TrainingError(f"cannot resume: {path} not found; nothing to resume")
+
+
+def check_new_run_folder(out: str | Path) -> None:
+    """Refuse (:class:`TrainingError`) a folder holding any of :data:`RUN_FILES`: a new run never writes over a
+    started or finished one."""
+    out = Path(out)
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if not found:
+        return
+    if "last.pt" in found:
+        fix = f"continue it with --resume {out}, or choose another --out"
+    else:
+        fix = f"it has no last.pt to resume from: choose another --out, or delete {out} to train it again"
+    raise TrainingError(f"{out} already holds a run ({', '.join(found)}); {fix}")
 
 
 def load_run_config(out: str | Path) -> Config:
@@ -116,14 +179,49 @@ def changes_from_run(run_dir: str | Path, cfg: Config) -> list[str]:
 class Trainer:
     """One training run in ``out``; see the module docstring for the order of its parts."""
 
-    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> None:
-        from ..data import DeviceAugment, build_datasets, reset_corrupt_count
-
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+                 new_run: bool = False) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
-        state = self._read_resume_state() if resume else None  # read and checked before anything is written
+        self.lock = RunLock(self.out)  # held by rank 0 from here to close()
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received during the training loop
+        self.stop_agreed = False  # under torchrun: whether some rank had a stop_signal at the last flag read
+        if resume:
+            check_resumable(self.out)
         check_output_folder_all_ranks(self.out, self.info)
+        try:
+            self._agree(self.lock.acquire)
+            if new_run:
+                self._agree(lambda: check_new_run_folder(self.out))
+            self._set_up(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (idempotent; :func:`train` calls it at the end of the run, however it ends)."""
+        self.lock.release()
+
+    def _agree(self, check) -> None:
+        """Run ``check`` on rank 0 only; every rank raises its error if it failed, so no rank goes on into
+        collectives that the others will never join."""
+        problem = None
+        if self.info.is_main:
+            try:
+                check()
+            except (TrainingError, OutputError) as exc:
+                problem = exc
+        if R.any_true(torch.tensor(problem is not None, device=self.device)):
+            raise problem or TrainingError(f"rank 0 refused the run folder {self.out} (see its message)")
+
+    def _set_up(self, resume: bool) -> None:
+        """Everything else: data, model, optimiser and, with ``resume``, last.pt (read and checked before anything
+        is written into the folder)."""
+        from ..data import DeviceAugment, build_datasets, reset_corrupt_count
+
+        cfg = self.cfg
+        state = self._read_resume_state() if resume else None
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -134,9 +232,17 @@ class Trainer:
                 f"{cfg.model.num_classes}; set model.num_classes={self.data.num_classes}"
             )
         self.train_set = SeededDataset(self.data.train, cfg.train.seed)
+        if state is not None:
+            self._check_same_data(state)
+        warning = _unseen_classes_warning(self.data, cfg.data.root)
+        if warning and self.info.is_main:
+            logging.getLogger("ivpt").warning(warning)
         # data.gpu_augment: items hold uint8 pixels and drawn parameters; the batch is finished on the device.
         self.augment = DeviceAugment(cfg.data, cfg.model.img_size) if cfg.data.gpu_augment else None
         o = cfg.optim
+        if not all(math.isfinite(v) for v in (o.base_lr, o.head_lr_mult, o.concept_lr_mult)):
+            raise TrainingError(f"the learning rates must be finite numbers: optim.base_lr={o.base_lr}, "
+                                f"optim.head_lr_mult={o.head_lr_mult}, optim.concept_lr_mult={o.concept_lr_mult}")
         if o.batch_size % (o.grad_accum * self.info.world_size):
             raise TrainingError(
                 f"optim.batch_size={o.batch_size} must divide by optim.grad_accum x processes "
@@ -171,6 +277,8 @@ class Trainer:
         if state is not None:
             self._restore(state)
         if self.info.is_main:
+            if state is None:  # a fresh run in a folder a killed one started (compare, demo): its log goes
+                (self.out / "log.csv").unlink(missing_ok=True)
             _save_config(cfg, self.out)
 
         # Every IVPT parameter receives a gradient when all loss terms are on; baselines leave some unused.
@@ -233,18 +341,18 @@ class Trainer:
 
     def _read_resume_state(self) -> dict:
         """last.pt, checked against the config before the run folder is touched."""
-        path = self.out / "last.pt"
-        if not path.is_file():
-            raise TrainingError(f"cannot resume: {path} not found; nothing to resume")
+        path = check_resumable(self.out)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # truncated or foreign files fail in many ways
-            raise TrainingError(f"cannot resume: {path} is unreadable ({type(exc).__name__}: {exc}); "
-                                "it was not written by a finished checkpoint save") from exc
+            state = load_training_state(path)  # weights_only: loading never runs code from the file
+        except CheckpointError as exc:
+            message = str(exc)
+            if " is unreadable " in message:
+                message += "; it was not written by a finished checkpoint save"
+            raise TrainingError(f"cannot resume: {message}") from None
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise TrainingError(f"cannot resume: {path} is not a training checkpoint written by `ivpt train`")
-        changed = [k for k in config_changes(Config.from_dict(saved_config(state["config"])), self.cfg)
-                   if k not in RESUMABLE_CHANGES]
+        trained = Config.from_dict(saved_config(state["config"]))
+        changed = [k for k in config_changes(trained, self.cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise TrainingError(
                 f"cannot resume {self.out}: the config differs from the checkpoint's in {', '.join(changed)}, "
@@ -252,12 +360,33 @@ class Trainer:
                 "optim.epochs, optim.min_steps, train.max_steps, logging, checkpoint, device, worker and eval "
                 "settings may change)"
             )
+        state["trained_root"] = trained.data.root
         return state
+
+    def _check_same_data(self, state: dict) -> None:
+        """A resume with another ``data.root`` (a moved dataset) is named, and refused when the dataset there is not
+        the one the run trained on (its training split's size, classes and class counts, stored in last.pt)."""
+        old, new = state.get("trained_root"), self.cfg.data.root
+        if old == new:
+            return
+        saved, mine = state.get("data"), _data_identity(self.data)
+        if saved is not None and saved != mine:
+            raise TrainingError(
+                f"cannot resume {self.out}: the dataset at {new} is not the one the run was trained on: "
+                f"{_describe_data(mine)} there, but the run was trained on {old} with {_describe_data(saved)}; "
+                f"resume with data.root={old} (or the same dataset moved), or start a new run with --out")
+        if self.info.is_main:
+            check = "" if saved is not None else " (this last.pt predates the check that it is the same dataset)"
+            logging.getLogger("ivpt").warning(f"resuming with data.root={new} (the run was trained on {old}){check}")
 
     def _restore(self, state: dict) -> None:
         path = self.out / "last.pt"
         try:
             check_backbone(self.model, state.get("backbone"), path)
+            bad = non_finite_entries({f"optimizer.{k}": v for k, v in _optimizer_tensors(state["optimizer"])})
+            if bad:
+                raise CheckpointError(f"{path} holds non-finite values in {', '.join(bad[:5])}; it was saved after "
+                                      "training diverged")
             load_adapter_state(self.model, state["model"], path)
         except CheckpointError as exc:
             raise TrainingError(f"cannot resume: {exc}") from exc
@@ -288,11 +417,14 @@ class Trainer:
         max_steps = self.cfg.train.max_steps
         first = self.epochs if max_steps and self.step >= max_steps else self.epoch
         try:
-            for epoch in range(first, self.epochs):
-                done = self.train_epoch(epoch)
-                self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
-                if done:
-                    break
+            with _StopOnSignal(self):
+                for epoch in range(first, self.epochs):
+                    done = self.train_epoch(epoch)
+                    self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
+                    if self._stop_due():
+                        raise self._stopped()  # end_epoch saved last.pt
+                    if done:
+                        break
         finally:
             self.loader = None  # its persistent workers exit (before the test pass starts its own)
         self.log.close()
@@ -309,7 +441,19 @@ class Trainer:
                                    f"epoch {epoch + 1}/{self.epochs}")
         done = False
         micro: list[dict | None] = []
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # Ctrl-C reaches the loader's workers too, which then exit: with a stop requested this is a step
+                # boundary (the micro-batches fetched so far have not gone through the model), so stop here.
+                if self.stop_signal is None or self.info.distributed:
+                    raise
+                self.save_last(epoch, self.batch_in_epoch)
+                raise self._stopped() from None
             micro.append(batch)
             if len(micro) < o.grad_accum:
                 continue
@@ -322,6 +466,9 @@ class Trainer:
                 self.rows.append(self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start))
             if self.cfg.train.ckpt_every_steps and self.step % self.cfg.train.ckpt_every_steps == 0:
                 self.save_last(epoch, self.batch_in_epoch)
+            if not closing and self._stop_due():
+                self.save_last(epoch, self.batch_in_epoch)
+                raise self._stopped()
             if done:
                 break
         self.epoch_health = self.health.flush(R.all_reduce_sum)  # every rank: the counts are summed
@@ -344,12 +491,17 @@ class Trainer:
         bad_terms = torch.zeros(0, dtype=torch.bool, device=self.device)  # per logged term, any micro-batch
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             if batch is None:  # every image of the micro-batch was unreadable
+                if self.info.distributed:
+                    # The other ranks' backward waits for this rank's gradients (DDP's all-reduce): take part with
+                    # a zero-weighted pass over a blank batch, which also draws what a real one draws from eq_gen.
+                    with sync:
+                        self._forward_backward(*self._blank_batch(), weight=0.0)
                 continue
             x = self._images(batch)
             y = batch["label"].to(self.device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with sync:
                 total, terms = self._forward_backward(x, y)
             flags = ~torch.isfinite(torch.stack([*terms.values(), total.detach()]))
@@ -372,12 +524,20 @@ class Trainer:
         self.step += 1
         self.batch_in_epoch += 1
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """compute_loss and backward of one micro-batch. The first one under ``train.compile`` is where
-        compilation happens (forward, then backward); if it fails, one warning and the eager model from then on."""
+    def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch of this process's size of zero (normalised) images, label 0, on the device."""
+        b, size = self.micro_global // self.info.world_size, self.cfg.model.img_size
+        return (torch.zeros(b, 3, size, size, device=self.device),
+                torch.zeros(b, dtype=torch.long, device=self.device))
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """compute_loss and backward of one micro-batch (its loss times ``weight``; a blank batch's 0 neither counts
+        its concept maps nor adds to any gradient). The first one under ``train.compile`` is where compilation
+        happens (forward, then backward); if it fails, one warning and the eager model from then on."""
         try:
-            total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen, health=self.health)
-            self.scaler.scale(total / self.cfg.optim.grad_accum).backward()
+            total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen,
+                                        health=self.health if weight else None)
+            self.scaler.scale(total * weight / self.cfg.optim.grad_accum).backward()
         except Exception as exc:
             if not self.compile_pending:
                 raise
@@ -387,7 +547,7 @@ class Trainer:
             self.net = self.eager_net
             self.optimizer.zero_grad(set_to_none=True)
             self.health.reset()  # the failed call may have counted this batch's maps
-            return self._forward_backward(x, y)
+            return self._forward_backward(x, y, weight)
         self.compile_pending = False
         return total, terms
 
@@ -406,12 +566,18 @@ class Trainer:
         checks, rows = self.checks, self.rows
         self.checks, self.rows = [], []
         parts = []
-        if checks:
-            parts.append(R.all_reduce_sum(torch.stack([c.reduced for c in checks])).flatten())
+        distributed = self.info.distributed
+        if checks or distributed:  # under torchrun the stop flag is agreed at every read
+            reduced = [torch.stack([c.reduced for c in checks]).flatten()] if checks else []
+            if distributed:
+                reduced.append(torch.tensor([float(self.stop_signal is not None)], device=self.device))
+            parts.append(R.all_reduce_sum(torch.cat(reduced)))
             parts += [c.local.float() for c in checks]
         parts += [r.values for r in rows if r.values is not None]
         values = torch.cat(parts).tolist() if parts else []  # the one host sync
-        at, bad = 2 * len(checks), None
+        if distributed:
+            self.stop_agreed = self.stop_agreed or values[2 * len(checks)] > 0
+        at, bad = 2 * len(checks) + int(distributed), None
         for i, c in enumerate(checks):
             local, at = values[at : at + len(c.names)], at + len(c.names)
             if bad is None and (values[2 * i] or values[2 * i + 1]):
@@ -429,12 +595,48 @@ class Trainer:
                     f"{self.cfg.train.sync_every})" if len(checks) > 1 else "")
             raise TrainingError(
                 f"non-finite loss at epoch {check.epoch + 1}, step {check.step}: term(s) {', '.join(terms)}{span}. "
-                f"Nothing from step {check.step} on was saved; the last good checkpoint {self.out / 'last.pt'} is "
-                "kept. Lower the learning rates or try optim.amp=none"
+                f"Nothing from step {check.step} on was saved{self._kept()}. Lower the learning rates or try "
+                "optim.amp=none"
             )
+
+    def _kept(self) -> str:
+        """What a run stopped by a non-finite value keeps, for its message."""
+        if (self.out / "last.pt").is_file():
+            return f"; the last good checkpoint {self.out / 'last.pt'} is kept"
+        return "; no checkpoint had been written yet"
+
+    def check_finite_state(self, epoch: int) -> None:
+        """Raise :class:`TrainingError` when a trained parameter, buffer or optimiser state holds a NaN or an
+        infinity (a step can produce one from finite losses and gradients, e.g. with a non-finite learning rate):
+        such a state is never validated or saved. Every rank reaches the same answer (the state is replicated)."""
+        tensors = {**adapter_state(self.model),
+                   **{f"optimizer.{k}": v for k, v in _optimizer_tensors(self.optimizer.state_dict())}}
+        bad = non_finite_entries(tensors)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise TrainingError(
+                f"non-finite parameters after step {self.step} (epoch {epoch + 1}): {', '.join(bad[:5])}{more}. "
+                f"Nothing from that step on was saved{self._kept()}. Lower the learning rates or try optim.amp=none")
+
+    def _stop_due(self) -> bool:
+        """Whether a SIGTERM / SIGINT asks this run to stop now (the same answer on every rank)."""
+        return self.stop_agreed if self.info.distributed else self.stop_signal is not None
+
+    def _stopped(self) -> "TrainingStopped":
+        signum = self.stop_signal or signal.SIGTERM  # under torchrun another rank may have received it
+        name = signal.Signals(signum).name
+        return TrainingStopped(f"stopped by {name} after step {self.step} (epoch {self._step_epoch()}); "
+                               f"{self.out / 'last.pt'} holds it: continue with `ivpt train --resume {self.out}`",
+                               signum)
+
+    def _step_epoch(self) -> int:
+        """The 1-based epoch of the last optimiser step."""
+        return max(1, math.ceil(self.step / self.steps_per_epoch)) if self.step else 1
 
     def end_epoch(self, epoch: int, *, finished: bool) -> None:
         """Concept-health warning, validation, ``best/`` and ``last.pt``."""
+        self.check_finite_state(epoch)  # a diverged state is neither validated nor saved
         warning = collapse_warning(self.epoch_health, self.health.num_prototypes, epoch + 1)
         if warning and self.info.is_main:
             logging.getLogger("ivpt").warning(warning)
@@ -511,6 +713,7 @@ class Trainer:
         process's RNG state (all ranks take part in gathering the RNG states). Pending finite flags are read
         first (:meth:`sync`): a state after a non-finite step is never saved."""
         self.sync()
+        self.check_finite_state(self._step_epoch() - 1)
         rng = R.all_gather_object(_rng_state(self.eq_gen), self.info.world_size)
         if self.info.is_main:
             atomic_torch_save({
@@ -519,6 +722,7 @@ class Trainer:
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_val": self.best_val,
                 "total_steps": self.total_steps,
                 "rng": rng, "config": self.cfg.to_dict(), "backbone": backbone_identity(self.model),
+                "data": _data_identity(self.data),
             }, self.out / "last.pt")
 
 
@@ -619,12 +823,96 @@ class _Window:
         return _Row(row, names, values)
 
 
+def _optimizer_tensors(state_dict: dict):
+    """(name, tensor) of every floating-point tensor in an optimiser ``state_dict``'s per-parameter state."""
+    for index, entry in state_dict.get("state", {}).items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                yield f"{index}.{key}", value
+
+
+def _data_identity(data: Any) -> dict:
+    """What tells a run's training data from other data, whatever its folder: the training split's size and
+    classes, and the images per class (stored in last.pt; a resume elsewhere must find the same)."""
+    labels = getattr(data.train, "labels", None)
+    counts = (np.bincount(np.asarray(labels, dtype=np.int64), minlength=data.num_classes).tolist()
+              if labels is not None else None)
+    return {"train_images": len(data.train), "class_names": [str(n) for n in data.class_names],
+            "class_counts": counts}
+
+
+def _describe_data(identity: dict) -> str:
+    names, counts = identity.get("class_names") or [], identity.get("class_counts")
+    text = f"{identity.get('train_images')} training images in {len(names)} classes"
+    if counts is not None:
+        shown = ", ".join(f"{n}: {c}" for n, c in list(zip(names, counts))[:4])
+        text += f" ({shown}{', ...' if len(names) > 4 else ''})"
+    return text
+
+
+def _unseen_classes_warning(data: Any, root: str) -> str | None:
+    """One line naming the classes without a training image (the model cannot learn them), else None."""
+    labels = getattr(data.train, "labels", None)
+    if labels is None:
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=data.num_classes)
+    missing = [i for i in range(data.num_classes) if counts[i] == 0]
+    if not missing:
+        return None
+    names = list(data.class_names)
+    listed = ", ".join(f"class {i} ({names[i]})" if i < len(names) else f"class {i}" for i in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return (f"no training image for {len(missing)} of {data.num_classes} classes: {listed}{more}; the model cannot "
+            f"learn them and their test images count as errors (check the train/test split of {root})")
+
+
+class _StopOnSignal:
+    """While the training loop runs, SIGTERM and SIGINT set ``trainer.stop_signal`` instead of ending the process:
+    the loop stops at the next step boundary with last.pt saved (:meth:`Trainer._stop_due`). A second signal stops at
+    once (KeyboardInterrupt). Only in the main thread (elsewhere signals cannot be caught); the previous handlers
+    come back on exit, so a signal during the test pass ends the process as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer, self.previous = trainer, {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        t = self.trainer
+        if t.stop_signal is not None:
+            raise KeyboardInterrupt
+        t.stop_signal = signum
+        if t.info.is_main:
+            try:
+                print(f"{signal.Signals(signum).name}: stopping after this optimiser step with last.pt saved; send it "
+                      "again to stop at once", file=sys.stderr, flush=True)
+            except RuntimeError:  # re-entrant write on stderr: the stop goes on without the note
+                pass
+
+
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
 def _rng_state(eq_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every generator's state as tensors and plain values, so that last.pt loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": (int(version), tuple(int(v) for v in internal), gauss_next),
              "equivariance": eq_gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -633,7 +921,10 @@ def _rng_state(eq_gen: torch.Generator) -> dict:
 
 def _set_rng_state(state: dict, eq_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # a tuple with an ndarray: a last.pt written before states were stored as tensors
     random.setstate(state["python"])
     eq_gen.set_state(state["equivariance"])
     if "cuda" in state and torch.cuda.is_available():
