@@ -415,6 +415,11 @@ class OptimConfig:
     step_epochs: int = _limited(4, ">= 1")  # schedule=step only
     gamma: float = _limited(0.5, "(0, 1]")  # schedule=step only
     amp: str = "none"  # none | bf16 | fp16
+    # Dead-concept revival (not the paper, ivpt.engine.revive): at the end of every epoch within this fraction of the
+    # run's optimiser steps, a foreground prototype that won < 1 % of the epoch's pixels becomes a split of the
+    # largest region. 0: off.
+    revive_until: float = _limited(0.0, "[0, 1]", what="a fraction of the total optimiser steps",
+                                   note="e.g. 0.8: revive dead concepts during the first 80 % of training; 0: off")
 
     def __post_init__(self) -> None:
         check_limits(self)

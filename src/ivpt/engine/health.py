@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ALIVE_SHARE", "COLLAPSE_ALIVE_FRACTION", "ConceptHealth", "health_summary", "collapse_warning"]
+__all__ = ["ALIVE_SHARE", "COLLAPSE_ALIVE_FRACTION", "ConceptHealth", "MapHealth", "health_summary", "weak_stages",
+           "collapse_warning"]
 
 ALIVE_SHARE = 0.01  # a foreground prototype is alive when it wins at least 1 % of the pixels
 COLLAPSE_ALIVE_FRACTION = 0.5  # warn when fewer than half of a stage's foreground prototypes are alive
@@ -30,11 +31,23 @@ class ConceptHealth:
 
     def __init__(self) -> None:
         self.num_prototypes: list[int] = []  # n_i per stage, fixed by the first maps seen
+        self.last_wins: list[list[float]] = []  # pixels won per prototype and stage at the last flush
         self.reset()
 
     def reset(self) -> None:
         self.wins: list[torch.Tensor] = []  # (n_i,) pixels won per prototype
         self.entropy: list[torch.Tensor] = []  # () summed normalised pixel entropy
+
+    def state_dict(self) -> dict:
+        """The counts of the epoch so far (on the CPU), for ``last.pt``: a run resumed mid-epoch ends the epoch with
+        the same counts, hence the same log row and the same revivals (:mod:`ivpt.engine.revive`)."""
+        return {"num_prototypes": list(self.num_prototypes), "wins": [w.cpu() for w in self.wins],
+                "entropy": [e.cpu() for e in self.entropy]}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.num_prototypes = list(state["num_prototypes"])
+        self.wins = [w.to(device) for w in state["wins"]]
+        self.entropy = [e.to(device) for e in state["entropy"]]
 
     @property
     def columns(self) -> list[str]:
@@ -71,7 +84,22 @@ class ConceptHealth:
             wins.append(flat[at:at + n])
             at += n
         self.reset()
+        self.last_wins = wins
         return health_summary(wins, flat[at:])
+
+
+class MapHealth:
+    """A dataset-pass consumer (:func:`ivpt.eval.runner.run_pass`): the concept health of the eval-mode maps of a
+    split, e.g. validation, read with ``health.flush(reduce)`` after the pass (it keeps no summable meter)."""
+
+    def __init__(self) -> None:
+        self.health = ConceptHealth()
+
+    def update(self, batch: dict, forward) -> None:
+        self.health.add(forward(batch["image"]).maps)
+
+    def meters(self) -> list:
+        return []
 
 
 def health_summary(wins: list[list[float]], entropy_sums: list[float]) -> dict[str, float]:
@@ -86,14 +114,21 @@ def health_summary(wins: list[list[float]], entropy_sums: list[float]) -> dict[s
     return row
 
 
-def collapse_warning(health: dict[str, float], num_prototypes: list[int], epoch: int) -> str | None:
-    """One line naming every stage with fewer than :data:`COLLAPSE_ALIVE_FRACTION` of its foreground prototypes
-    alive after ``epoch`` (1-based), else None."""
+def weak_stages(health: dict[str, float], num_prototypes: list[int]) -> list[str]:
+    """``"stage i a/b"`` for every stage with fewer than :data:`COLLAPSE_ALIVE_FRACTION` of its b foreground
+    prototypes alive (a of them) in ``health`` (:func:`health_summary`'s row); empty when every stage holds."""
     weak = []
     for i, n in enumerate(num_prototypes):
         alive = health.get(f"alive_s{i}")
         if alive is not None and alive < COLLAPSE_ALIVE_FRACTION:
             weak.append(f"stage {i} {round(alive * (n - 1))}/{n - 1}")
+    return weak
+
+
+def collapse_warning(health: dict[str, float], num_prototypes: list[int], epoch: int) -> str | None:
+    """One line naming every stage with fewer than :data:`COLLAPSE_ALIVE_FRACTION` of its foreground prototypes
+    alive after ``epoch`` (1-based), else None."""
+    weak = weak_stages(health, num_prototypes)
     if not weak:
         return None
     return (f"concepts collapsing after epoch {epoch}: foreground prototypes alive (winning >= "

@@ -65,8 +65,10 @@ from ..checkpoint import (
 from ..config import LOSS_TERMS, Config, EvalConfig, load_config, saved_config
 from ..losses import ivpt_losses, random_affine, warp
 from ..eval import evaluate_accuracy
+from ..eval.runner import AccuracyConsumer, run_pass
 from ..models import create_model
-from .health import ConceptHealth, collapse_warning
+from .health import ConceptHealth, MapHealth, collapse_warning, weak_stages
+from .revive import revive_dead_concepts
 from .ordering import EpochBatches, SeededDataset, train_loader
 from .schedule import build_scheduler, depends_on_total, run_epochs, schedule_warning, total_steps
 
@@ -274,6 +276,8 @@ class Trainer:
         self.eq_gen = torch.Generator().manual_seed(cfg.train.seed)
 
         self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, -math.inf
+        self.best_alive = False  # whether best/ keeps every stage's concepts alive on the validation split
+        self.health = ConceptHealth()  # this epoch's concept health so far (restored with the rest on resume)
         if state is not None:
             self._restore(state)
         if self.info.is_main:
@@ -309,7 +313,6 @@ class Trainer:
                                     num_batches=self.steps_per_epoch * o.grad_accum)
         self.loader = train_loader(self.train_set, self.batches, cfg.data.num_workers,
                                    pin_memory=self.device.type == "cuda")
-        self.health = ConceptHealth()
         self.epoch_health: dict[str, float] = {}  # alive_s*/entropy_s* of the last epoch (ivpt.engine.health)
         self.t_start = time.perf_counter()
         reset_corrupt_count()
@@ -405,8 +408,13 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.best_val = state["best_val"]
+        # A last.pt from before the selection rule chose best/ by top-1 alone: its best/ counts as alive.
+        self.best_alive = state.get("best_alive", True)
         rng = state["rng"]
         _set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0], self.eq_gen)
+        health = state.get("health")  # absent in a last.pt from before the counts were saved
+        if health and self.info.rank < len(health):
+            self.health.load_state_dict(health[self.info.rank], self.device)
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
@@ -640,27 +648,60 @@ class Trainer:
         warning = collapse_warning(self.epoch_health, self.health.num_prototypes, epoch + 1)
         if warning and self.info.is_main:
             logging.getLogger("ivpt").warning(warning)
-        val = None
+        self.revive(epoch)
+        val, val_health = None, {}
         if self.data.val is not None:
-            val = self._top1(self.data.val, "validation")
-        improved = val is None or val > self.best_val
+            val, val_health = self.validate()
+        # best/: the best validation top-1 among the epochs whose concepts are alive on the validation split (no
+        # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, the
+        # best top-1 of all. Without a validation split: the last epoch.
+        dead = weak_stages(val_health, self.health.num_prototypes)
+        alive = not dead
+        improved = val is None or (alive, val) > (self.best_alive, self.best_val)
         if improved:
             self.best_val = val if val is not None else self.best_val
+            self.best_alive = alive
             if self.info.is_main:
                 self.model.save_pretrained(self.out / "best", extra={
-                    "epoch": epoch + 1, "step": self.step, "val_top1": val,
-                    "class_names": list(self.data.class_names)})
+                    "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
+                    "val_health": val_health, "class_names": list(self.data.class_names)})
         self.save_last(epoch + 1 if finished else epoch, 0 if finished else self.batch_in_epoch)
         self.batch_in_epoch = 0 if finished else self.batch_in_epoch
         if self.info.is_main:
             msg = f"epoch {epoch + 1}: step {self.step}"
             if val is not None:
                 msg += f", val top-1 {val:.2f}%" + (" (best)" if improved else "")
+                msg += f" (concepts dead on validation: {', '.join(dead)})" if dead else ""
             if self.epoch_health:
                 stages = range(len(self.health.num_prototypes))
                 msg += (", concepts alive " + "/".join(f"{self.epoch_health[f'alive_s{i}']:.2f}" for i in stages)
                         + ", map entropy " + "/".join(f"{self.epoch_health[f'entropy_s{i}']:.2f}" for i in stages))
             print(msg)
+
+    def revive(self, epoch: int) -> None:
+        """``optim.revive_until``: revive the concepts that were dead over this epoch's training images
+        (:mod:`ivpt.engine.revive`), on every rank alike (the pixel counts are summed over processes)."""
+        o = self.cfg.optim
+        wins = self.health.last_wins
+        if not (o.revive_until and wins and self.step <= o.revive_until * self.total_steps):
+            return
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        revived = revive_dead_concepts(self.model.stages, wins, self.optimizer,
+                                       noise_std=self.cfg.model.prototype_init_std, generator=gen)
+        self.health.last_wins = []
+        if revived and self.info.is_main:
+            logging.getLogger("ivpt").info(
+                f"epoch {epoch + 1}: revived dead concepts (stage:prototype<-donor) "
+                + ", ".join(f"{i}:{k}<-{d}" for i, k, d in revived))
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        """Top-1 on the validation split and, for models with concept maps, the health of its eval-mode maps
+        (``alive_s*``/``entropy_s*``, :mod:`ivpt.engine.health`)."""
+        acc = AccuracyConsumer(self.cfg.model.num_classes)
+        maps = MapHealth() if self.model.has_concept_maps else None
+        run_pass(self.model, self.data.val, self.cfg, self.info, [acc] + ([maps] if maps else []))
+        health = maps.health.flush(R.all_reduce_sum) if maps else {}
+        return self._top1(None, "validation", acc.meter.compute()), health
 
     def finish(self) -> dict:
         """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""
@@ -680,6 +721,7 @@ class Trainer:
             "chance": 1.0 / self.data.num_classes,
             "best_val_top1": None if self.best_val == -math.inf else self.best_val / 100,
             "best_epoch": meta.get("epoch"),
+            "best_concepts_alive": meta.get("concepts_alive"),
             "steps": self.step,
             "train_images": len(self.train_set),
             "test_images": len(self.data.test),
@@ -715,13 +757,15 @@ class Trainer:
         self.sync()
         self.check_finite_state(self._step_epoch() - 1)
         rng = R.all_gather_object(_rng_state(self.eq_gen), self.info.world_size)
+        health = R.all_gather_object(self.health.state_dict(), self.info.world_size)
         if self.info.is_main:
             atomic_torch_save({
                 "model": adapter_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_val": self.best_val,
+                "best_alive": self.best_alive,
                 "total_steps": self.total_steps,
-                "rng": rng, "config": self.cfg.to_dict(), "backbone": backbone_identity(self.model),
+                "rng": rng, "health": health, "config": self.cfg.to_dict(), "backbone": backbone_identity(self.model),
                 "data": _data_identity(self.data),
             }, self.out / "last.pt")
 
