@@ -14,7 +14,7 @@ from ivpt.config import load_config
 
 from .test_engine import _kill_after_step, _Killed, tiny_config, world  # noqa: F401  (fixture)
 
-COLUMNS = ("consistency", "stability", "top1", "nmi", "ari", "kpr")
+COLUMNS = ("consistency", "stability", "top1", "nmi", "ari", "kpr", "parts_only_top1", "parts_agree", "part_share")
 
 
 @pytest.fixture

@@ -118,8 +118,8 @@ def test_eval(cache, fmt, kind, capsys):
     result = json.loads((run / "eval.json").read_text())
     assert 0 <= result["top1"] <= 100 and result["data"]["format"] == fmt
     assert result["data"]["images"] == result["data"]["images_listed"] > 0
-    if kind == "linear":  # no part maps: every interpretability metric is skipped, with the reason
-        assert set(result["skipped"]) == {"consistency", "stability", "nmi_ari", "kpr", "fg_iou"}
+    if kind == "linear":  # no part maps nor part head: every interpretability metric is skipped, with the reason
+        assert set(result["skipped"]) == {"consistency", "stability", "nmi_ari", "kpr", "fg_iou", "decision"}
     for metric, reason in result.get("skipped", {}).items():
         assert f"skipped {metric}: {reason}" in captured.out
 

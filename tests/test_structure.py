@@ -117,10 +117,11 @@ def test_one_home_for_each_concept():
                     if isinstance(t, ast.Name):
                         definitions.setdefault(t.id, []).append(_module_name(path))
     homes = {
-        "open_dataset": "ivpt.data", "DATASET_FORMATS": "ivpt.formats", "resolve_device": "ivpt.runtime",
-        "autocast": "ivpt.runtime", "evaluate_accuracy": "ivpt.eval.runner", "fit_keypoint_regressor":
-        "ivpt.metrics.discovery", "MODEL_KINDS": "ivpt.config", "MODELS": "ivpt.models.registry",
-        "create_model": "ivpt.models.registry", "load_run": "ivpt.runs",
+        "open_dataset": "ivpt.data.dispatch", "dataset_class": "ivpt.data.dispatch",
+        "DATASET_FORMATS": "ivpt.formats", "register_format": "ivpt.formats", "register_metric": "ivpt.eval.registry",
+        "resolve_device": "ivpt.runtime", "autocast": "ivpt.runtime", "evaluate_accuracy": "ivpt.eval.runner",
+        "fit_keypoint_regressor": "ivpt.metrics.discovery", "MODEL_KINDS": "ivpt.config",
+        "MODELS": "ivpt.models.registry", "create_model": "ivpt.models.registry", "load_run": "ivpt.runs",
     }
     for name, home in homes.items():
         assert definitions.get(name) == [home], (name, definitions.get(name))

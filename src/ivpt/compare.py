@@ -5,8 +5,9 @@ Layout of the output folder ``OUT``::
 
     runs/<kind>-seed<k>/   an ``ivpt train`` run folder per kind and seed, with its eval.json (test split)
     compare.json           every run's training metrics, evaluation and config, and the per-kind summary
-    compare.md             method | runs | stage | consistency | stability | top-1 | NMI | ARI | KPR: mean ± std
-                           over seeds; stage: where each run's interpretability was scored
+    compare.md             method | runs | stage | consistency | stability | top-1 | NMI | ARI | KPR | the decision
+                           scores | any registered metric's scores (TABLE_COLUMNS): mean ± std over seeds; stage:
+                           where each run's interpretability was scored
     compare.png / .svg     top-1 against consistency, one marker per run, one colour per kind
 
 Running again into the same ``OUT`` skips finished runs (``metrics.json``, and an ``eval.json`` made with the
@@ -35,16 +36,17 @@ from .checkpoint import atomic_write, atomic_write_text
 from .config import MODEL_KINDS, Config, ConfigError
 from .engine import load_run_config, train
 from .engine.trainer import changes_from_run
-from .eval import ALL_METRICS, evaluate_checkpoint
+from .eval import DEFAULT_METRICS, evaluate_checkpoint
+from .eval.registry import LiveView, compare_columns, score_of
 from .runs import run_config
 from .runtime import launched_by_torchrun
 
 __all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name",
            "eval_settings"]
 
-# (eval.json key, column title) of the table, in the paper's order; scores in percent, KPR lower is better.
-TABLE_COLUMNS = (("consistency", "consistency"), ("stability", "stability"), ("top1", "top-1"),
-                 ("nmi", "NMI"), ("ari", "ARI"), ("kpr", "KPR ↓"))
+# (eval.json key, column title) of the table, from the metric registry (ivpt.eval.registry: Score.compare orders
+# them, the paper's Table 1 first); read whenever used, so a metric registered later has its column.
+TABLE_COLUMNS: LiveView[tuple[str, str]] = LiveView(compare_columns)
 # Config keys a finished run may differ in and still belong to the comparison: where it ran, not what it computed.
 IGNORED_CHANGES = frozenset({"train.device", "data.num_workers"})
 DASH = "–"
@@ -152,7 +154,7 @@ def eval_settings(cfg: Config, run_dir: Path) -> dict:
     eval section (but its batch size), the test split of ``cfg``'s dataset, every metric, the run's ``best/``."""
     return {"protocol": {k: v for k, v in asdict(cfg.eval).items() if k != "batch_size"}, "split": "test",
             "root": str(Path(cfg.data.root).resolve()), "format": cfg.data.format,
-            "metrics": sorted(ALL_METRICS), "checkpoint": str((run_dir / "best").resolve())}
+            "metrics": sorted(DEFAULT_METRICS), "checkpoint": str((run_dir / "best").resolve())}
 
 
 def _settings_of(evaluation: dict) -> dict:
@@ -198,7 +200,7 @@ def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable
     result = evaluate_checkpoint(run_dir / "best", ckpt_cfg, meta, split="test", progress=progress)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     record = _read_run(run_dir)
-    scores = ", ".join(f"{title} {_fmt(record['eval'].get(key))}" for key, title in TABLE_COLUMNS[:3])
+    scores = ", ".join(f"{title} {_fmt(record['eval'].get(key), _digits(key))}" for key, title in TABLE_COLUMNS[:3])
     say(f"{tag} {name}: done in {time.perf_counter() - t0:.1f}s: {scores}")
     return record
 
@@ -251,14 +253,19 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict]]:
     return summary
 
 
-def _fmt(value: float | None) -> str:
-    return DASH if value is None else f"{value:.1f}"
+def _digits(key: str) -> int:
+    score = score_of(key)
+    return 1 if score is None else score.digits
 
 
-def _cell(stat: dict | None) -> str:
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _cell(stat: dict | None, digits: int = 1) -> str:
     if stat is None:
         return DASH
-    return _fmt(stat["mean"]) + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "")
+    return _fmt(stat["mean"], digits) + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
 def _stage(evaluation: dict) -> str:
@@ -276,25 +283,26 @@ def format_markdown(result: dict) -> str:
     """compare.md: the per-kind table (mean ± std over seeds), how it was measured, then every run; each row names
     the stage its interpretability scores come from."""
     runs, summary = result["runs"], result["summary"]
+    columns = tuple(TABLE_COLUMNS)
     first = runs[0]["eval"]
     lines = ["# Comparison", "",
              f"Test split of {first['data']['format']} at {first['data']['root']} ({first['data']['images']} images); "
              f"eval.protocol={first.get('eval_protocol')}; interpretability at each run's own stage (column stage: "
              f"its index in model.n_pro and its part maps' channels). Mean ± sample std over seeds, in percent; "
              f"{DASH}: the method has no such score.", "",
-             "| method | runs | stage | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-             "|---|---:|---|" + "---:|" * len(TABLE_COLUMNS)]
+             "| method | runs | stage | " + " | ".join(t for _, t in columns) + " |",
+             "|---|---:|---|" + "---:|" * len(columns)]
     for kind, stats in summary.items():
         mine = [r for r in runs if r["kind"] == kind]
         stages = ", ".join(dict.fromkeys(_stage(r["eval"]) for r in mine))
         lines.append(f"| {kind} | {len(mine)} | {stages} | "
-                     + " | ".join(_cell(stats.get(k)) for k, _ in TABLE_COLUMNS) + " |")
-    lines += ["", "| run | steps | stage | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-              "|---|---:|---|" + "---:|" * len(TABLE_COLUMNS)]
+                     + " | ".join(_cell(stats.get(k), _digits(k)) for k, _ in columns) + " |")
+    lines += ["", "| run | steps | stage | " + " | ".join(t for _, t in columns) + " |",
+              "|---|---:|---|" + "---:|" * len(columns)]
     for r in runs:
         steps = (r["metrics"] or {}).get("steps", DASH)
         lines.append(f"| {run_name(r['kind'], r['seed'])} | {steps} | {_stage(r['eval'])} | "
-                     + " | ".join(_fmt(r["eval"].get(k)) for k, _ in TABLE_COLUMNS) + " |")
+                     + " | ".join(_fmt(r["eval"].get(k), _digits(k)) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,9 +334,12 @@ def _write(records: list[dict], out: Path, *, config: dict | None) -> dict:
 
 
 def _plot(result: dict, out: Path) -> None:
-    """compare.png and compare.svg: top-1 against consistency, one marker per run, one colour per kind."""
+    """compare.png and compare.svg: top-1 against consistency, one marker per run, one colour per kind (saved as
+    the explanation figures are: editable text, no dates, :func:`ivpt.explain.draw.save_figure`)."""
     import matplotlib
     from matplotlib.figure import Figure
+
+    from .explain.draw import save_figure
 
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     fig = Figure(figsize=(5.5, 4.0))
@@ -342,6 +353,5 @@ def _plot(result: dict, out: Path) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    atomic_write(out / "compare.png", lambda p: fig.savefig(p, format="png", dpi=150, bbox_inches="tight"))
-    atomic_write(out / "compare.svg", lambda p: fig.savefig(p, format="svg", bbox_inches="tight",
-                                                          metadata={"Date": None}))
+    for fmt in ("png", "svg"):
+        atomic_write(out / f"compare.{fmt}", lambda p, fmt=fmt: save_figure(fig, p, fmt))

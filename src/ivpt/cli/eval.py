@@ -10,13 +10,14 @@ from .common import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import EVAL_PROTOCOLS
-    from ..eval import ALL_METRICS
+    from ..eval import ALL_METRICS, DEFAULT_METRICS
 
     parser.add_argument("checkpoint", help="a pretrained folder (config.json + model.safetensors), e.g. RUN/best")
     parser.add_argument("--data", help="dataset root (default: data.root of the run that wrote the checkpoint)")
     parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--metrics", default=",".join(ALL_METRICS),
-                        help=f"comma-separated subset of {','.join(ALL_METRICS)}")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: "
+                             f"{','.join(DEFAULT_METRICS)}; ivpt.eval.registry describes them)")
     parser.add_argument("--stage", default=None,
                         help="stage for consistency/stability etc.: auto (n_pro[-3]), final or an index")
     parser.add_argument("--protocol", default=None, choices=EVAL_PROTOCOLS,

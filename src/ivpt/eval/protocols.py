@@ -125,6 +125,14 @@ class Discovery:
     def stage_meters(self, s: int) -> list[SumState]:
         return [m[s] for m in (self.cont, self.pmask, self.kerr, self.iou) if s in m]
 
+    scored_meters = stage_meters
+
+    def notes(self) -> dict[str, str]:
+        """eval.json's "nmi_ari_from": where NMI/ARI were measured."""
+        if not (self.cont or self.pmask):
+            return {}
+        return {"nmi_ari_from": "keypoints" if self.cont else "part masks"}
+
 
 class PartHits:
     """Consistency and stability (Huang et al.) on box crops: per stage, which visible keypoints fall in the box
@@ -163,6 +171,9 @@ class PartHits:
     def meters(self) -> list[SumState]:
         return list(self.part.values())
 
-    def scores(self, s: int, wanted: set[str]) -> dict[str, float]:
+    def scores(self, s: int, wanted: set[str] | None = None) -> dict[str, float]:
         scores = self.part[s].compute()
-        return {k: scores[k] for k in ("consistency", "stability") if k in wanted and k in scores}
+        return {k: scores[k] for k in ("consistency", "stability") if (wanted is None or k in wanted) and k in scores}
+
+    def scored_meters(self, s: int) -> list[SumState]:
+        return [self.part[s]]

@@ -105,6 +105,12 @@ class AccuracyConsumer:
     def meters(self) -> list[SumState]:
         return [self.meter]
 
+    def scores(self, stage: int | None = None) -> dict[str, float]:
+        return self.meter.compute()
+
+    def scored_meters(self, stage: int | None = None) -> list[SumState]:
+        return [self.meter]
+
 
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, info: R.DistInfo, *,
                       progress: bool = False) -> dict[str, float]:

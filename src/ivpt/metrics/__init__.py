@@ -3,11 +3,13 @@
 Every meter has ``update(..., valid=None)`` per batch, ``compute()`` (or ``fit()``) at the end, and a state made
 of fixed-shape tensors that add up: ``merge`` combines two meters, ``all_reduce`` sums them over processes
 (see :mod:`ivpt.metrics.state`). Meters report percent; pure functions report what their docstring says
-(NMI/ARI as fractions, consistency/stability/accuracy/keypoint error in percent or ×100 units).
+(NMI/ARI as fractions, consistency/stability/accuracy/keypoint error in percent or ×100 units). Which eval.json
+keys each meter's scores become, and which ``--metrics`` name they belong to, is :mod:`ivpt.eval.registry`.
 """
 from __future__ import annotations
 
 from .accuracy import AccuracyMeter, topk_correct
+from .decision import DecisionMeter, margin_share, part_evidence
 from .discovery import (
     ContingencyMeter,
     FgIoUMeter,
@@ -43,24 +45,7 @@ from .parts import (
 )
 from .state import SumState
 
-# The eval.json metric (``--metrics`` name) each meter score belongs to.
-METRIC_OF = {"top1": "acc", "top5": "acc", "balanced_top1": "acc", "consistency": "consistency",
-             "stability": "stability", "nmi": "nmi_ari", "ari": "nmi_ari", "part_purity": "nmi_ari",
-             "part_coverage": "nmi_ari", "kp_error": "kpr", "fg_iou": "fg_iou"}
-
-
-def no_data_reasons(meters: list[SumState]) -> dict[str, str]:
-    """{metric: reason} for every metric (``--metrics`` names) that one of ``meters`` could not score."""
-    reasons: dict[str, str] = {}
-    for meter in meters:
-        for key, reason in meter.no_data().items():
-            if key in METRIC_OF:
-                reasons.setdefault(METRIC_OF[key], reason)
-    return reasons
-
 __all__ = [
-    "METRIC_OF",
-    "no_data_reasons",
     "SumState",
     "PROTOCOLS",
     "check_protocol",
@@ -96,4 +81,7 @@ __all__ = [
     "mask_contingency",
     "purity_coverage_from_contingency",
     "PartMaskMeter",
+    "DecisionMeter",
+    "part_evidence",
+    "margin_share",
 ]

@@ -82,6 +82,7 @@ class FrozenViT(nn.Module):
     has_concept_maps: ClassVar[bool] = False  # trained concept maps: the map losses and equivariance apply
     has_part_maps: ClassVar[bool] = False  # eval-mode outputs carry part maps: interpretability metrics apply
     maps_only_view: ClassVar[bool] = False  # forward(x, maps_only_from=k) computes only maps for images k..
+    has_part_head: ClassVar[bool] = False  # part-pooled head with logit_weights(): the decision metrics apply
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__()
@@ -196,6 +197,7 @@ class ConceptModel(FrozenViT):
 
     has_concept_maps = True
     has_part_maps = True
+    has_part_head = True
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
