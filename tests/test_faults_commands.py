@@ -261,8 +261,8 @@ def test_counts_must_be_positive(run, tmp_path, capsys, command, option, value):
         main([command, *args, option, value])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == (f"ivpt {command}: error: argument {option}: {value} is not a positive "
-                                            "whole number, e.g. 8")
+    assert err == (f"ivpt {command}: error: argument {option}: {value} is not a positive whole number, e.g. 8 "
+                   f"(see ivpt {command} --help)\n")
     assert not (tmp_path / "o").exists()
 
 

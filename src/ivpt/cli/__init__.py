@@ -30,15 +30,23 @@ def _available() -> dict[str, str]:
     return found
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument mistake is one line on stderr (``ivpt CMD: error: … (ivpt CMD --help)``) and exit 2, like every
+    other user mistake; the usage is one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ivpt", description="Interpretable Visual Prompt Tuning: train, evaluate and explain concept prompts."
     )
     from ivpt import __version__
 
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     argv = sys.argv[1:] if argv is None else argv
     commands = _available()
     chosen = next((a for a in argv if not a.startswith("-")), None)
