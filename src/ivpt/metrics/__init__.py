@@ -13,19 +13,21 @@ from .decision import DecisionMeter, margin_share, part_evidence
 from .discovery import (
     ContingencyMeter,
     FgIoUMeter,
+    concepts_at_keypoints,
+    contingency_table,
+    fg_iou,
+    nmi_ari,
+    nmi_ari_from_contingency,
+)
+from .keypoints import (
     KeypointErrorMeter,
     KeypointFitMeter,
     KeypointRegressor,
     bbox_centroid_features,
     centroid_features,
-    concepts_at_keypoints,
-    contingency_table,
     discovery_input,
-    fg_iou,
     fit_keypoint_regressor,
     keypoint_regression_error,
-    nmi_ari,
-    nmi_ari_from_contingency,
     soft_centroids,
     to_bbox_frame,
 )
