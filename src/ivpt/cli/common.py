@@ -19,26 +19,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (a count, a size, a batch); anything else is argparse's usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 8") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number, e.g. 8")
-    return value
+def _whole_number(minimum: int, what: str, example: str) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum``; anything else is one error line naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. {example}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}, e.g. {example}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (e.g. data loader workers, where 0 means none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 0, e.g. 0")
-    return value
+# A count, a size, a batch.
+positive_int = _whole_number(1, "a positive whole number", "8")
+# E.g. data loader workers, where 0 means none.
+non_negative_int = _whole_number(0, "a whole number >= 0", "0")
 
 
 def number_in(spec: str, example: str, *, integer: bool = True) -> Callable[[str], int | float]:

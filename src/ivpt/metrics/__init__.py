@@ -45,45 +45,9 @@ from .parts import (
     stability_from_counts,
     stability_score,
 )
-from .state import SumState
+from .state import ReduceFn, SumState
 
-__all__ = [
-    "SumState",
-    "PROTOCOLS",
-    "check_protocol",
-    "part_frame_keypoints",
-    "discovery_input",
-    "to_bbox_frame",
-    "bbox_centroid_features",
-    "topk_correct",
-    "AccuracyMeter",
-    "keypoint_hits",
-    "add_protocol_noise",
-    "part_counts",
-    "consistency_from_counts",
-    "stability_from_counts",
-    "consistency_score",
-    "stability_score",
-    "PartMeter",
-    "nmi_ari_from_contingency",
-    "nmi_ari",
-    "contingency_table",
-    "concepts_at_keypoints",
-    "ContingencyMeter",
-    "soft_centroids",
-    "centroid_features",
-    "KeypointRegressor",
-    "fit_keypoint_regressor",
-    "keypoint_regression_error",
-    "KeypointFitMeter",
-    "KeypointErrorMeter",
-    "fg_iou",
-    "FgIoUMeter",
-    "concepts_at_pixels",
-    "mask_contingency",
-    "purity_coverage_from_contingency",
-    "PartMaskMeter",
-    "DecisionMeter",
-    "part_evidence",
-    "margin_share",
-]
+from . import accuracy, decision, discovery, keypoints, masks, parts, state  # noqa: E402  (their __all__)
+
+__all__ = [*state.__all__, *accuracy.__all__, *decision.__all__, *parts.__all__, *discovery.__all__,
+           *keypoints.__all__, *masks.__all__]
