@@ -23,20 +23,25 @@ from ivpt.explain import (
     concept_gallery,
     dataset_hierarchy,
     explain,
-    hierarchy_svg,
+    figure_bytes,
+    read_log,
     render_evidence,
     render_gallery,
     render_hierarchy,
     render_stage_regions,
+    training_figure,
 )
 from ivpt.explain.core import IMAGENET_MEAN, IMAGENET_STD
 
 from .conftest import tiny_model
 
 
-WEIGHT_RE = re.compile(
-    r'<text class="weight"[^>]*data-stage="(\d+)" data-concept="(\d+)" data-coarse="(\d+)">([^<]+)</text>'
-)
+# In the hierarchy's SVG every printed weight is a group with id weight-<stage>-<concept>-<coarse> holding its text.
+WEIGHT_RE = re.compile(r'<g id="weight-(\d+)-(\d+)-(\d+)">.*?<text[^>]*>([^<]+)</text>', re.S)
+
+
+def hierarchy_svg(source, index=None, **kwargs) -> str:
+    return figure_bytes(render_hierarchy(source, index, **kwargs), "svg").decode()
 
 
 def _images(n: int = 2, size: int = 56, seed: int = 0) -> torch.Tensor:
@@ -67,10 +72,6 @@ class TinyDataset(torch.utils.data.Dataset):
         return {"image": self.x[i], "label": i % 7, "index": i}
 
 
-def _png_digest(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +116,22 @@ def test_evidence_sums_to_logits(expl):
 
 def test_evidence_figure_draws_the_global_part_as_one_more_row():
     """With model.global_part the figure has one more bar per class block (the global evidence, half of the logit
-    at global_share 0.5), so its class blocks are one row taller; without it, the concept rows alone."""
+    at global_share 0.5); without it, the concept bars alone. The bars of a class are its evidence."""
     import dataclasses
 
     e = explain(tiny_model(global_part=True, global_share=0.5), _images())
     assert np.abs(e.global_evidence).max() > 0
     parts_only = dataclasses.replace(e, global_evidence=np.zeros_like(e.global_evidence))
-    k = min(3, e.top_classes.shape[1])
-    with_global, without = render_evidence(e, 0, classes=k), render_evidence(parts_only, 0, classes=k)
-    row_h, title_h, pad, N = 21, 46, 16, e.num_coarse
-    block_h = 40 + N * row_h + 14
-    assert without.height == max(title_h + 224 + 44, title_h + k * block_h + pad)
-    assert with_global.height == max(title_h + 224 + 44, title_h + k * (block_h + row_h) + pad)
+    k, N = min(3, e.top_classes.shape[1]), e.num_coarse
+    for expl, rows in ((e, N + 1), (parts_only, N)):
+        blocks = render_evidence(expl, 0, classes=k).axes[1:]  # the regions panel, then one chart per class
+        assert len(blocks) == k
+        for ax, c in zip(blocks, expl.top_classes[0, :k]):
+            widths = [bar.get_width() for bar in ax.patches]
+            assert len(widths) == rows and [t.get_text() for t in ax.get_yticklabels()][-1] == \
+                ("global" if rows > N else f"concept {N - 1}")
+            expected = list(expl.evidence[0, :, c]) + ([expl.global_evidence[0, c]] if rows > N else [])
+            np.testing.assert_allclose(widths, expected, atol=1e-6)
 
 
 def test_rendering_is_deterministic():
@@ -134,8 +139,11 @@ def test_rendering_is_deterministic():
     for _ in range(2):
         e = explain(tiny_model(), _images())
         figs = [render_stage_regions(e, 1), render_evidence(e, 1), render_hierarchy(e, 1)]
-        digests.append([_png_digest(f) for f in figs] + [hashlib.sha256(hierarchy_svg(e, 1).encode()).hexdigest()])
-        assert all(f.mode == "RGB" and f.width > 200 and f.height > 200 for f in figs)
+        files = [figure_bytes(f, "png") for f in figs] + [figure_bytes(figs[2], fmt) for fmt in ("svg", "pdf")]
+        digests.append([hashlib.sha256(b).hexdigest() for b in files])
+        for png in files[:3]:
+            with Image.open(io.BytesIO(png)) as im:
+                assert im.width > 200 and im.height > 200
     assert digests[0] == digests[1]
 
 
@@ -149,11 +157,11 @@ def test_hierarchy_svg_shows_the_model_assignments(expl):
                 for n in range(q.shape[2]):
                     expected[(s, k, n)] = f"{q[0, k, n]:.2f}"
     assert expected and shown == expected
-    # thresholds: no printed weight below label_weight, no edge below min_weight
+    # thresholds: no printed weight below label_weight, exactly the edges of at least min_weight
     svg = hierarchy_svg(expl, 0, min_weight=0.45, label_weight=0.5)
     assert all(float(t) >= 0.5 for *_, t in WEIGHT_RE.findall(svg))
-    edges = re.findall(r'<path class="edge".*?<title>[^<]*: ([0-9.]+)</title>', svg)
-    assert all(float(w) >= 0.45 for w in edges)
+    edges = {tuple(map(int, e)) for e in re.findall(r'<g id="edge-(\d+)-(\d+)-(\d+)">', svg)}
+    assert edges == {key for key, text in expected.items() if expl.assignments[key[0]][0, key[1], key[2]] >= 0.45}
 
 
 def test_dataset_hierarchy_is_the_mean_over_present_concepts():
@@ -189,8 +197,25 @@ def test_concept_gallery():
         for index, crop, score in items:
             assert 0 <= index < len(data) and crop.shape == (20, 20, 3) and crop.dtype == np.uint8
             assert score == pytest.approx(float(e.maps[-1][index, k].max()), abs=1e-6)
-    rows = render_gallery(gallery, stage=2)
-    assert sorted(rows) == [0, 1] and all(r.width > 3 * 96 for r in rows.values())
+    texts = [t.get_text() for t in render_gallery(gallery, stage=2).axes[0].texts]  # a caption under every crop
+    assert [t for t in texts if t.startswith("#")] == \
+        [f"#{index} · {score:.2f}" for k in (0, 1) for index, _, score in gallery[k]]
+
+
+def test_gallery_captions_name_class_and_part():
+    from ivpt.explain.core import run_batches
+    from ivpt.explain.gallery import GalleryAccumulator, collate_images
+
+    model, data = tiny_model(), TinyDataset()
+    acc = GalleryAccumulator(-1, topk=2, patch=56)  # crops of the whole image: they hold every visible keypoint
+    kp, visible = torch.tensor([[10.0, 10.0], [30.0, 30.0]]), torch.tensor([False, True])
+    batch = collate_images([{**data[i], "keypoints": kp, "visible": visible} for i in range(len(data))])
+    for _, x, out in run_batches(model, [batch]):
+        acc.update(x, out, batch["index"].tolist(), batch)
+    captions, summary = acc.captions(data.class_names, ["beak", "wing"])
+    for k, items in acc.result().items():
+        assert captions[k] == [f"class {data[i]['label']}\npart: wing" for i, _, _ in items]
+        assert summary[k] == "shows wing\nin 2 of 2"
 
 
 def _write_images(folder: Path, count: int) -> list[str]:
@@ -220,8 +245,71 @@ def test_cli_explain_writes_figures_and_index(tmp_path):
             assert png.is_file() and f'src="{png.name}"' in html
             with Image.open(png) as im:
                 assert im.width > 200
-        assert (out / f"{j:02d}_bird_{j}_hierarchy.svg").read_text().startswith("<svg")
-    assert "Warbler" in html
+    assert "Warbler" in html and not list(out.glob("*.svg"))
+
+
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_cli_explain_format_writes_every_figure_in_it(tmp_path, fmt):
+    import xml.etree.ElementTree as ET
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    out = tmp_path / "explained"
+    assert main(["explain", str(ckpt), *_write_images(tmp_path / "in", 1), "--out", str(out), "--weights",
+                 "random", "--format", fmt]) == 0
+    files = sorted(out.glob("00_bird_0_*"))
+    assert [f.name for f in files] == [f"00_bird_0_{kind}.{fmt}" for kind in ("evidence", "hierarchy", "regions")]
+    html = (out / "index.html").read_text()
+    for f in files:
+        assert f'href="{f.name}"' in html if fmt == "pdf" else f'src="{f.name}"' in html
+        if fmt == "svg":
+            root = ET.fromstring(f.read_bytes())  # well-formed XML
+            assert root.tag.endswith("svg") and "<svg" in f.read_text()
+            assert "predicted" in f.read_text() or "stage" in f.read_text()  # text stays text (editable)
+        else:
+            assert f.read_bytes().startswith(b"%PDF") and f.read_bytes().rstrip().endswith(b"%%EOF")
+    assert not list(out.glob("*.png"))
+
+
+def test_training_figure_plots_validation_and_concept_health(tmp_path):
+    log = tmp_path / "log.csv"
+    with open(log, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "total", "classification", "val_top1", "alive_s0", "entropy_s0", "alive_s1",
+                         "entropy_s1"])
+        for step in range(1, 7):  # health and validation are filled in the last row of each epoch only
+            end = step % 3 == 0
+            writer.writerow([1 + (step - 1) // 3, step, 3.0 / step, 2.0 / step] +
+                            ([40 + step, 0.75, 0.3, 1.0, 0.2] if end else [""] * 5))
+    fig = training_figure(read_log(log))
+    lines = {ax.get_title(loc="left"): [line.get_label().split()[0] for line in ax.get_lines()
+                                        if not line.get_label().startswith("_")] for ax in fig.axes}  # not epoch marks
+    alive = next(t for t in lines if t.startswith("concepts alive"))
+    entropy = next(t for t in lines if t.startswith("map entropy"))
+    assert lines[alive] == ["alive_s0", "alive_s1"] and lines[entropy] == ["entropy_s0", "entropy_s1"]
+    assert lines["validation accuracy (%) · last 46"] == ["val_top1"] and lines["total loss · last 0.5"] == ["total"]
+    (val, *_) = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("validation")).get_lines()
+    assert list(val.get_xdata()) == [3, 6] and list(val.get_ydata()) == [43, 46]  # the epochs' points, joined
+    without = training_figure({k: v for k, v in read_log(log).items() if not k.startswith(("alive", "entropy_s"))})
+    assert not [ax for ax in without.axes if ax.get_title(loc="left").startswith(("concepts alive", "map entropy"))]
+
+
+def test_pages_escape_a_class_name(tmp_path):
+    """jinja2 autoescapes: a class named like markup is shown as text in both pages, never run."""
+    name = "<script>alert(1)</script>"
+    ckpt = tmp_path / "run" / "best"
+    tiny_model(num_classes=2).save_pretrained(ckpt, extra={"class_names": [name, "Bird_1"]})
+    out = tmp_path / "explained"
+    assert main(["explain", str(ckpt), *_write_images(tmp_path / "in", 1), "--out", str(out), "--weights",
+                 "random", "--topk", "2"]) == 0
+    data = _write_cub(tmp_path / "cub", 4)
+    (data / "classes.txt").write_text(f"1 {name}\n2 Bird_1\n")
+    assert main(["report", str(ckpt), "--data", str(data), "--out", str(tmp_path / "rep"), "--weights", "random",
+                 "--samples", "2", "--split", "train"]) == 0
+    for page in (out / "index.html", tmp_path / "rep" / "index.html"):
+        html = page.read_text()
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and name not in html
+        assert html.count("<script>") == 1  # the page's own image check only
 
 
 def _write_cub(root: Path, n: int = 8) -> Path:
@@ -274,10 +362,14 @@ def test_cli_report_sections(report):
     html = report.read_text()
     for anchor in ("metrics", "training", "hierarchy", "gallery-2", "gallery-0", "samples"):
         assert f'id="{anchor}"' in html
-    assert "81.2" in html and "72.5" in html  # metric cards
-    assert html.count('class="chart"') == 4  # total, classification, learning rate, throughput
+    assert "81.2" in html and "72.5" in html  # metric table
+    # one line per metric: what it measures and which way is better
+    assert "share of images whose highest logit is their label" in html and "↑ higher is better" in html
+    assert html.count('alt="training curves"') == 1
     assert html.count('class="card sample"') == 3
-    assert 'class="hierarchy"' in html
+    assert 'alt="concept hierarchy"' in html
+    assert "4 foreground + background" in html and "n_pro 5" not in html  # prototype counts said one way
+    assert "ground-truth part whose keypoint" in html  # the dataset has keypoints: the galleries name parts
     srcs = re.findall(r'<img src="([^"]+)"', html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
 

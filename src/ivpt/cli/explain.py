@@ -1,5 +1,5 @@
-"""``ivpt explain CHECKPOINT IMAGE... --out DIR``: concept regions, hierarchy and class evidence for each image,
-as PNGs plus ``DIR/index.html`` showing them."""
+"""``ivpt explain CHECKPOINT IMAGE... --out DIR [--format png|svg|pdf]``: concept regions, hierarchy and class
+evidence for each image, as figure files plus ``DIR/index.html`` showing them."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    parser.add_argument("--format", default="png", choices=["png", "svg", "pdf"],
+                        help="file format of every figure (default png; svg and pdf keep text editable)")
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
                         help="load even if the backbone weights differ from those the checkpoint was trained on")
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         print(f"error: none of the {len(paths)} image(s) could be read; nothing was explained", file=sys.stderr)
         return 2
-    index = write_explained_images(Explanation.concat(parts), [p.name for p in done], args.out)
+    index = write_explained_images(Explanation.concat(parts), [p.name for p in done], args.out, fmt=args.format)
     skipped = f" ({len(paths) - len(done)} unreadable image(s) skipped)" if len(done) < len(paths) else ""
     print(f"written {len(done)} explanation(s) to {args.out}{skipped}; open {index}")
     return 0

@@ -1,7 +1,7 @@
 """Compute explanations: run the model once and keep everything a figure needs, as plain numpy arrays.
 
 Nothing here draws; :mod:`ivpt.explain.render` and :mod:`ivpt.explain.hierarchy` turn an :class:`Explanation` or a
-:class:`Hierarchy` into images without touching the model again. Shapes: B images, m prompted stages, n_i
+:class:`Hierarchy` into matplotlib figures without touching the model again. Shapes: B images, m prompted stages, n_i
 prototypes of stage i (P_i = n_i - 1 foreground + background last), N coarse concepts, C classes, (h, w) patch
 grid, (H, W) input pixels.
 """
@@ -16,17 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Explanation",
-    "Hierarchy",
-    "explain",
-    "dataset_hierarchy",
-    "denormalise",
-    "stage_title",
-    "paper_stage",
-]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Explanation", "Hierarchy", "explain", "dataset_hierarchy", "denormalise",
+           "stage_title", "paper_stage", "prototype_count", "upsample_labels"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +32,16 @@ def denormalise(
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def upsample_labels(maps: np.ndarray | Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Argmax concept of every pixel after bilinear upsampling of soft maps (n, h, w) or (B, n, h, w) to ``size``
+    (smooth region boundaries at any display size); int16 (H, W) or (B, H, W)."""
+    t = torch.as_tensor(maps, dtype=torch.float32)
+    up = torch.nn.functional.interpolate(t[None] if t.dim() == 3 else t, size=tuple(size), mode="bilinear",
+                                         align_corners=False)
+    labels = up.argmax(dim=1).to(torch.int16).numpy()
+    return labels[0] if t.dim() == 3 else labels
+
+
 def stage_title(stage: int, n_pro: Sequence[int], depth: int) -> str:
     """Where stage ``stage`` sits, e.g. 'input of block 8' or 'output of last block' (``depth`` <= 0: unknown
     backbone depth, so only 'prompted stage')."""
@@ -48,6 +49,11 @@ def stage_title(stage: int, n_pro: Sequence[int], depth: int) -> str:
     if stage >= m:
         return "output of last block"
     return f"input of block {depth - m + stage}" if depth > 0 else "prompted stage"
+
+
+def prototype_count(n: int) -> str:
+    """How every figure and page says a stage's ``n`` prototypes (one of them the background)."""
+    return f"{n - 1} foreground + background"
 
 
 def paper_stage(n_pro: Sequence[int]) -> int | None:
@@ -181,15 +187,8 @@ def _depth(model: nn.Module) -> int:
     return len(model.backbone.blocks)
 
 
-def explain(
-    model: nn.Module,
-    images: Tensor,
-    *,
-    class_names: Sequence[str] | None = None,
-    topk: int = 5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Explanation:
+def explain(model: nn.Module, images: Tensor, *, class_names: Sequence[str] | None = None, topk: int = 5,
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Explanation:
     """Explain a batch of images with one forward pass (eval mode, no gradient).
 
     Args:
@@ -202,35 +201,21 @@ def explain(
     with _eval_mode(model):
         x = images.to(_device(model))
         out = model(x)
-        H, W = x.shape[-2:]
-        maps = [s.float() for s in out.maps]
-        labels = [
-            torch.nn.functional.interpolate(s, size=(H, W), mode="bilinear", align_corners=False)
-            .argmax(dim=1).to(torch.int16).cpu().numpy()
-            for s in maps
-        ]
+        maps = [s.float().cpu() for s in out.maps]
         logits = out.logits.float()
         evidence = out.part_logits.float() * model.logit_weights()[0]
         probs = logits.softmax(dim=-1)
-        k = min(topk, logits.shape[-1])
-        top_p, top_c = probs.topk(k, dim=-1)
+        top_p, top_c = probs.topk(min(topk, logits.shape[-1]), dim=-1)
+        global_evidence = logits - evidence.sum(dim=1) if model.cfg.global_part else torch.zeros_like(logits)
         return Explanation(
-            images=denormalise(images, mean=mean, std=std),
-            maps=[s.cpu().numpy() for s in maps],
-            labels=labels,
+            images=denormalise(images, mean=mean, std=std), maps=[s.numpy() for s in maps],
+            labels=[upsample_labels(s, tuple(x.shape[-2:])) for s in maps],
             present=[(c > 0).cpu().numpy() for c in out.region_counts],
-            assignments=[q.float().cpu().numpy() for q in out.assignments],
-            evidence=evidence.cpu().numpy(),
-            global_evidence=(logits - evidence.sum(dim=1) if model.cfg.global_part
-                             else torch.zeros_like(logits)).cpu().numpy(),
-            logits=logits.cpu().numpy(),
-            probs=probs.cpu().numpy(),
-            top_classes=top_c.cpu().numpy(),
-            top_probs=top_p.cpu().numpy(),
-            class_names=list(class_names) if class_names is not None else None,
-            n_pro=list(model.cfg.n_pro),
-            depth=_depth(model),
-        )
+            assignments=[q.float().cpu().numpy() for q in out.assignments], evidence=evidence.cpu().numpy(),
+            global_evidence=global_evidence.cpu().numpy(), logits=logits.cpu().numpy(), probs=probs.cpu().numpy(),
+            top_classes=top_c.cpu().numpy(), top_probs=top_p.cpu().numpy(),
+            class_names=list(class_names) if class_names is not None else None, n_pro=list(model.cfg.n_pro),
+            depth=_depth(model))
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -256,11 +241,8 @@ class HierarchyAccumulator:
         present = [(c[:, :-1] > 0).double() for c in out.region_counts[: len(out.assignments)]]  # (B, P_i)
         sums = [(q.double() * p[..., None]).sum(0).cpu() for q, p in zip(out.assignments, present)]
         counts = [p.sum(0).cpu() for p in present]
-        if self.sums is None:
-            self.sums, self.counts = sums, counts
-        else:
-            self.sums = [a + b for a, b in zip(self.sums, sums)]
-            self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
+        self.counts = counts if self.counts is None else [a + b for a, b in zip(self.counts, counts)]
         self.num_images += out.logits.shape[0]
 
     def result(self, n_pro: Sequence[int], depth: int) -> Hierarchy:

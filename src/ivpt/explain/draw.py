@@ -1,190 +1,108 @@
-"""Drawing primitives shared by every figure: the one concept palette, fonts, text chips and the region overlay.
+"""What every figure shares: the one concept palette, the region overlay and writing a matplotlib figure.
 
-Colour rule used by all views (regions, hierarchy, evidence, galleries, HTML): concept ``k`` of any stage is drawn
-in ``concept_color(k)``. A concept's id is stable across images, so the same colour always means the same
-prototype of that stage; the final stage's colours are also the coarse concepts' colours in the hierarchy and
-the evidence bars. Background is never coloured.
+Colour rule of all views (regions, hierarchy, evidence, galleries): concept ``k`` of any stage is drawn in
+``concept_color(k)``; the final stage's colours are also the coarse concepts' colours in the hierarchy and the
+evidence bars. Background is never coloured. Figures are built with matplotlib's object API (``Figure``, Agg:
+no display, no pyplot state), so a researcher restyles them with ordinary matplotlib and saves PNG, SVG or PDF.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import base64
+import io
+from pathlib import Path
 
+import matplotlib
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
 
-__all__ = [
-    "PALETTE",
-    "concept_color",
-    "hex_color",
-    "text_color_on",
-    "ink_color",
-    "font",
-    "text_size",
-    "upsample_labels",
-    "overlay_regions",
-    "draw_chip",
-]
+from .core import upsample_labels
 
-# Categorical palette: tab10 without its grey (grey reads as background), then lighter and extra hues. Fixed, so
-# figures from different runs and images compare directly. Concepts beyond 20 reuse colours (ids stay labelled).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (57, 59, 121),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (0, 128, 128), (231, 186, 82), (132, 60, 57), (158, 218, 229), (206, 109, 189),
-)
+__all__ = ["FORMATS", "PALETTE", "concept_color", "concept_rgb", "shorten", "boundaries", "show_regions",
+           "save_figure", "figure_bytes", "data_uri"]
 
-BACKGROUND_TEXT = (90, 90, 90)
+FORMATS = ("png", "svg", "pdf")
+# tab10 without its grey (grey reads as background), then lighter and extra hues; concepts beyond 20 reuse colours.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#393b79", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#008080", "#e7ba52", "#843c39",
+           "#9edae5", "#ce6dbd")
+MUTED = "#6b6b6b"  # secondary text
+# Text editable in SVG/PDF (fonts named, not outlined); fixed SVG ids and no dates, so equal figures give equal files.
+SAVE_RC = {"svg.fonttype": "none", "svg.hashsalt": "ivpt", "pdf.fonttype": 42}
+METADATA = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
-def concept_color(k: int) -> tuple[int, int, int]:
-    """RGB colour of concept ``k`` (any stage)."""
+def shorten(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def concept_color(k: int) -> str:
+    """Colour of concept ``k`` (any stage) as '#rrggbb'."""
     return PALETTE[k % len(PALETTE)]
 
 
-def hex_color(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
+def concept_rgb(k: int) -> np.ndarray:
+    """``concept_color(k)`` as uint8 RGB."""
+    return (np.array(matplotlib.colors.to_rgb(concept_color(k))) * 255).round().astype(np.uint8)
 
 
-def _luminance(rgb: tuple[int, int, int]) -> float:
-    r, g, b = rgb
-    return 0.299 * r + 0.587 * g + 0.114 * b
-
-
-def text_color_on(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Black or white, whichever reads better on a fill of colour ``rgb``."""
-    return (20, 20, 20) if _luminance(rgb) > 150 else (255, 255, 255)
-
-
-def ink_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    """``rgb`` darkened just enough to be legible as text or a thin line on white paper."""
-    lum = _luminance(rgb)
-    if lum <= 140:
-        return rgb
-    f = 140.0 / lum
-    return tuple(int(c * f) for c in rgb)  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=None)
-def font(size: int = 13) -> ImageFont.ImageFont:
-    """Pillow's bundled font at ``size`` px (a scalable TrueType on Pillow >= 10.1, else the fixed bitmap one),
-    so figures need no system fonts and render identically everywhere the same Pillow is installed."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        return ImageFont.load_default()
-
-
-def text_size(text: str, fnt: ImageFont.ImageFont) -> tuple[int, int]:
-    """(width, height) of ``text`` drawn in ``fnt``: the ink box from the drawing origin."""
-    left, top, right, bottom = fnt.getbbox(text)
-    return int(right), int(bottom)
-
-
-def upsample_labels(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Argmax concept of every pixel after bilinear upsampling of soft maps.
-
-    Args:
-        maps: (n, h, w) or (B, n, h, w) soft maps.
-        size: (H, W) output resolution.
-    Returns:
-        int16 labels (H, W) or (B, H, W). Upsampling the soft maps before the argmax (rather than upsampling the
-        labels) gives smooth region boundaries at any display size.
-    """
-    t = torch.as_tensor(maps, dtype=torch.float32)
-    single = t.dim() == 3
-    if single:
-        t = t[None]
-    up = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
-    labels = up.argmax(dim=1).to(torch.int16).numpy()
-    return labels[0] if single else labels
-
-
-def _boundaries(labels: np.ndarray) -> np.ndarray:
-    """Boolean (H, W): pixels whose right or lower neighbour has another label, thickened to two pixels."""
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask of the pixels of ``labels`` (H, W) with a 4-neighbour of another label (both sides of a border)."""
     edge = np.zeros(labels.shape, dtype=bool)
-    dx = labels[:, 1:] != labels[:, :-1]
-    dy = labels[1:, :] != labels[:-1, :]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
+    for a, b, before, after in ((labels[:, 1:], labels[:, :-1], np.s_[:, 1:], np.s_[:, :-1]),
+                                (labels[1:], labels[:-1], np.s_[1:], np.s_[:-1])):
+        edge[before] |= a != b
+        edge[after] |= a != b
     return edge
 
 
-def draw_chip(
-    draw: ImageDraw.ImageDraw,
-    xy: tuple[float, float],
-    text: str,
-    fill: tuple[int, int, int],
-    *,
-    fnt: ImageFont.ImageFont,
-    anchor_center: bool = True,
-    outline: tuple[int, int, int] | None = (255, 255, 255),
-    pad: int = 3,
-) -> tuple[int, int, int, int]:
-    """A rounded label box filled with ``fill`` holding ``text``; centred on ``xy`` (or with top-left at it).
+def show_regions(ax: Axes, image: np.ndarray, maps: np.ndarray | None, *, size: int = 224, alpha: float = 0.5,
+                 ids: bool = True) -> np.ndarray | None:
+    """Draw ``image`` (H, W, 3) uint8 on ``ax`` with each foreground concept's argmax region of ``maps`` (n, h, w;
+    background last) tinted in its colour, boundaries in white, background desaturated and ids at the regions.
 
-    Returns the box (x0, y0, x1, y1)."""
-    tw, th = text_size(text, fnt)
-    w, h = tw + 2 * pad + 2, th + 2 * pad
-    x, y = xy
-    x0, y0 = (int(round(x - w / 2)), int(round(y - h / 2))) if anchor_center else (int(x), int(y))
-    box = (x0, y0, x0 + w, y0 + h)
-    draw.rounded_rectangle(box, radius=min(5, h // 2), fill=fill, outline=outline, width=1 if outline else 0)
-    draw.text((x0 + pad + 1, y0 + pad), text, font=fnt, fill=text_color_on(fill))
-    return box
-
-
-def _label_point(mask: np.ndarray) -> tuple[int, int]:
-    """A point inside ``mask`` close to its centroid (the centroid itself may fall outside a concave region)."""
-    ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean(), xs.mean()
-    j = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-    return int(xs[j]), int(ys[j])
-
-
-def overlay_regions(
-    image: np.ndarray,
-    maps: np.ndarray,
-    *,
-    size: int = 256,
-    alpha: float = 0.5,
-    label_ids: bool = True,
-    font_size: int = 12,
-) -> Image.Image:
-    """The input with each foreground concept's argmax region tinted in its colour, boundaries and ids drawn.
-
-    Args:
-        image: (H, W, 3) uint8 input.
-        maps: (n, h, w) soft maps of one stage, background last.
-        size: length of the longer side of the returned image in pixels.
-        alpha: opacity of the concept tint.
-    Returns:
-        RGB PIL image. Background pixels keep the photo, slightly desaturated so the coloured regions stand out.
-    """
+    The longer side is resampled to ``size`` pixels first. Returns the labels (H', W'), or None without maps."""
     H, W = image.shape[:2]
     scale = size / max(H, W)
-    out_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
-    base = np.asarray(Image.fromarray(image).resize(out_hw[::-1], Image.BICUBIC), dtype=np.float32)
-    labels = upsample_labels(maps, out_hw)
-    n = maps.shape[0]
-    bg = labels == n - 1
+    hw = (max(1, round(H * scale)), max(1, round(W * scale)))
+    base = np.asarray(Image.fromarray(image).resize(hw[::-1], Image.BICUBIC), dtype=np.float32) / 255
+    ax.set_axis_off()
+    if maps is None:
+        ax.imshow(base)
+        return None
+    labels, n = upsample_labels(maps, hw), maps.shape[0]
+    bg = (labels == n - 1)[..., None]
+    colours = np.array([matplotlib.colors.to_rgb(concept_color(k)) for k in range(n - 1)] + [(0, 0, 0)])
     grey = base.mean(axis=-1, keepdims=True)
-    out = np.where(bg[..., None], 0.55 * base + 0.45 * grey * 0.85, base)
-    colors = np.array([concept_color(k) for k in range(n - 1)] + [(0, 0, 0)], dtype=np.float32)
-    tint = colors[labels]
-    out = np.where(bg[..., None], out, (1 - alpha) * out + alpha * tint)
-    edges = _boundaries(labels)
-    out[edges] = 0.25 * out[edges] + 0.75 * 255.0
-    img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    if label_ids:
-        draw = ImageDraw.Draw(img)
-        fnt = font(font_size)
-        for k in range(n - 1):
-            mask = labels == k
-            if mask.any():
-                draw_chip(draw, _label_point(mask), str(k), concept_color(k), fnt=fnt)
-    return img
+    out = np.where(bg, 0.55 * base + 0.38 * grey, (1 - alpha) * base + alpha * colours[labels])
+    edge = boundaries(labels)
+    out[edge] = 0.25 * out[edge] + 0.75
+    ax.imshow(out.clip(0, 1), interpolation="bilinear")
+    for k in range(n - 1) if ids else ():
+        ys, xs = np.nonzero(labels == k)
+        if ys.size:  # the region pixel nearest its centroid (the centroid may fall outside a concave region)
+            j = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            ax.text(xs[j], ys[j], str(k), ha="center", va="center", fontsize=8, fontweight="bold", color="white",
+                    bbox=dict(boxstyle="round,pad=0.2", fc=concept_color(k), ec="white", lw=0.8))
+    return labels
+
+
+def save_figure(fig: Figure, path: str | Path | io.BytesIO, fmt: str = "png", *, dpi: int = 150) -> None:
+    """Write ``fig`` as ``fmt`` (png, svg or pdf) with editable text, reproducibly (no dates, fixed ids)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format {fmt!r}: choose from {', '.join(FORMATS)}")
+    with matplotlib.rc_context(SAVE_RC):
+        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, metadata=METADATA[fmt],
+                    facecolor="white")
+
+
+def figure_bytes(fig: Figure, fmt: str = "png", *, dpi: int = 150) -> bytes:
+    buf = io.BytesIO()
+    save_figure(fig, buf, fmt, dpi=dpi)
+    return buf.getvalue()
+
+
+def data_uri(fig: Figure, *, dpi: int = 110) -> str:
+    """``data:image/png;base64,...`` of ``fig`` (what a self-contained page inlines)."""
+    return "data:image/png;base64," + base64.b64encode(figure_bytes(fig, "png", dpi=dpi)).decode("ascii")

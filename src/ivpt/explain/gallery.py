@@ -3,7 +3,8 @@
 A concept's score on an image is the maximum of its map S̃_i over the patch grid; the patch is a square crop of
 the input centred on the grid cell where the 3×3-averaged map peaks (the strongest neighbourhood, not a lone
 saturated cell). One batched pass over the dataset keeps a running top-k per concept, cropping only the
-candidates that enter it.
+candidates that enter it, with each crop's class label and, when the items carry keypoints, the ground-truth part
+it shows (the visible keypoint inside the crop nearest its centre) for the captions.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .core import IMAGENET_MEAN, IMAGENET_STD, denormalise, run_batches
-from .draw import concept_color, upsample_labels
+from .core import IMAGENET_MEAN, IMAGENET_STD, denormalise, run_batches, upsample_labels
+from .draw import boundaries, concept_rgb, shorten
 
 __all__ = ["concept_gallery", "GalleryAccumulator", "collate_images", "Gallery"]
 
@@ -24,15 +25,19 @@ Gallery = dict[int, list[tuple[int, np.ndarray, float]]]
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Tensor] | None:
-    """Stack only ``image`` and ``index`` of dataset items (other fields, such as keypoints, may not stack).
+    """Stack ``image`` and ``index`` of dataset items, and ``label``, ``keypoints`` and ``visible`` when every item
+    has them (other fields, such as masks, may not stack).
 
     Items that are None (unreadable images) are dropped; an all-None batch gives None."""
     items = [it for it in items if it is not None]
     if not items:
         return None
-    images = torch.stack([it["image"] for it in items])
-    index = torch.tensor([int(it.get("index", -1)) for it in items])
-    return {"image": images, "index": index}
+    out = {"image": torch.stack([it["image"] for it in items]),
+           "index": torch.tensor([int(it.get("index", -1)) for it in items])}
+    for key in ("label", "keypoints", "visible"):
+        if all(key in it for it in items):
+            out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+    return out
 
 
 def _crop_box(H: int, W: int, cy: float, cx: float, side: int) -> tuple[int, int, int]:
@@ -41,18 +46,6 @@ def _crop_box(H: int, W: int, cy: float, cx: float, side: int) -> tuple[int, int
     y0 = int(round(min(max(cy - side / 2, 0), H - side)))
     x0 = int(round(min(max(cx - side / 2, 0), W - side)))
     return y0, x0, side
-
-
-def _outline(crop: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
-    """``crop`` with the boundary of ``mask`` (the concept's region) drawn in ``color``."""
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    out = crop.copy()
-    out[mask & ~inner] = color
-    return out
 
 
 class GalleryAccumulator:
@@ -69,11 +62,16 @@ class GalleryAccumulator:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         self.stage, self.topk, self.patch, self.outline = stage, topk, patch, outline
         self.mean, self.std = tuple(mean), tuple(std)
-        # concept → [(rank key, (image index, crop, score))]; the key orders best first.
-        self.best: dict[int, list[tuple[tuple[float, float, int], tuple[int, np.ndarray, float]]]] = {}
+        # concept → [(rank key, (image index, crop, score), class label, part)]; the key orders best first.
+        self.best: dict[int, list[tuple[tuple[float, float, int], tuple[int, np.ndarray, float], int | None,
+                                        int | None]]] = {}
 
-    def update(self, x: Tensor, out: Any, indices: Sequence[int]) -> None:
-        """Add one batch: inputs ``x`` (B, 3, H, W), the model output, and each item's dataset index."""
+    def update(self, x: Tensor, out: Any, indices: Sequence[int], batch: Any = None) -> None:
+        """Add one batch: inputs ``x`` (B, 3, H, W), the model output, each item's dataset index and the batch
+        (its ``label``, ``keypoints`` and ``visible`` name the crops' class and part when present)."""
+        fields = batch if isinstance(batch, dict) else {}
+        labels_of = fields["label"].tolist() if "label" in fields else None
+        kp = fields["keypoints"].numpy() if "keypoints" in fields and "visible" in fields else None
         maps = out.maps[self.stage].float()  # (B, n, h, w)
         B, n, h, w = maps.shape
         fg = maps[:, :-1]
@@ -85,7 +83,7 @@ class GalleryAccumulator:
         H, W = x.shape[-2:]
         side = self.patch or max(8, int(round(0.4 * min(H, W))))
         images: np.ndarray | None = None
-        labels: dict[int, np.ndarray] = {}
+        regions: dict[int, np.ndarray] = {}
         for k in range(n - 1):
             current = self.best.setdefault(k, [])
             for b in range(B):
@@ -98,15 +96,44 @@ class GalleryAccumulator:
                 y0, x0, sd = _crop_box(H, W, (gy + 0.5) * H / h, (gx + 0.5) * W / w, side)
                 crop = np.ascontiguousarray(images[b, y0 : y0 + sd, x0 : x0 + sd])
                 if self.outline:
-                    if b not in labels:
-                        labels[b] = upsample_labels(maps[b].cpu(), (H, W))
-                    crop = _outline(crop, labels[b][y0 : y0 + sd, x0 : x0 + sd] == k, concept_color(k))
-                current.append((key, (int(indices[b]), crop, float(scores[b, k]))))
+                    if b not in regions:
+                        regions[b] = upsample_labels(maps[b].cpu(), (H, W))
+                    mask = regions[b][y0 : y0 + sd, x0 : x0 + sd] == k
+                    crop = crop.copy()
+                    crop[mask & boundaries(mask)] = concept_rgb(k)  # the concept's region outlined in its colour
+                part = None
+                if kp is not None:  # the visible keypoint inside the crop nearest its centre
+                    inside = fields["visible"][b].numpy().astype(bool) & (kp[b, :, 0] >= x0) & \
+                        (kp[b, :, 0] < x0 + sd) & (kp[b, :, 1] >= y0) & (kp[b, :, 1] < y0 + sd)
+                    if inside.any():
+                        dist = ((kp[b, :, 0] - x0 - sd / 2) ** 2 + (kp[b, :, 1] - y0 - sd / 2) ** 2)
+                        part = int(np.argmin(np.where(inside, dist, np.inf)))
+                label = None if labels_of is None else int(labels_of[b])
+                current.append((key, (int(indices[b]), crop, float(scores[b, k])), label, part))
                 current.sort(key=lambda t: t[0])
                 del current[self.topk :]
 
     def result(self) -> Gallery:
-        return {k: [entry for _, entry in v] for k, v in sorted(self.best.items())}
+        return {k: [entry for _, entry, _, _ in v] for k, v in sorted(self.best.items())}
+
+    def captions(self, class_names: Sequence[str] | None = None, part_names: Sequence[str] | None = None
+                 ) -> tuple[dict[int, list[str]], dict[int, str]]:
+        """({concept: one caption per crop: class name, and the part shown when keypoints were given},
+        {concept: the part most of its crops show, e.g. 'shows head in 5 of 8'})."""
+        def name(names: Sequence[str] | None, j: int, what: str) -> str:
+            return str(names[j]) if names is not None and 0 <= j < len(names) else f"{what} {j}"
+
+        captions, summary = {}, {}
+        for k, entries in sorted(self.best.items()):
+            lines, parts = [], [p for *_, p in entries if p is not None]
+            for _, _, label, part in entries:
+                text = "" if label is None else shorten(name(class_names, label, "class"), 18)
+                lines.append(text + ("" if part is None else f"\npart: {name(part_names, part, 'part')}"))
+            captions[k] = lines
+            if parts:
+                top = max(set(parts), key=lambda p: (parts.count(p), -p))
+                summary[k] = f"shows {name(part_names, top, 'part')}\nin {parts.count(top)} of {len(entries)}"
+        return captions, summary
 
 
 def batch_indices(batch: Any, start: int, size: int) -> list[int]:
@@ -128,19 +155,9 @@ def loader_for(dataset: Dataset | Iterable[Any], *, batch_size: int = 32, num_wo
     return dataset
 
 
-def concept_gallery(
-    model: nn.Module,
-    dataset: Dataset | Iterable[Any],
-    stage: int,
-    *,
-    topk: int = 8,
-    patch: int | None = None,
-    outline: bool = True,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Gallery:
+def concept_gallery(model: nn.Module, dataset: Dataset | Iterable[Any], stage: int, *, topk: int = 8,
+                    patch: int | None = None, outline: bool = True, batch_size: int = 32, num_workers: int = 0,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Gallery:
     """Top-``topk`` patches of every foreground concept of ``stage`` over ``dataset``, in one batched pass.
 
     Args:
@@ -158,6 +175,6 @@ def concept_gallery(
     acc = GalleryAccumulator(stage, topk=topk, patch=patch, outline=outline, mean=mean, std=std)
     seen = 0
     for batch, x, out in run_batches(model, loader_for(dataset, batch_size=batch_size, num_workers=num_workers)):
-        acc.update(x, out, batch_indices(batch, seen, x.shape[0]))
+        acc.update(x, out, batch_indices(batch, seen, x.shape[0]), batch)
         seen += x.shape[0]
     return acc.result()

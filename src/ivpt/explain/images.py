@@ -12,27 +12,14 @@ from torch import Tensor
 from ..config import DataConfig
 from ..data.transforms import Sample, apply_transform, build_eval_transform
 
-__all__ = ["load_images", "load_readable_images"]
-
-
-def load_images(paths: Sequence[str | Path], size: int, *, data: DataConfig | None = None) -> Tensor:
-    """Read ``paths`` with PIL and return normalised (B, 3, size, size) images.
-
-    Args:
-        size: model input side in pixels.
-        data: resize / mean / std settings (the defaults: ImageNet statistics, shorter side = ``size``).
-    """
-    transform = build_eval_transform(data or DataConfig(), size)
-    tensors = []
-    for path in paths:
-        with Image.open(path) as im:
-            tensors.append(apply_transform(Sample(image=im.convert("RGB")), transform).image)
-    return torch.stack(tensors)
+__all__ = ["load_readable_images"]
 
 
 def load_readable_images(paths: Sequence[str | Path], size: int, *, data: DataConfig | None = None
                          ) -> tuple[Tensor | None, list[int], dict[int, str]]:
-    """:func:`load_images` that skips what PIL cannot decode (not an image, truncated, a decompression bomb).
+    """Read ``paths`` with PIL as normalised (B, 3, size, size) images (``data``: resize / mean / std settings, by
+    default ImageNet statistics and shorter side = ``size``), skipping what PIL cannot decode (not an image,
+    truncated, a decompression bomb).
 
     Returns (images of the readable files or None when there is none, their positions in ``paths``,
     {position: reason} of the others)."""

@@ -1,118 +1,59 @@
-"""Figures drawn from an :class:`~ivpt.explain.core.Explanation` (or a gallery); nothing here runs the model.
-
-All functions return RGB PIL images composed with Pillow only (no plotting library), using the palette of
-:mod:`ivpt.explain.draw`, so concept ``k`` has the same colour in the region, evidence and gallery views.
+"""Figures of one explained image or of a gallery: plain matplotlib ``Figure`` objects to restyle at will and save
+with :func:`ivpt.explain.draw.save_figure` (PNG, SVG, PDF). Nothing here runs the model; colours follow
+:func:`ivpt.explain.draw.concept_color`, so concept ``k`` looks the same in the region, evidence and gallery views.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
 
-from .core import Explanation
-from .draw import (
-    concept_color,
-    draw_chip,
-    font,
-    ink_color,
-    overlay_regions,
-    text_size,
-)
+from .core import Explanation, prototype_count
+from .draw import MUTED, concept_color, concept_rgb, shorten, show_regions
 
-__all__ = ["render_stage_regions", "render_evidence", "render_gallery", "stack_images"]
+__all__ = ["render_stage_regions", "render_evidence", "render_gallery", "render_part_map"]
 
-PAPER = (255, 255, 255)
-INK = (34, 34, 34)
-MUTED = (115, 115, 115)
-GLOBAL_COLOR = (90, 90, 90)  # the global part (model.global_part) in the evidence figure
-RULE = (225, 225, 225)
-PAD = 16
+GLOBAL_COLOR = "#5a5a5a"  # the global part (model.global_part) in the evidence figure
 
 
-def _fit(text: str, fnt: ImageFont.ImageFont, width: int) -> str:
-    """``text`` shortened with an ellipsis to fit ``width`` pixels."""
-    if text_size(text, fnt)[0] <= width:
-        return text
-    while text and text_size(text + "…", fnt)[0] > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def _title(draw: ImageDraw.ImageDraw, expl: Explanation, i: int, width: int, title: str | None) -> None:
+def _title(fig: Figure, expl: Explanation, i: int, title: str | None) -> None:
     c, p = int(expl.top_classes[i, 0]), float(expl.top_probs[i, 0])
-    text = f"{title or f'Image {i}'} · predicted: {expl.class_name(c)} ({p:.1%})"
-    draw.text((PAD, 14), _fit(text, font(16), width - 2 * PAD), font=font(16), fill=INK)
-
-
-def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, items: list[tuple[int, float]],
-            height: int) -> None:
-    """Colour chips 'k  area%' for the concepts of one stage, in columns that fit ``height``."""
-    fnt = font(12)
-    row_h = 20
-    per_col = max(1, height // row_h)
-    cols = max(1, -(-len(items) // per_col))
-    col_w = width // cols
-    for j, (k, share) in enumerate(items):
-        cx, cy = x + (j // per_col) * col_w, y + (j % per_col) * row_h
-        draw_chip(draw, (cx, cy), f"{k:>2}", concept_color(k), fnt=fnt, anchor_center=False, outline=None)
-        text = f"{share:.0%}" if share >= 0.005 else "<1%"
-        draw.text((cx + 30, cy + 3), text, font=fnt, fill=MUTED)
+    fig.suptitle(f"{title or f'Image {i}'} · predicted: {expl.class_name(c)} ({p:.1%})", x=0.01, ha="left",
+                 fontsize=11)
 
 
 def render_stage_regions(expl: Explanation, i: int, *, size: int = 224, alpha: float = 0.5,
-                         title: str | None = None) -> Image.Image:
-    """Image ``i`` with every stage's argmax concept regions overlaid, one row per stage (fine to coarse).
+                         title: str | None = None) -> Figure:
+    """Image ``i`` and every stage's argmax concept regions, one panel per stage (fine to coarse, left to right).
 
-    The first row shows the input and the top predictions; each stage row shows the regions (concept ids at
-    their centroids, boundaries in white, background left uncoloured) and a legend of the concepts present with
-    the share of the image each claims.
-
-    Args:
-        expl: an explanation; ``i`` indexes its batch.
-        size: side of each image panel in pixels.
-        alpha: opacity of the concept colours.
-        title: heading (default 'Image i'), followed by the predicted class.
-    """
-    label_w, legend_w, title_h = 150, 220, 46
-    width = PAD + label_w + size + PAD + legend_w + PAD
-    rows = expl.num_stages + 1
-    height = title_h + rows * (size + PAD) + PAD // 2
-    fig = Image.new("RGB", (width, height), PAPER)
-    draw = ImageDraw.Draw(fig)
-    _title(draw, expl, i, width, title)
-    f_head, f_sub = font(14), font(12)
-    x_img, x_leg = PAD + label_w, PAD + label_w + size + PAD
-
-    def row_label(y: int, lines: list[str]) -> None:
-        draw.text((PAD, y + 6), lines[0], font=f_head, fill=INK)
-        for j, line in enumerate(lines[1:]):
-            draw.text((PAD, y + 28 + 17 * j), _fit(line, f_sub, label_w - 8), font=f_sub, fill=MUTED)
-
-    y = title_h
+    Each stage panel names where the stage sits, how many of its concepts claim a region and the background share;
+    its legend gives each present concept's share of the image. The input panel lists the top classes."""
+    fig = Figure(figsize=(2.2 * (expl.num_stages + 1), 3.9), layout="constrained")
+    axes = fig.subplots(1, expl.num_stages + 1)
+    _title(fig, expl, i, title)
     image = expl.images[i]
-    shown = Image.fromarray(image).resize(_fit_size(image.shape[:2], size), Image.BICUBIC)
-    fig.paste(shown, (x_img, y))
-    row_label(y, ["input", f"{image.shape[1]} x {image.shape[0]} px"])
-    draw.text((x_leg, y + 4), "top classes", font=f_sub, fill=MUTED)
-    for j in range(min(5, expl.top_classes.shape[1])):
-        c, p = int(expl.top_classes[i, j]), float(expl.top_probs[i, j])
-        draw.text((x_leg, y + 24 + 19 * j), _fit(f"{p:6.1%}  {expl.class_name(c)}", f_sub, legend_w),
-                  font=f_sub, fill=INK if j == 0 else MUTED)
-
-    for s in range(expl.num_stages):
-        y += size + PAD
-        draw.line([(PAD, y - PAD // 2), (width - PAD, y - PAD // 2)], fill=RULE, width=1)
+    show_regions(axes[0], image, None, size=size)
+    axes[0].set_title(f"input\n{image.shape[1]} × {image.shape[0]} px", fontsize=8, linespacing=1.25)
+    top = [f"{float(expl.top_probs[i, j]):6.1%}  {shorten(expl.class_name(int(expl.top_classes[i, j])))}"
+           for j in range(min(5, expl.top_classes.shape[1]))]
+    axes[0].text(0, -0.04, "top classes\n" + "\n".join(top), transform=axes[0].transAxes, va="top", fontsize=7)
+    for s, ax in enumerate(axes[1:]):
         maps = expl.maps[s][i]
         n = maps.shape[0]
-        fig.paste(overlay_regions(image, maps, size=size, alpha=alpha), (x_img, y))
-        labels = expl.labels[s][i]
+        labels = show_regions(ax, image, maps, size=size, alpha=alpha)
         shares = np.bincount(labels.ravel().astype(np.int64), minlength=n) / labels.size
-        present = [(k, float(shares[k])) for k in np.argsort(-shares[:-1], kind="stable") if shares[k] > 0]
+        present = [k for k in np.argsort(-shares[:-1], kind="stable") if shares[k] > 0]
         coarse = " · coarse" if s == expl.num_stages - 1 else ""
-        row_label(y, [f"stage {s}{coarse}", expl.stage_title(s), f"{len(present)} of {n - 1} concepts",
-                      f"background {shares[-1]:.0%}"])
-        _legend(draw, x_leg, y + 4, legend_w, present, size - 8)
+        ax.set_title(f"stage {s}{coarse}\n{expl.stage_title(s)}\n{prototype_count(n)}\n{len(present)} present · "
+                     f"background {shares[-1]:.0%}", fontsize=8, linespacing=1.25)
+        handles = [Patch(color=concept_color(int(k)), label=f"{k}: {shares[k]:.0%}" if shares[k] >= 0.005
+                         else f"{k}: <1%") for k in present]
+        if handles:
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7,
+                      frameon=False, handlelength=0.9, columnspacing=0.8, handletextpad=0.4)
     return fig
 
 
@@ -122,132 +63,92 @@ def _signed(v: float) -> str:
     return "0.00" if text in ("+0.00", "-0.00") else text
 
 
-def _fit_size(hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(width, height) with the longer side ``size`` keeping the aspect ratio of ``hw``."""
-    h, w = hw
-    scale = size / max(h, w)
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
 def render_evidence(expl: Explanation, i: int, *, classes: int = 3, size: int = 224,
-                    title: str | None = None) -> Image.Image:
+                    title: str | None = None) -> Figure:
     """Why image ``i`` got its top classes: each coarse concept's contribution to each class logit.
 
-    Left: the final stage's regions (coloured as the bars). Right: one block per top class, one horizontal bar
-    per coarse concept (and one for the global part, ``model.global_part``), rightwards for positive and leftwards
-    for negative contributions, on one shared scale; the contributions of a class add up to its logit.
-
-    Args:
-        classes: how many of the top classes to show.
-        size: side of the region panel in pixels.
-        title: heading (default 'Image i'), followed by the predicted class.
-    """
-    N = expl.num_coarse
-    k = min(classes, expl.top_classes.shape[1])
+    Left: the final stage's regions (coloured as the bars). Right: one bar chart per top class, one bar per coarse
+    concept (and one for the global part, ``model.global_part``), on one shared scale; the bars of a class add up
+    to its logit. A concept absent from the image (no region) is hatched: its pooled feature is zero, and what it
+    still adds comes from the joint normalisation (``modulation``) of all parts, not from a region of the image."""
+    N, k, present = expl.num_coarse, min(classes, expl.top_classes.shape[1]), expl.present[-1][i]
     chosen = [int(c) for c in expl.top_classes[i, :k]]
-    present = expl.present[-1][i]
     rows = [(f"concept {n}", concept_color(n), bool(present[n]), expl.evidence[i, n]) for n in range(N)]
     if np.any(expl.global_evidence[i]):  # exactly zero without model.global_part
         rows.append(("global", GLOBAL_COLOR, True, expl.global_evidence[i]))
-    ev = np.stack([r[3] for r in rows])  # (rows, C)
-    shown = ev[:, chosen]
-    # The axis spans [min(0, lowest), max(0, highest)] so that all-positive evidence uses the full width.
-    lo, hi = min(0.0, float(shown.min())), max(0.0, float(shown.max()))
-    span = max(hi - lo, 1e-12)
-
-    chip_w, bar_w, value_w, row_h, head_h, gap = 84, 230, 96, 21, 40, 14
-    left_w = value_w if lo < 0 else 8  # room for labels of negative bars only when there are some
-    panel_w = chip_w + left_w + bar_w + value_w
-    block_h = head_h + len(rows) * row_h + gap
-    title_h = 46
-    width = PAD + size + 2 * PAD + panel_w + PAD
-    height = max(title_h + size + 44, title_h + k * block_h + PAD)
-    fig = Image.new("RGB", (width, height), PAPER)
-    draw = ImageDraw.Draw(fig, "RGBA")
-    _title(draw, expl, i, width, title)
-    f_head, f_sub = font(14), font(12)
-
-    fig.paste(overlay_regions(expl.images[i], expl.maps[-1][i], size=size), (PAD, title_h))
-    draw.text((PAD, title_h + size + 8), f"final stage: {N} coarse concepts", font=f_sub, fill=MUTED)
-
-    x0 = PAD + size + 2 * PAD
-    bar_x = x0 + chip_w + left_w
-    zero = bar_x + int(round(-lo / span * bar_w))
+    ev = np.stack([r[3] for r in rows])[:, chosen]  # (rows, k)
+    lo, hi = min(0.0, float(ev.min())), max(0.0, float(ev.max()))
+    pad = 0.28 * max(hi - lo, 1e-6)  # room for the value labels
+    fig = Figure(figsize=(7.6, max(3.2, 0.9 + k * (0.55 + 0.24 * len(rows)))), layout="constrained")
+    grid = fig.add_gridspec(k, 2, width_ratios=[1, 1.45])
+    _title(fig, expl, i, title)
+    left = fig.add_subplot(grid[:, 0])
+    show_regions(left, expl.images[i], expl.maps[-1][i], size=size)
+    left.set_title(f"final stage: {prototype_count(N + 1)}", fontsize=8)
     for j, c in enumerate(chosen):
-        y = title_h + j * block_h
-        name = f"#{j + 1}  {expl.class_name(c)}"
-        stats = f"p {float(expl.probs[i, c]):.1%} · logit {_signed(float(expl.logits[i, c]))}"
-        sw = text_size(stats, f_sub)[0]
-        draw.text((x0, y + 2), _fit(name, f_head, panel_w - sw - 12), font=f_head, fill=INK)
-        draw.text((x0 + panel_w - sw, y + 4), stats, font=f_sub, fill=MUTED)
-        top = y + head_h - 12
-        draw.line([(zero, top - 3), (zero, top + len(rows) * row_h)], fill=(160, 160, 160), width=1)
-        for n, (label_text, color, here, _) in enumerate(rows):
-            ry = top + n * row_h
-            draw_chip(draw, (x0, ry), label_text, color if here else (200, 200, 200), fnt=f_sub,
-                      anchor_center=False, outline=None, pad=2)
-            v = float(ev[n, c])
-            length = max(int(round(abs(v) / span * bar_w)), 1)
-            box = (zero, ry + 2, zero + length, ry + row_h - 4) if v >= 0 else (zero - length, ry + 2, zero,
-                                                                                 ry + row_h - 4)
-            draw.rectangle(box, fill=(*color, 235 if here else 90))
-            label = _signed(v) + ("" if here else " (absent)")
-            tx = box[2] + 4 if v >= 0 else box[0] - 4 - text_size(label, f_sub)[0]
-            draw.text((tx, ry + 3), label, font=f_sub, fill=ink_color(color) if here else MUTED)
-        draw.text((x0, top + len(rows) * row_h + 1),
-                  f"sum of contributions = logit {_signed(float(ev[:, c].sum()))}", font=font(11), fill=MUTED)
+        ax = fig.add_subplot(grid[j, 1])
+        for r, (_, colour, here, _) in enumerate(rows):
+            ax.barh(r, ev[r, j], color=colour, alpha=1.0 if here else 0.35, hatch=None if here else "///",
+                    edgecolor=colour, height=0.7)
+            v = float(ev[r, j])
+            ax.text(v + (0.02 if v >= 0 else -0.02) * (hi - lo + 1e-6), r, _signed(v) + ("" if here else " absent"),
+                    va="center", ha="left" if v >= 0 else "right", fontsize=7, color="#222" if here else MUTED)
+        ax.axvline(0, color="#999", lw=0.8)
+        ax.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+        for tick, (_, colour, here, _) in zip(ax.get_yticklabels(), rows):
+            tick.set_color(colour if here else MUTED)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_title(f"#{j + 1} {shorten(expl.class_name(c), 46)} · p {float(expl.probs[i, c]):.1%} · logit "
+                     f"{_signed(float(expl.logits[i, c]))}", fontsize=8, loc="left")
+    ax.set_xlabel("contribution to the class logit (a class's bars add up to its logit)", fontsize=7)
+    if not present[:N].all():
+        fig.text(0.01, 0, "hatched, absent: the concept claims no pixel of this image, so its pooled feature is zero; "
+                 "the value left comes from the joint normalisation of all parts", fontsize=6.5, color=MUTED, va="top")
     return fig
 
 
-def render_gallery(
-    gallery: dict[int, Sequence[tuple[int, np.ndarray, float]]],
-    *,
-    cell: int = 96,
-    stage: int | None = None,
-) -> dict[int, Image.Image]:
-    """One image per concept row: the concept's top patches, framed in its colour, with image index and score.
-
-    Args:
-        gallery: the output of :func:`ivpt.explain.concept_gallery` (concept → [(image index, crop, score)]).
-        cell: side of each patch in pixels.
-        stage: shown in the row label when given.
-    Returns:
-        concept → RGB image of that concept's row.
-    """
-    label_w, caption_h, frame = 104, 18, 3
-    out = {}
-    f_sub = font(11)
-    for k, items in gallery.items():
-        count = max(len(items), 1)
-        width = label_w + count * (cell + 8) + 4
-        height = cell + caption_h + 10
-        row = Image.new("RGB", (width, height), PAPER)
-        draw = ImageDraw.Draw(row)
-        color = concept_color(k)
-        draw_chip(draw, (6, 8), f"concept {k}", color, fnt=font(13), anchor_center=False, outline=None)
-        if stage is not None:
-            draw.text((8, 34), f"stage {stage}", font=f_sub, fill=MUTED)
-        if not items:
-            draw.text((label_w, cell // 2), "never the strongest anywhere", font=f_sub, fill=MUTED)
+def render_gallery(gallery: dict[int, Sequence[tuple[int, np.ndarray, float]]], *, stage: int | None = None,
+                   captions: dict[int, list[str]] | None = None, summary: dict[int, str] | None = None,
+                   cell: int = 96, dpi: int = 100) -> Figure:
+    """One row per concept: its top patches framed in its colour (one mosaic image, ``cell`` pixels per patch at
+    ``dpi``), each captioned with image index · score and the lines of ``captions[k][j]`` (class, part shown);
+    ``summary[k]`` goes under the row's name."""
+    cols = max([len(items) for items in gallery.values()] + [1])
+    lines = 1 + max([c.count("\n") + 1 for cs in (captions or {}).values() for c in cs] + [0])
+    label_w, gap, row_h = 112, 8, cell + 12 * lines + 12
+    canvas = np.full((max(1, len(gallery)) * row_h, label_w + cols * (cell + gap), 3), 255, dtype=np.uint8)
+    fig = Figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    for r, (k, items) in enumerate(gallery.items()):
+        y = r * row_h + 4
+        ax.text(4, y + 12, f"concept {k}", fontsize=9, fontweight="bold", color="white", va="center",
+                bbox=dict(boxstyle="round,pad=0.3", fc=concept_color(k), ec="none"))
+        below = [f"stage {stage}" if stage is not None else "", (summary or {}).get(k, ""),
+                 "" if items else "never the strongest anywhere"]
+        ax.text(4, y + 30, "\n".join(t for t in below if t), fontsize=7, color=MUTED, va="top")
         for j, (index, crop, score) in enumerate(items):
-            x = label_w + j * (cell + 8)
-            draw.rectangle((x, 4, x + cell - 1, 4 + cell - 1), fill=color)
-            inner = Image.fromarray(crop).resize((cell - 2 * frame, cell - 2 * frame), Image.BICUBIC)
-            row.paste(inner, (x + frame, 4 + frame))
-            draw.text((x + 2, cell + 8), _fit(f"#{index} · {score:.2f}", f_sub, cell), font=f_sub, fill=MUTED)
-        out[int(k)] = row
-    return out
+            x = label_w + j * (cell + gap)
+            canvas[y : y + cell, x : x + cell] = concept_rgb(k)
+            canvas[y + 3 : y + cell - 3, x + 3 : x + cell - 3] = Image.fromarray(crop).resize((cell - 6, cell - 6),
+                                                                                               Image.BICUBIC)
+            extra = (captions or {}).get(k, [])
+            ax.text(x + cell / 2, y + cell + 2, f"#{index} · {score:.2f}" + (f"\n{extra[j]}" if j < len(extra)
+                    else ""), ha="center", va="top", fontsize=6.5, color=MUTED, linespacing=1.15)
+    ax.imshow(canvas, interpolation="none", extent=(0, canvas.shape[1], canvas.shape[0], 0))
+    return fig
 
 
-def stack_images(images: Sequence[Image.Image], *, gap: int = 6) -> Image.Image:
-    """Images one under the other on white, left-aligned (e.g. all rows of :func:`render_gallery`)."""
-    if not images:
-        return Image.new("RGB", (1, 1), PAPER)
-    width = max(im.width for im in images)
-    height = sum(im.height for im in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, height), PAPER)
-    y = 0
-    for im in images:
-        out.paste(im, (0, y))
-        y += im.height + gap
-    return out
+def render_part_map(image: np.ndarray, maps: np.ndarray | None, *, size: int = 224) -> Figure:
+    """The input, and beside it the part map's argmax regions when the model has one (any model kind)."""
+    fig = Figure(figsize=(2.4 * (1 + (maps is not None)), 2.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, 1 + (maps is not None)))
+    show_regions(axes[0], image, None, size=size)
+    axes[0].set_title("input", fontsize=8)
+    if maps is not None:
+        show_regions(axes[1], image, maps, size=size)
+        axes[1].set_title(f"part map: {prototype_count(maps.shape[0])}", fontsize=8)
+    return fig
