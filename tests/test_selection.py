@@ -40,6 +40,12 @@ def test_validation_measures_the_health_of_the_eval_maps(world, tmp_path):
     assert set(meta["val_health"]) == {f"{k}_s{i}" for i in range(3) for k in ("alive", "entropy")}
     assert all(0.0 <= v <= 1.0 for v in meta["val_health"].values())
     assert meta["concepts_alive"] == all(meta["val_health"][f"alive_s{i}"] >= 0.5 for i in range(3))
+    import csv
+
+    with open(tmp_path / "ivpt" / "log.csv") as f:
+        scored = [r for r in csv.DictReader(f) if r["val_top1"]]
+    assert len(scored) == 1 and float(scored[0]["val_top1"]) == pytest.approx(meta["val_top1"], abs=1e-4)
+    assert scored[0]["alive_s0"] != ""  # the same row carries the epoch's training health
     train(tiny_config(world, model=dict(kind="vpt_deep"), optim=dict(epochs=1)), tmp_path / "vpt", progress=False)
     meta = json.loads((tmp_path / "vpt" / "best" / "config.json").read_text())
     assert meta["val_health"] == {} and meta["concepts_alive"] is True  # no concepts: nothing to be dead

@@ -22,8 +22,8 @@ __all__ = ["LOG_FIELDS", "read_back"]
 
 
 # The columns of every run's log.csv; runs with concept maps add alive_s<i>, entropy_s<i> per map stage
-# (ivpt.engine.health), filled in the last row of each epoch.
-LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s"]
+# (ivpt.engine.health). The last row of each epoch also holds the health and the validation top-1 (val_top1).
+LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s", "val_top1"]
 
 
 @dataclass

@@ -174,6 +174,7 @@ class Trainer:
         self.window = _Window(self.device)
         self.checks: list[_StepCheck] = []  # steps whose finite flags are still on the device
         self.rows: list[_Row] = []  # log rows whose values are still on the device
+        self.closing_row: _Row | None = None  # the epoch's last row, until validation has scored the epoch
         self.bar = None  # the epoch's progress bar
         self.batches = EpochBatches(len(self.train_set), self.micro_global, rank=self.info.rank,
                                     world_size=self.info.world_size, seed=cfg.train.seed,
@@ -271,8 +272,9 @@ class Trainer:
             if done:
                 break
         self.epoch_health = self.health.flush(R.all_reduce_sum)  # every rank: the counts are summed
-        if self.window.n or self.epoch_health:
-            self.rows.append(self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start, self.epoch_health))
+        # The epoch's last row: end_epoch adds the validation top-1 and writes it.
+        self.closing_row = (self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start, self.epoch_health)
+                            if self.window.n or self.epoch_health else None)
         self.sync()
         bar.close()
         self.bar = None
@@ -401,6 +403,10 @@ class Trainer:
                 self.model.save_pretrained(self.out / "best", extra={
                     "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
                     "val_health": val_health, "class_names": list(self.data.class_names)})
+        if self.closing_row is not None:
+            self.closing_row.row.update({} if val is None else {"val_top1": val})
+            self.rows.append(self.closing_row)
+            self.closing_row = None
         self.save_last(epoch + 1 if finished else epoch, 0 if finished else self.batch_in_epoch)
         self.batch_in_epoch = 0 if finished else self.batch_in_epoch
         if self.info.is_main:
