@@ -23,12 +23,12 @@ def main() -> None:
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     args = p.parse_args()
 
-    from ivpt.config import ModelConfig
+    from ivpt.config import IVPTConfig
     from ivpt.models import IVPT
 
     torch.manual_seed(0)
-    model = IVPT(ModelConfig(backbone=args.backbone, img_size=args.img_size, weights="random",
-                             deep_prompts=False)).eval()  # the concept prompts alone, as docs/speed.md reports
+    model = IVPT(IVPTConfig(backbone=args.backbone, img_size=args.img_size, weights="random",
+                            deep_prompts=False)).eval()  # the concept prompts alone, as docs/speed.md reports
     backbone = model.backbone
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp == "bf16" else torch.no_grad

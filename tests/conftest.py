@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ivpt.config import ModelConfig  # noqa: E402
+from ivpt.config import ModelConfig, model_config  # noqa: E402
 from ivpt.models import IVPT  # noqa: E402
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2, init_values=1.0)  # LayerScale 1: blocks that matter
@@ -26,7 +26,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
         deep_prompts=False,  # the paper's prompts; the deep prompts' own tests ask for them
     )
     values.update(overrides)
-    return ModelConfig(**values)
+    return model_config(values)  # the kind's own config class; the fields it does not read are ignored
 
 
 def tiny_model(seed: int = 0, **overrides) -> IVPT:

@@ -42,14 +42,14 @@ def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
     import yaml
 
     from ivpt.config import load_config
-    from ivpt.engine.trainer import load_run_config
+    from ivpt.runs import run_config
 
     data = Config().to_dict()
     for section, name in (("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
                           ("loss", "tv_reference_grid"), ("optim", "min_steps")):
         del data[section][name]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
-    old = load_run_config(tmp_path)
+    old, _ = run_config(tmp_path)
     m = old.model
     assert (m.global_part, m.global_share, m.deep_prompts, old.loss.tv_reference_grid, old.optim.min_steps) == (
         False, None, False, 0.0, 0)

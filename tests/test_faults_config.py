@@ -19,7 +19,7 @@ import yaml
 from ivpt import runtime
 from ivpt.checkpoint import OutputError
 from ivpt.cli import main
-from ivpt.config import SECTIONS, Config, ConfigError, load_config
+from ivpt.config import MODEL_KINDS, SECTIONS, Config, ConfigError, load_config
 
 from .test_bench import TINY_ARGS
 from .test_engine import tiny_config
@@ -41,9 +41,16 @@ def _numeric(hint) -> tuple[type, bool, bool] | None:
     return (hint, False, optional) if hint in (int, float) else None
 
 
-NUMERIC = [(section, f, *kind) for section, cls in SECTIONS.items()
-           for f in dataclasses.fields(cls)
-           if (kind := _numeric(typing.get_type_hints(cls)[f.name])) is not None]
+# Every section's class; for the model section, each registered kind's config class, with the kind (the first
+# kind that reads a field checks it).
+CLASSES = [(section, cls, {}) for section, cls in SECTIONS.items() if section != "model"]
+CLASSES += [("model", k.config, {"kind": k.name}) for k in MODEL_KINDS.values()]
+NUMERIC, CLASS_OF = [], {}
+for section, cls, extra in CLASSES:
+    for f in dataclasses.fields(cls):
+        if (kind := _numeric(typing.get_type_hints(cls)[f.name])) is not None and (section, f.name) not in CLASS_OF:
+            NUMERIC.append((section, f, *kind))
+            CLASS_OF[section, f.name] = (cls, extra)
 IDS = [f"{section}.{f.name}" for section, f, *_ in NUMERIC]
 
 
@@ -65,17 +72,17 @@ def test_every_numeric_field_declares_its_bounds(section, f, kind, is_list, opti
 @pytest.mark.parametrize("section,f,kind,is_list,optional", NUMERIC, ids=IDS)
 def test_nan_is_refused_for_every_numeric_field(section, f, kind, is_list, optional):
     """nan through a dataclass, a config mapping (YAML's .nan) and a dotted override: refused, the field named."""
-    cls = SECTIONS[section]
+    cls, extra = CLASS_OF[section, f.name]
     key = f"{section}.{f.name}"
     value = [NAN] * len(_default(cls, f)) if is_list else NAN
     with pytest.raises(ConfigError, match=rf"^(override ')?{key}\b") as direct:
         cls(**{f.name: value})
     assert "\n" not in str(direct.value)
     with pytest.raises(ConfigError, match=rf"^(override ')?{key}\b"):
-        Config.from_dict({section: {f.name: value}})
+        Config.from_dict({section: {**extra, f.name: value}})
     raw = ",".join(["nan"] * len(value)) if is_list else "nan"
     with pytest.raises(ConfigError, match=rf"^(override ')?{key}\b"):
-        Config().with_overrides([f"{key}={raw}"])
+        Config().with_overrides([f"{section}.{k}={v}" for k, v in extra.items()] + [f"{key}={raw}"])
 
 
 FLOATS = [p for p in NUMERIC if p[2] is float]
@@ -84,10 +91,10 @@ FLOATS = [p for p in NUMERIC if p[2] is float]
 @pytest.mark.parametrize("section,f,kind,is_list,optional", FLOATS, ids=[f"{s}.{f.name}" for s, f, *_ in FLOATS])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf])
 def test_infinity_is_refused_for_every_float_field(section, f, kind, is_list, optional, bad):
-    cls = SECTIONS[section]
+    cls, extra = CLASS_OF[section, f.name]
     value = [bad] * len(_default(cls, f)) if is_list else bad
     with pytest.raises(ConfigError, match=rf"^{section}\.{f.name}(\[0\])?={bad} (is .* and )?must be a finite number"):
-        Config.from_dict({section: {f.name: value}})
+        Config.from_dict({section: {**extra, f.name: value}})
 
 
 def test_a_none_able_field_still_takes_null():

@@ -120,7 +120,9 @@ def test_one_home_for_each_concept():
         "open_dataset": "ivpt.data.dispatch", "dataset_class": "ivpt.data.dispatch",
         "DATASET_FORMATS": "ivpt.formats", "register_format": "ivpt.formats", "register_metric": "ivpt.eval.registry",
         "resolve_device": "ivpt.runtime", "autocast": "ivpt.runtime", "evaluate_accuracy": "ivpt.eval.runner",
-        "fit_keypoint_regressor": "ivpt.metrics.keypoints", "MODEL_KINDS": "ivpt.config",
+        "fit_keypoint_regressor": "ivpt.metrics.keypoints", "MODEL_KINDS": "ivpt.config.model",
+        "register_model": "ivpt.models.registry", "config_changes": "ivpt.config.run", "run_config": "ivpt.runs",
+        "reuse_state": "ivpt.runs", "IMAGENET_MEAN": "ivpt.config.sections", "IMAGENET_STD": "ivpt.config.sections",
         "MODELS": "ivpt.models.registry", "create_model": "ivpt.models.registry", "load_run": "ivpt.runs",
     }
     for name, home in homes.items():

@@ -1,6 +1,7 @@
 """Atomic file writes and the ``save_pretrained`` / ``from_pretrained`` format.
 
-A pretrained folder holds ``config.json`` (the model config and the backbone's identity) and ``model.safetensors``
+A pretrained folder holds ``config.json`` (the model config, the backbone's identity and, written by ``ivpt train``,
+the input normalisation it was trained with) and ``model.safetensors``
 (only what training changed: every parameter outside the frozen backbone plus trainable backbone tokens). The
 frozen backbone is rebuilt from its name and weight source, so a ViT-B checkpoint is a few MB, not 350.
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import DataConfig, ModelConfig
 
 __all__ = [
     "CheckpointError",
@@ -373,8 +374,15 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
     model.load_state_dict(state, strict=False)  # the frozen backbone is not in ``state``, by design
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for ``model`` (which has a ``cfg: ModelConfig``)."""
+# The data fields a checkpoint keeps beside its model (config.json "data"): how its input images were normalised,
+# so that a pretrained folder alone is read as it was trained (ivpt.runs.run_config).
+SAVED_DATA_FIELDS = ("mean", "std")
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | None = None,
+                    data: DataConfig | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``model`` (which has a ``cfg: ModelConfig``); ``data``: the
+    run's data section, whose :data:`SAVED_DATA_FIELDS` (the input normalisation) are kept as ``"data"``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -384,6 +392,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra: dict | No
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model.cfg),
         "backbone": backbone_identity(model),
+        **({"data": {k: list(getattr(data, k)) for k in SAVED_DATA_FIELDS}} if data is not None else {}),
         **(extra or {}),
     }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))

@@ -12,9 +12,10 @@ Layout of the output folder ``OUT``::
 
 Running again into the same ``OUT`` skips finished runs (``metrics.json``, and an ``eval.json`` made with the
 comparison's settings, :func:`eval_settings`; one made otherwise, e.g. by ``ivpt eval --protocol``, is made again),
-resumes interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a field its kind
-reads (:meth:`~ivpt.config.ModelConfig.unread_fields`: a finished vpt_deep run still counts after an IVPT-only
-switch changes). :func:`tabulate` builds the same outputs from existing run folders without training. The device
+resumes interrupted ones from their ``last.pt`` and refuses a run folder whose config differs in a way that matters
+to its kind (:func:`ivpt.runs.reuse_state`, by :func:`ivpt.config.config_changes`, the rule ``ivpt train --resume``
+follows too: a finished vpt_deep run still counts after an IVPT-only switch or a map loss weight changes).
+:func:`tabulate` builds the same outputs from existing run folders without training. The device
 is ``train.device``; ``jobs`` > 1 trains that many runs at once, each in its own process (small runs leave most of
 a GPU idle: benchmarks/recipe.md reports 12-14 runs at once on one H200, each as a separate ``ivpt
 compare`` process).
@@ -34,11 +35,10 @@ import numpy as np
 
 from .checkpoint import atomic_write, atomic_write_text
 from .config import MODEL_KINDS, Config, ConfigError
-from .engine import load_run_config, train
-from .engine.trainer import changes_from_run
+from .engine import train
 from .eval import DEFAULT_METRICS, evaluate_checkpoint
 from .eval.registry import LiveView, compare_columns, score_of
-from .runs import run_config
+from .runs import RunConflict, reuse_state, run_config
 from .runtime import launched_by_torchrun
 
 __all__ = ["CompareError", "TABLE_COLUMNS", "compare", "tabulate", "summarise", "format_markdown", "run_name",
@@ -141,12 +141,13 @@ def tabulate(run_dirs: Sequence[str | Path], out: str | Path) -> dict:
     return _write([_read_run(Path(d)) for d in run_dirs], Path(out), config=None)
 
 
-def _check_same_config(cfg: Config, run_dir: Path) -> None:
-    unread = {f"model.{name}" for name in cfg.model.unread_fields()}  # e.g. ivpt-only switches, for a vpt_deep run
-    changed = [k for k in changes_from_run(run_dir, cfg) if k not in IGNORED_CHANGES | unread]
-    if changed:
-        raise CompareError(f"{run_dir} holds a run with another config ({', '.join(changed)}); pass another --out, "
-                           f"or delete {run_dir} to train it again")
+def _check_same_config(cfg: Config, run_dir: Path) -> str:
+    """:func:`ivpt.runs.reuse_state` of ``run_dir`` for ``cfg`` ("new", "started" or "finished"), where a run may
+    differ in :data:`IGNORED_CHANGES` and in whatever its kind does not read."""
+    try:
+        return reuse_state(run_dir, cfg, may_differ=IGNORED_CHANGES)
+    except RunConflict as exc:
+        raise CompareError(str(exc)) from None
 
 
 def eval_settings(cfg: Config, run_dir: Path) -> dict:
@@ -179,7 +180,8 @@ def _eval_differences(evaluation: dict, expected: dict) -> list[str]:
 
 def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable[[str], None]) -> dict:
     name, t0 = run_dir.name, time.perf_counter()
-    if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
+    state = _check_same_config(cfg, run_dir)
+    if state == "finished" and (run_dir / "eval.json").is_file():
         try:
             differ = _eval_differences(_read_json(run_dir / "eval.json", run_dir), eval_settings(cfg, run_dir))
         except CompareError:
@@ -189,8 +191,8 @@ def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable
             return _read_run(run_dir)
         say(f"{tag} {name}: trained earlier, but its eval.json was made with other settings "
             f"({', '.join(differ)}); evaluating {run_dir / 'best'} again")
-    elif not (run_dir / "metrics.json").is_file():
-        resume = (run_dir / "last.pt").is_file()
+    elif state != "finished":
+        resume = state == "started"
         say(f"{tag} {name}: {'resuming' if resume else 'training'} {cfg.model.kind}, seed {cfg.train.seed} "
             f"-> {run_dir}")
         train(cfg, run_dir, resume=resume, progress=progress)
@@ -211,7 +213,7 @@ def _read_run(run_dir: Path) -> dict:
     if missing:
         raise CompareError(f"{run_dir} has no {' or '.join(missing)}; train it (`ivpt train`) and evaluate it "
                            f"(`ivpt eval {run_dir / 'best'}`) first")
-    cfg = load_run_config(run_dir)
+    cfg, _ = run_config(run_dir)
     metrics = run_dir / "metrics.json"
     return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
             "metrics": _read_json(metrics, run_dir) if metrics.is_file() else None,

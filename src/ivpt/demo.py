@@ -71,12 +71,12 @@ def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: 
     """Run (or reuse) every step of the demo under ``out``; returns the summary it prints at the end.
 
     ``say`` receives one line per step (``print`` by default)."""
-    from .checkpoint import atomic_write_text, read_pretrained_config
+    from .checkpoint import atomic_write_text
     from .data.synth import make_partworld
     from .engine import train
-    from .engine.trainer import changes_from_run
     from .eval import evaluate_checkpoint, format_table
     from .explain.report import report_checkpoint
+    from .runs import RunConflict, reuse_state, run_config
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -90,22 +90,22 @@ def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: 
                        size=max(preset.img_size, 112), seed=seed, overwrite=True)
     cfg = demo_config(preset, data_root, weights, seed)
 
-    changed = changes_from_run(run_dir, cfg)
-    if changed:
-        raise DemoError(f"{run_dir} holds a demo run with other settings ({', '.join(changed)}); pass another "
-                        f"--out, or delete {run_dir} to train it again")
-    if (run_dir / "metrics.json").is_file():
+    try:
+        state = reuse_state(run_dir, cfg)
+    except RunConflict as exc:
+        raise DemoError(str(exc)) from None
+    if state == "finished":
         say(f"[2/4] reusing the finished run in {run_dir}")
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
-        resume = (run_dir / "last.pt").is_file()
+        resume = state == "started"
         say(f"[2/4] {'resuming' if resume else 'training'} {cfg.model.backbone} at {cfg.model.img_size}px, "
             f"n_pro={cfg.model.n_pro}, {cfg.optim.epochs} epoch(s) -> {run_dir}")
         metrics = train(cfg, run_dir, resume=resume, progress=progress)
 
     say("[3/4] evaluating the best checkpoint on the test split")
-    _, meta = read_pretrained_config(run_dir / "best")
-    result = evaluate_checkpoint(run_dir / "best", cfg, meta, split="test", progress=progress)
+    ckpt_cfg, meta = run_config(run_dir / "best")
+    result = evaluate_checkpoint(run_dir / "best", ckpt_cfg, meta, split="test", progress=progress)
     say(format_table(result))
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
 

@@ -182,7 +182,7 @@ def ivpt_losses(
     warped_out=None,
     theta: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of all eight terms for an :class:`~ivpt.models.IVPTOutput`.
+    """Weighted sum of all eight terms for an :class:`~ivpt.models.ModelOutput`.
 
     ``warped_out`` is the output for the batch warped by ``theta`` (see :func:`random_affine`); without it the
     equivariance term is skipped. Terms with weight 0 are not computed. Returns (total, {term: detached value}).

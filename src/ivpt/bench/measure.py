@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, LossConfig, ModelConfig, OptimConfig
+from ..config import Config, LossConfig, OptimConfig, model_config
 from ..runtime import autocast
 from .options import BACKBONE, BenchOptions, Entry, Group
 from .phases import count_host_syncs
@@ -23,13 +23,13 @@ from .phases import count_host_syncs
 # ------------------------------------------------------------------------------------------------ building
 def _config(opts: BenchOptions, group: Group, entry: Entry) -> Config:
     kind = "ivpt" if entry.kind == BACKBONE else entry.kind
-    model = ModelConfig(
-        kind=kind, backbone=opts.backbone, img_size=group.img_size, num_classes=opts.num_classes,
-        n_pro=list(group.n_pro), weights="random", train_tokens=opts.train_tokens, num_prompts=opts.num_prompts,
-        global_part=False, deep_prompts=False,  # the paper's head and prompts, as the authors' code runs them
-        backbone_kwargs=dict(opts.backbone_kwargs),
-    )
-    model = dataclasses.replace(model, **entry.model)
+    model = model_config({
+        "kind": kind, "backbone": opts.backbone, "img_size": group.img_size, "num_classes": opts.num_classes,
+        "n_pro": list(group.n_pro), "weights": "random", "train_tokens": opts.train_tokens,
+        "num_prompts": opts.num_prompts, "backbone_kwargs": dict(opts.backbone_kwargs),
+        "global_part": False, "deep_prompts": False,  # the paper's head and prompts, as the authors' code runs them
+        **entry.model,  # each kind keeps the fields it reads
+    })
     return Config(model=model, loss=dataclasses.replace(LossConfig(), **entry.loss), optim=OptimConfig(amp=opts.amp))
 
 

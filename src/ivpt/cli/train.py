@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import TrainingError, TrainingStopped, check_resumable, config_changes, load_run_config, train
+    from ..config import config_changes
+    from ..engine import TrainingError, TrainingStopped, check_resumable, train
+    from ..runs import run_config
 
     if args.resume:
         out = Path(args.resume)
@@ -33,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
             raise TrainingError(f"--resume {out} continues the run in {out} (a run stays in its folder), but --out "
                                 f"{args.out} names another folder; drop --out")
         check_resumable(out)
-        cfg = load_run_config(out)
-        if args.overrides:
-            cfg = cfg.with_overrides(args.overrides)  # e.g. more epochs; the trainer refuses inexact changes
+        cfg, _ = run_config(out, args.overrides)  # e.g. more epochs; the trainer refuses inexact changes
         if args.config:
             changed = config_changes(cfg, config_from_args(args))
             if changed:

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import ColorJitter as _TvColorJitter
 from torchvision.transforms import functional as TF
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD
 from .joint import IGNORE, JointOp, Sample
 
 
@@ -348,8 +349,7 @@ class ToTensorNormalize(JointOp):
     in [0, 1]; part_mask -> int64 (H, W) with IGNORE as -1; keypoints -> float32 (P, 2) with invisible ones set to
     (0, 0); visible -> bool (P,); bbox -> float32 (4,)."""
 
-    def __init__(self, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
     def __call__(self, sample: Sample) -> Sample:

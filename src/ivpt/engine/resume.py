@@ -16,9 +16,9 @@ from ..checkpoint import (
     load_training_state,
     non_finite_entries,
 )
-from ..config import Config, saved_config
+from ..config import Config, config_changes, saved_config
 from .errors import TrainingError
-from .runfolder import RESUMABLE_CHANGES, check_resumable, config_changes
+from .runfolder import RESUMABLE_CHANGES, check_resumable
 from .schedule import depends_on_total
 from .state import _data_identity, _describe_data, _optimizer_tensors, _rng_state, _set_rng_state
 

@@ -1,5 +1,6 @@
 """A run folder on disk: what a run writes into it, whether it can be resumed or hold a new run (checked on rank 0,
-agreed by every rank: :func:`agree_on_rank0`), and the config it was trained with (``config.yaml``)."""
+agreed by every rank: :func:`agree_on_rank0`), and the config it was trained with (``config.yaml``, read back by
+:func:`ivpt.runs.run_config`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +10,16 @@ import torch
 
 from .. import runtime as R
 from ..checkpoint import OutputError, atomic_write_text
-from ..config import Config, EvalConfig, load_config
+from ..config import Config, EvalConfig
 from .errors import TrainingError
 
-__all__ = ["RUN_FILES", "RESUMABLE_CHANGES", "check_resumable", "check_new_run_folder", "load_run_config",
-           "config_changes", "changes_from_run", "agree_on_rank0"]
+__all__ = ["RUN_FILES", "RESUMABLE_CHANGES", "check_resumable", "check_new_run_folder", "agree_on_rank0"]
 
 
 # Config keys that may differ between a run and its resume without changing what the resumed run computes
 # (optim.epochs, optim.min_steps and train.max_steps only while the schedule ignores the total steps:
-# engine.resume.restore_state checks).
+# engine.resume.restore_state checks), besides those the run's model kind does not read (ivpt.config.config_changes
+# leaves them out).
 RESUMABLE_CHANGES = frozenset({
     "optim.epochs", "optim.min_steps", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
     "train.tensorboard", "train.device", "train.sync_every", "train.compile", "data.num_workers", "data.root",
@@ -69,28 +70,6 @@ def agree_on_rank0(info: R.DistInfo, out: Path, check) -> None:
             problem = exc
     if R.any_true(torch.tensor(problem is not None, device=info.device)):
         raise problem or TrainingError(f"rank 0 refused the run folder {out} (see its message)")
-
-
-def load_run_config(out: str | Path) -> Config:
-    """The config a run folder was trained with (its ``config.yaml``)."""
-    path = Path(out) / "config.yaml"
-    if not path.is_file():
-        raise TrainingError(f"cannot resume: {path} not found (is {out} a run folder written by `ivpt train`?)")
-    return load_config(path, saved=True)
-
-
-def config_changes(old: Config, new: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    a, b = old.to_dict(), new.to_dict()
-    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
-
-
-def changes_from_run(run_dir: str | Path, cfg: Config) -> list[str]:
-    """Dotted keys in which ``cfg`` differs from the config the run folder ``run_dir`` was trained with; none when
-    the folder holds no run yet."""
-    if not (Path(run_dir) / "config.yaml").is_file():
-        return []
-    return config_changes(load_run_config(run_dir), cfg)
 
 
 def _save_config(cfg: Config, out: Path) -> None:

@@ -54,15 +54,14 @@ from .ordering import EpochBatches, SeededDataset, train_loader
 from .records import _CsvLog, _group_lrs, _progress, _Row, _StepCheck, _Tensorboard, _Window, read_back
 from .resume import check_same_data, read_resume_state, restore_state, save_last_state
 from .revive import revive_dead_concepts
-from .runfolder import (RESUMABLE_CHANGES, RUN_FILES, _save_config, agree_on_rank0, changes_from_run,
-                        check_new_run_folder, check_resumable, config_changes, load_run_config)
+from .runfolder import RESUMABLE_CHANGES, RUN_FILES, _save_config, agree_on_rank0, check_new_run_folder, check_resumable
 from .schedule import build_scheduler, run_epochs, schedule_warning, total_steps
 from .state import _StopOnSignal, stopped
 # compute_loss is called by this module's name for it (tests patch ivpt.engine.trainer.compute_loss)
 from .step import _split_output, compute_loss, training_net  # noqa: F401  (_split_output: re-exported)
 
-__all__ = ["TrainingError", "TrainingStopped", "Trainer", "train", "load_run_config", "config_changes",
-           "changes_from_run", "check_resumable", "check_new_run_folder", "RESUMABLE_CHANGES", "RUN_FILES"]
+__all__ = ["TrainingError", "TrainingStopped", "Trainer", "train", "check_resumable", "check_new_run_folder",
+           "RESUMABLE_CHANGES", "RUN_FILES"]
 
 
 def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -400,7 +399,7 @@ class Trainer:
             self.best_val = val if val is not None else self.best_val
             self.best_alive = alive
             if self.info.is_main:
-                self.model.save_pretrained(self.out / "best", extra={
+                self.model.save_pretrained(self.out / "best", data=self.cfg.data, extra={
                     "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
                     "val_health": val_health, "class_names": list(self.data.class_names)})
         if self.closing_row is not None:

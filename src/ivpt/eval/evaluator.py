@@ -77,12 +77,12 @@ def evaluate(
     info = info or R.setup(cfg.train.device)
     e = cfg.eval
     model = model.to(info.device).eval()
-    n_pro = list(cfg.model.n_pro)
+    n_pro = list(getattr(cfg.model, "n_pro", ()))  # the kinds with concept stages; eval.stage indexes them
     has_maps = model.has_part_maps
     stages = StageMaps(model.map_stages())
     skipped = unsupported_metrics(cfg, sorted(requested))
     active = requested - set(skipped)
-    chosen = e.stage_index(len(n_pro)) if has_maps else None
+    chosen = (e.stage_index(len(n_pro)) if n_pro else stages.ids[-1]) if has_maps else None
     if has_maps and chosen not in stages.ids:
         chosen = stages.ids[-1]
     t0 = time.perf_counter()

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD  # their one home; re-exported here for the explain modules
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Explanation", "Hierarchy", "explain", "dataset_hierarchy", "denormalise",
            "stage_title", "paper_stage", "prototype_count", "upsample_labels"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def denormalise(
@@ -237,7 +237,7 @@ class HierarchyAccumulator:
         self.num_images = 0
 
     def update(self, out: Any) -> None:
-        """Add one batch's :class:`ivpt.models.IVPTOutput`."""
+        """Add one batch's :class:`ivpt.models.ModelOutput`."""
         present = [(c[:, :-1] > 0).double() for c in out.region_counts[: len(out.assignments)]]  # (B, P_i)
         sums = [(q.double() * p[..., None]).sum(0).cpu() for q, p in zip(out.assignments, present)]
         counts = [p.sum(0).cpu() for p in present]

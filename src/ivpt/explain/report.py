@@ -123,7 +123,8 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_pro, m = list(model.cfg.n_pro), len(model.cfg.n_pro) - 1
+    n_pro = list(getattr(model.cfg, "n_pro", ()))  # the kinds with concept stages (model.n_pro)
+    m = len(n_pro) - 1
     kind = getattr(model, "kind", "") or type(model).__name__
     # Only IVPT assigns fine concepts to coarse ones (hierarchy, per-concept evidence); the other kinds have one
     # part map at most (FrozenViT.map_stages), shown as a gallery and beside each sample.
@@ -180,7 +181,8 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
         title=title, subtitle=subtitle, kind=kind, concepts=concepts, metrics=rows, per_stage=per_stage,
         scored_stage=scored, training=data_uri(training) if training is not None else None,
         hierarchy=data_uri(render_hierarchy(hierarchy.result(n_pro, _depth(model)))) if concepts and seen else None,
-        seen=seen, coarse=prototype_count(n_pro[-1]), galleries=gallery_cards, topk=gallery_topk, samples=cards))
+        seen=seen, coarse=prototype_count(n_pro[-1]) if n_pro else "", galleries=gallery_cards, topk=gallery_topk,
+        samples=cards))
     return path
 
 
@@ -228,10 +230,10 @@ def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str
     log_file = Path(log_file) if log_file else run_dir / "log.csv"
     names = class_names_of(meta, cfg.model.num_classes) or list(getattr(dataset, "class_names", []) or []) or None
     mc = cfg.model
-    subtitle = (f"{checkpoint} · model.kind={mc.kind} · {mc.backbone} at {mc.img_size}px · prototypes per stage: "
-                f"{', '.join(str(n - 1) for n in mc.n_pro)} foreground + background (model.n_pro="
-                f"{','.join(map(str, mc.n_pro))}) · {mc.num_classes} classes · {split} split of {root} "
-                f"({len(dataset)} images)")
+    stages = (f"prototypes per stage: {', '.join(str(n - 1) for n in mc.n_pro)} foreground + background "
+              f"(model.n_pro={','.join(map(str, mc.n_pro))}) · " if hasattr(mc, "n_pro") else "")
+    subtitle = (f"{checkpoint} · model.kind={mc.kind} · {mc.backbone} at {mc.img_size}px · {stages}"
+                f"{mc.num_classes} classes · {split} split of {root} ({len(dataset)} images)")
     return build_report(
         model, dataset, out, metrics=read_metrics(eval_file), log=read_log(log_file) if log_file.is_file() else None,
         samples=samples, class_names=names, title=f"IVPT report — {run_dir.name}", subtitle=subtitle,

@@ -16,16 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, load_pretrained, read_pretrained_config, save_pretrained
-from ..config import ConfigError, ModelConfig
+from ..config import ConceptConfig, ConfigError, DataConfig, ModelConfig, TunedConfig
 from .backbone import build_backbone
 from .prototypes import ConceptStage, region_pool, renormalise
 
-__all__ = ["IVPTOutput", "FrozenViT", "ConceptModel", "checked_groups"]
+__all__ = ["ModelOutput", "FrozenViT", "ConceptModel", "checked_groups"]
 
 
 @dataclass
-class IVPTOutput:
-    """Everything one forward pass produces. m = prompted stages, N = coarse concepts, n_i = n_pro[i].
+class ModelOutput:
+    """Everything one forward pass of any model kind produces. m = prompted stages, N = coarse concepts,
+    n_i = n_pro[i]. A kind without concept maps fills ``logits``, ``part_logits = logits[:, None]`` and ``tokens``
+    and leaves the map lists empty and ``modulated`` None, so the trainer, losses and evaluator need no special case.
 
     logits: (B, C) part-averaged class scores.
     part_logits: (B, N, C) score of each foreground part.
@@ -69,16 +71,18 @@ def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter],
 class FrozenViT(nn.Module):
     """A frozen timm VisionTransformer plus whatever a subclass trains on top of it.
 
-    Subclasses set ``kind`` (their ``model.kind``), build their parameters in ``__init__`` and call
-    :meth:`set_trainable`; they implement ``forward(x) -> IVPTOutput`` and :meth:`groups` (checked by
+    A subclass is registered as a model kind by :func:`ivpt.models.register_model` (which sets ``kind``, its
+    ``model.kind``, and ``config_class``, the config class it reads), builds its parameters in ``__init__`` and calls
+    :meth:`set_trainable`; it implements ``forward(x) -> ModelOutput`` and :meth:`groups` (checked by
     :meth:`param_groups`).
 
     Args:
-        cfg: the model section of the config.
+        cfg: the model section of the config (an instance of the kind's ``config_class``).
         backbone: a timm VisionTransformer without head; built from ``cfg`` when None.
     """
 
     kind: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
     has_concept_maps: ClassVar[bool] = False  # trained concept maps: the map losses and equivariance apply
     has_part_maps: ClassVar[bool] = False  # eval-mode outputs carry part maps: interpretability metrics apply
     maps_only_view: ClassVar[bool] = False  # forward(x, maps_only_from=k) computes only maps for images k..
@@ -86,6 +90,10 @@ class FrozenViT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise ConfigError(f"{type(self).__name__} reads a {self.config_class.__name__}, not a "
+                              f"{type(cfg).__name__} (model.kind={cfg.kind!r}); build it with "
+                              "ivpt.models.create_model(cfg) or a config of its own kind")
         self.cfg = cfg
         self.backbone = build_backbone(cfg) if backbone is None else backbone
         for attr in ("patch_embed", "blocks", "norm", "_pos_embed"):
@@ -99,8 +107,9 @@ class FrozenViT(nn.Module):
     # ----------------------------------------------------------------------------------------------- parameters
     @property
     def tokens_trainable(self) -> bool:
-        """Whether pos_embed / cls_token / reg_token train (``model.train_tokens`` unless a subclass says no)."""
-        return self.cfg.train_tokens
+        """Whether pos_embed / cls_token / reg_token train: ``model.train_tokens`` for the kinds whose config has it
+        (:class:`~ivpt.config.TunedConfig`), frozen for the others."""
+        return isinstance(self.cfg, TunedConfig) and self.cfg.train_tokens
 
     def token_parameters(self) -> list[nn.Parameter]:
         """pos_embed, cls_token and reg_token of the backbone (those it has)."""
@@ -126,6 +135,10 @@ class FrozenViT(nn.Module):
         """(stage index, channels) of each part map in an eval-mode output's ``maps``, in order; background is the
         last channel of each. Stage indices follow ``model.n_pro`` where the maps are concept stages."""
         return []
+
+    def describe_stages(self) -> dict:
+        """What ``ivpt info`` adds to :func:`ivpt.models.describe` for this kind (IVPT: its concept stages)."""
+        return {}
 
     def new_prompts(self, layers: int) -> nn.Parameter:
         """(layers, P, D) prompt tokens (P = ``model.num_prompts``), row i feeding the i-th prompted block, in VPT's
@@ -171,9 +184,11 @@ class FrozenViT(nn.Module):
         return self.backbone.norm(tokens.detach()[:, self.num_prefix :])
 
     # ------------------------------------------------------------------------------------------ save and load
-    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:
-        """``config.json`` + ``model.safetensors`` (trained parameters only), see :mod:`ivpt.checkpoint`."""
-        return save_pretrained(self, directory, extra=extra)
+    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None,
+                        data: DataConfig | None = None) -> Path:
+        """``config.json`` + ``model.safetensors`` (trained parameters only; with ``data``, the run's data section,
+        its input normalisation too), see :mod:`ivpt.checkpoint`."""
+        return save_pretrained(self, directory, extra=extra, data=data)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, weights: str | None = None, map_location: str = "cpu",
@@ -198,8 +213,10 @@ class ConceptModel(FrozenViT):
     has_concept_maps = True
     has_part_maps = True
     has_part_head = True
+    config_class = ConceptConfig
+    cfg: ConceptConfig
 
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: ConceptConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.stages = nn.ModuleList()
         self.prompts: nn.Parameter | None = None  # free (VPT-deep) prompts (layers, P, D) of the kinds that have them
@@ -261,12 +278,12 @@ class ConceptModel(FrozenViT):
             stage.prototypes.add_((total / count).to(stage.prototypes.dtype))
         self.train(was_training)
 
-    def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> IVPTOutput:
+    def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> ModelOutput:
         """The output of a model whose only concept stage reads the last block's tokens (B, T, D): one map
         (B, n, H, W), part-pooled logits, no grouped maps or assignments."""
         final = renormalise(self.stages[0].maps(self.stage_features(tokens), grid))
         logits, part_logits, modulated, counts, normed = self.classify(tokens, final)
-        return IVPTOutput(logits=logits, part_logits=part_logits, maps=[final], grouped_maps=[], assignments=[],
+        return ModelOutput(logits=logits, part_logits=part_logits, maps=[final], grouped_maps=[], assignments=[],
                           region_counts=[counts], modulated=modulated, tokens=normed)
 
     def classify(self, tokens: Tensor, final_map: Tensor):

@@ -1,13 +1,13 @@
 """Baselines on the same frozen backbone, trainer, losses and metrics as IVPT (``model.kind`` other than ivpt).
 
-Every model here returns an :class:`~ivpt.models.IVPTOutput`, so :func:`ivpt.engine.trainer.compute_loss`,
+Every model here returns a :class:`~ivpt.models.ModelOutput`, so :func:`ivpt.engine.trainer.compute_loss`,
 :func:`ivpt.losses.ivpt_losses` and the evaluator need no special case: a model without concept maps returns empty
 ``maps`` / ``grouped_maps`` / ``assignments`` / ``region_counts``, ``modulated=None`` and
 ``part_logits = logits[:, None]``, and ``ivpt_losses`` then computes only the terms that apply (classification).
 
 - ``linear``: linear probe on the final-normed cls token of the frozen backbone (backbones without a cls token:
-  the mean of the final-normed patch tokens). The probe is a probe: pos/cls/reg tokens stay frozen whatever
-  ``model.train_tokens`` says, so its features are exactly timm's ``forward_features``.
+  the mean of the final-normed patch tokens). The probe is a probe: its config (:class:`~ivpt.config.ModelConfig`)
+  has no ``train_tokens``, pos/cls/reg tokens stay frozen, so its features are exactly timm's ``forward_features``.
 - ``vpt_shallow`` / ``vpt_deep``: Visual Prompt Tuning (Jia et al., ECCV 2022). ``model.num_prompts`` learned
   tokens are inserted after the prefix tokens (cls + registers) at the input (shallow), or before every block
   with each block owning its own prompts (deep: the previous block's prompt outputs are dropped and replaced).
@@ -25,7 +25,7 @@ Every model here returns an :class:`~ivpt.models.IVPTOutput`, so :func:`ivpt.eng
 Part maps for the interpretability protocols: concept models (``last_layer_parts``, ``vpt_deep_proto``) use their
 concept map; VPT-shallow/deep, in eval mode only, the last block's attention from their prompt tokens to the
 patches (heads averaged, each prompt's map divided by its maximum, background = 1 − the largest, normalised per
-patch; :func:`attention_part_maps`). The linear probe has no part maps: it is scored on accuracy only.
+patch; :func:`attention_part_maps`), their one map stage (index 0). The linear probe has no part maps: it is scored on accuracy only.
 
 Learning rates (``param_groups``): classifiers and the modulation LayerNorm at the head rate; prompts, prototypes,
 spatial biases and backbone tokens at the concept rate. VPT prompts live in the token-embedding space, like the
@@ -39,8 +39,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from .base import ConceptModel, FrozenViT, IVPTOutput
+from ..config import ConceptConfig, ModelConfig, VPTConceptConfig, VPTConfig
+from .base import ConceptModel, FrozenViT, ModelOutput
+from .registry import register_model
 
 __all__ = ["LinearProbe", "VPT", "VPTShallow", "VPTDeep", "LastLayerParts", "VPTDeepProto", "prompted_trunk",
            "attention_part_maps"]
@@ -54,9 +55,9 @@ def _new_classifier(model: FrozenViT) -> nn.Linear:
     return head
 
 
-def _global_output(logits: Tensor, normed: Tensor) -> IVPTOutput:
+def _global_output(logits: Tensor, normed: Tensor) -> ModelOutput:
     """Output of a model without parts: logits (B, C), final-normed tokens (B, T, D)."""
-    return IVPTOutput(logits=logits, part_logits=logits[:, None], maps=[], grouped_maps=[], assignments=[],
+    return ModelOutput(logits=logits, part_logits=logits[:, None], maps=[], grouped_maps=[], assignments=[],
                       region_counts=[], modulated=None, tokens=normed)
 
 
@@ -108,28 +109,23 @@ def attention_part_maps(block: nn.Module, tokens: Tensor, queries: slice, patche
     return maps.reshape(B, -1, *grid)
 
 
+@register_model("linear", config=ModelConfig)
 class LinearProbe(FrozenViT):
     """Linear classifier on the frozen backbone's final-normed cls token (or mean patch token without one).
 
-    Trainable: ``classifier`` only; the backbone tokens stay frozen regardless of ``model.train_tokens``.
+    Trainable: ``classifier`` only; its config has no ``train_tokens``, the backbone tokens stay frozen.
     """
-
-    kind = "linear"
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.classifier = _new_classifier(self)
         self.set_trainable()
 
-    @property
-    def tokens_trainable(self) -> bool:
-        return False
-
     def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """One group, ``classifier``, at the head rate."""
         return [("classifier", list(self.classifier.parameters()), head_lr)]
 
-    def forward(self, x: Tensor) -> IVPTOutput:
+    def forward(self, x: Tensor) -> ModelOutput:
         """Images (B, 3, H, W) → logits (B, C); ``tokens`` = timm ``forward_features(x)`` (B, T, D)."""
         with torch.no_grad():  # nothing in the backbone trains
             tokens, _ = self.embed(x)
@@ -145,7 +141,8 @@ class VPT(FrozenViT):
     Subclasses :class:`VPTShallow` and :class:`VPTDeep` set ``deep``.
 
     Part maps (eval mode only, so training is plain VPT): the last block's attention from each of the P prompt
-    tokens to the patches, heads averaged (:func:`attention_part_maps`), plus a background channel.
+    tokens to the patches, heads averaged (:func:`attention_part_maps`), plus a background channel; its one map
+    stage has index 0.
 
     Args:
         cfg: the model config (``num_prompts`` = P prompts per prompted block, ``train_tokens``).
@@ -154,8 +151,9 @@ class VPT(FrozenViT):
 
     deep: ClassVar[bool] = False
     has_part_maps = True
+    cfg: VPTConfig
 
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: VPTConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.prompts = self.new_prompts(len(self.backbone.blocks) if self.deep else 1)
         self.classifier = _new_classifier(self)
@@ -170,9 +168,9 @@ class VPT(FrozenViT):
         ]
 
     def map_stages(self) -> list[tuple[int, int]]:
-        return [(len(self.cfg.n_pro) - 1, self.cfg.num_prompts + 1)]
+        return [(0, self.cfg.num_prompts + 1)]
 
-    def forward(self, x: Tensor, *, insert_prompts: bool = True) -> IVPTOutput:
+    def forward(self, x: Tensor, *, insert_prompts: bool = True) -> ModelOutput:
         """Images (B, 3, H, W) → logits (B, C). ``insert_prompts=False`` runs the plain backbone.
 
         ``tokens`` of the output: final-normed (B, T, D), prompts excluded. In eval mode with prompts, ``maps`` holds
@@ -189,20 +187,21 @@ class VPT(FrozenViT):
         return out
 
 
+@register_model("vpt_shallow", config=VPTConfig)
 class VPTShallow(VPT):
     """VPT-shallow: ``model.num_prompts`` learned tokens at the input only."""
 
-    kind = "vpt_shallow"
     deep = False
 
 
+@register_model("vpt_deep", config=VPTConfig)
 class VPTDeep(VPT):
     """VPT-deep: ``model.num_prompts`` learned tokens before every block, each block owning its own."""
 
-    kind = "vpt_deep"
     deep = True
 
 
+@register_model("last_layer_parts", config=ConceptConfig)
 class LastLayerParts(ConceptModel):
     """Part discovery at the last layer only: ``n_pro[-1]`` prototypes + spatial bias on the last block's output,
     region pooling, modulation and a shared part classifier (IVPT's final stage without any prompted stage).
@@ -210,9 +209,7 @@ class LastLayerParts(ConceptModel):
     Module names match IVPT's (``stages.0``, ``modulation``, ``classifier``), and so do the optimiser groups.
     """
 
-    kind = "last_layer_parts"
-
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: ConceptConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         n = cfg.n_pro[-1]
         self.stages.append(self.new_stage(n))
@@ -228,11 +225,12 @@ class LastLayerParts(ConceptModel):
     def concept_features(self, x: Tensor) -> list[Tensor]:
         return [self.stage_features(self.trunk(x)[0])]
 
-    def forward(self, x: Tensor) -> IVPTOutput:
+    def forward(self, x: Tensor) -> ModelOutput:
         """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
         return self.single_stage_output(*self.trunk(x))
 
 
+@register_model("vpt_deep_proto", config=VPTConceptConfig)
 class VPTDeepProto(ConceptModel):
     """VPT-deep with prototypes (the paper's baseline): VPT-deep's prompts in every block, then a class-agnostic
     part-prototype head on the last block's output — ``n_pro[-1]`` prototypes + spatial bias, region pooling,
@@ -240,9 +238,9 @@ class VPTDeepProto(ConceptModel):
     there are no grouped maps). Classification comes from the part features, as in IVPT's final stage.
     """
 
-    kind = "vpt_deep_proto"
+    cfg: VPTConceptConfig
 
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: VPTConceptConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         self.prompts = self.new_prompts(len(self.backbone.blocks))
         n = cfg.n_pro[-1]
@@ -253,7 +251,7 @@ class VPTDeepProto(ConceptModel):
     def concept_features(self, x: Tensor) -> list[Tensor]:
         return [self.stage_features(prompted_trunk(self, x, deep=True)[0])]
 
-    def forward(self, x: Tensor) -> IVPTOutput:
+    def forward(self, x: Tensor) -> ModelOutput:
         """Images (B, 3, H, W) → logits (B, C), one map (B, n, H', W'), modulated parts (B, D, n)."""
         tokens, _, grid = prompted_trunk(self, x, deep=True, insert_prompts=True)
         return self.single_stage_output(tokens, grid)

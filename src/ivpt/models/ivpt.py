@@ -15,13 +15,15 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
-from .base import ConceptModel, IVPTOutput
+from ..config import ConfigError, IVPTConfig
+from .base import ConceptModel, ModelOutput
 from .prototypes import ConceptStage, region_pool, renormalise
+from .registry import register_model
 
 __all__ = ["IVPT"]
 
 
+@register_model("ivpt", config=IVPTConfig)
 class IVPT(ConceptModel):
     """Interpretable visual prompt tuning around a frozen timm VisionTransformer.
 
@@ -30,10 +32,10 @@ class IVPT(ConceptModel):
         backbone: a timm VisionTransformer without head; built from ``cfg`` when None.
     """
 
-    kind = "ivpt"
     maps_only_view = True
+    cfg: IVPTConfig
 
-    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: IVPTConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(cfg, backbone)
         depth = len(self.backbone.blocks)
         m = cfg.num_stages
@@ -49,6 +51,25 @@ class IVPT(ConceptModel):
         if cfg.deep_prompts:
             self.prompts = self.new_prompts(depth)  # row i feeds block i, as in VPT-deep
         self.set_trainable()
+
+    def describe_stages(self) -> dict:
+        """The concept stages for ``ivpt info``: prototypes per stage, which block each feeds, prompt tokens."""
+        cfg, m = self.cfg, self.cfg.num_stages
+        return {
+            "num_coarse": cfg.num_coarse,
+            "free_prompts_per_block": cfg.num_prompts if self.prompts is not None else 0,
+            "stages": [
+                {
+                    "stage": i,
+                    "n_pro": n,
+                    "foreground": n - 1,
+                    "feeds": (f"input of block {self.first_prompted + i}" if i < m
+                              else "classifier (output of last block)"),
+                    "prompt_tokens": cfg.num_coarse if i < m else 0,
+                }
+                for i, n in enumerate(cfg.n_pro)
+            ],
+        }
 
     # ------------------------------------------------------------------------------------------------- forward
     def trunk(self, x: Tensor, *, insert_prompts: bool = True):
@@ -92,7 +113,7 @@ class IVPT(ConceptModel):
         """The detached features (B, L, D) each of the m+1 stages reads, in order."""
         return self.trunk(x)[2]
 
-    def forward(self, x: Tensor, *, insert_prompts: bool = True, maps_only_from: int | None = None) -> IVPTOutput:
+    def forward(self, x: Tensor, *, insert_prompts: bool = True, maps_only_from: int | None = None) -> ModelOutput:
         """Run IVPT on normalised images (B, 3, H, W). ``insert_prompts=False`` runs the plain backbone.
 
         ``maps_only_from=k``: images k.. only need their concept maps (the equivariance view). Their backbone pass
@@ -109,7 +130,7 @@ class IVPT(ConceptModel):
         tokens, _, _, maps, grouped, assignments, counts = self.trunk(x, insert_prompts=insert_prompts)
         maps = [renormalise(s) for s in maps]
         logits, part_logits, modulated, c, normed = self.classify(tokens, maps[-1])
-        return IVPTOutput(
+        return ModelOutput(
             logits=logits,
             part_logits=part_logits,
             maps=maps,

@@ -1,20 +1,66 @@
-"""One table of model kinds: ``model.kind`` → class, and :func:`create_model`."""
+"""The one table of model kinds: ``model.kind`` → model class (and its config class), filled by
+:func:`register_model`, and :func:`create_model`.
+
+Adding a kind is one file plus one registration line. The file defines the model (a subclass of
+:class:`~ivpt.models.base.FrozenViT`: ``__init__(cfg, backbone)`` builds the trainable parameters and calls
+``set_trainable()``; ``groups()`` names them for the optimiser; ``forward(x)`` returns a
+:class:`~ivpt.models.base.ModelOutput`) and, if the kind reads fields beyond :class:`ivpt.config.ModelConfig`, its
+config class (a dataclass subclass of it). The registration is the decorator on the model class::
+
+    from ivpt.config import ModelConfig
+    from ivpt.models import FrozenViT, ModelOutput, register_model
+
+    @register_model("mean_patch_probe", config=ModelConfig)
+    class MeanPatchProbe(FrozenViT):
+        ...
+
+From then on ``model.kind=mean_patch_probe`` is a valid config value (YAML, CLI overrides, ``ivpt compare --kinds``),
+``ivpt train`` / ``ivpt eval`` build it, its checkpoints load, and which config changes matter to its runs follows
+from its config class (:func:`ivpt.config.config_changes`); a model with concept maps (``has_concept_maps``) also
+reads the map loss terms. The built-in kinds register themselves the same way in :mod:`.ivpt` and :mod:`.baselines`
+(IVPT first: the order of :data:`MODELS` is the order ``ivpt compare`` runs and tabulates them). A kind defined
+outside ivpt must be imported before a config names it; :func:`unregister_model` removes it again.
+"""
 from __future__ import annotations
+
+from typing import Callable, TypeVar
 
 import torch
 
-from ..config import MODEL_KINDS, Config, ConfigError, ModelConfig
+from ..config import Config, ConfigError, ModelConfig, register_kind, unregister_kind
 from .backbone import build_backbone
 from .base import FrozenViT
-from .baselines import LastLayerParts, LinearProbe, VPTDeep, VPTDeepProto, VPTShallow
-from .ivpt import IVPT
 
-__all__ = ["MODELS", "model_class", "create_model", "load_model", "describe"]
+__all__ = ["MODELS", "register_model", "unregister_model", "model_class", "create_model", "load_model", "describe"]
 
-MODELS: dict[str, type[FrozenViT]] = {cls.kind: cls for cls in (IVPT, LinearProbe, VPTShallow, VPTDeep,
-                                                                 LastLayerParts, VPTDeepProto)}
-# The config validates model.kind against MODEL_KINDS (a torch-free list); both must name the same kinds.
-assert set(MODELS) == set(MODEL_KINDS), (sorted(MODELS), sorted(MODEL_KINDS))
+M = TypeVar("M", bound=type[FrozenViT])
+
+# model.kind -> model class, in registration order; ivpt.config.MODEL_KINDS holds the same kinds' config classes.
+MODELS: dict[str, type[FrozenViT]] = {}
+
+
+def register_model(kind: str, *, config: type[ModelConfig] = ModelConfig) -> Callable[[M], M]:
+    """Class decorator: make the :class:`FrozenViT` subclass the model of ``model.kind=kind``, configured by
+    ``config`` (``ModelConfig`` or a dataclass subclass of it holding every further field the model reads). Sets
+    the class's ``kind`` and ``config_class``. A kind already registered to another class is a ValueError."""
+
+    def decorate(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, FrozenViT)):
+            raise TypeError(f"@register_model({kind!r}) decorates a subclass of ivpt.models.FrozenViT, not {cls!r}")
+        if kind in MODELS and MODELS[kind] is not cls:
+            raise ValueError(f"model.kind={kind!r} is already registered ({MODELS[kind].__qualname__})")
+        register_kind(kind, config, concept_maps=cls.has_concept_maps)
+        cls.kind, cls.config_class = kind, config
+        MODELS[kind] = cls
+        return cls
+
+    return decorate
+
+
+def unregister_model(kind: str) -> type[FrozenViT]:
+    """Remove a registered kind (e.g. one a test added) from both tables; returns its model class."""
+    unregister_kind(kind)
+    return MODELS.pop(kind)
 
 
 def model_class(kind: str) -> type[FrozenViT]:
@@ -60,21 +106,8 @@ def describe(model: FrozenViT, cfg: Config) -> dict:
         "embed_dim": model.backbone.embed_dim,
         "num_prefix_tokens": model.backbone.num_prefix_tokens,
         "num_classes": cfg.model.num_classes,
+        **model.describe_stages(),
     }
-    if isinstance(model, IVPT):
-        m = cfg.model.num_stages
-        summary["num_coarse"] = cfg.model.num_coarse
-        summary["free_prompts_per_block"] = cfg.model.num_prompts if model.prompts is not None else 0
-        summary["stages"] = [
-            {
-                "stage": i,
-                "n_pro": n,
-                "foreground": n - 1,
-                "feeds": f"input of block {model.first_prompted + i}" if i < m else "classifier (output of last block)",
-                "prompt_tokens": cfg.model.num_coarse if i < m else 0,
-            }
-            for i, n in enumerate(cfg.model.n_pro)
-        ]
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["total_params"] = sum(p.numel() for p in model.parameters())
     summary["param_groups"] = [
