@@ -98,8 +98,10 @@ def test_dependencies_point_one_way():
 def test_cli_modules_import_no_other_cli_module_but_the_shared_helper():
     graph = _imports()
     for module, targets in graph.items():
-        if module.startswith("ivpt.cli.") and module != "ivpt.cli.common":
-            others = {t for t in targets if t.startswith("ivpt.cli") and t not in ("ivpt.cli", "ivpt.cli.common")}
+        if module.startswith("ivpt.cli.") and module not in ("ivpt.cli.common", "ivpt.cli.main"):
+            # `python -m ivpt.cli` (cli/__main__.py) runs the dispatcher, cli/main.py, which imports each command.
+            allowed = ("ivpt.cli", "ivpt.cli.common") + (("ivpt.cli.main",) if module == "ivpt.cli.__main__" else ())
+            others = {t for t in targets if t.startswith("ivpt.cli") and t not in allowed}
             assert others == set(), (module, others)
 
 
