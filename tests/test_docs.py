@@ -1,5 +1,4 @@
 """The Python snippet of docs/architecture.md runs as written."""
-import os
 import re
 from pathlib import Path
 
