@@ -35,7 +35,6 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -442,7 +441,7 @@ class Trainer:
         maps = MapHealth() if self.model.has_concept_maps else None
         run_pass(self.model, self.data.val, self.cfg, self.info, [acc] + ([maps] if maps else []))
         health = maps.health.flush(R.all_reduce_sum) if maps else {}
-        return self._top1(None, "validation", acc.meter.compute()), health
+        return self._top1("validation", acc.meter.compute()), health
 
     def finish(self) -> dict:
         """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""
@@ -453,7 +452,7 @@ class Trainer:
         load_pretrained(self.model, self.out / "best", meta=meta)
         test = evaluate_accuracy(self.model, self.data.test, self.cfg, self.info,
                                  progress=self.progress and self.info.is_main)
-        self._top1(None, "test", test)
+        self._top1("test", test)
         metrics = {
             "test_top1": test["top1"] / 100,
             "test_top5": test["top5"] / 100,
@@ -473,11 +472,9 @@ class Trainer:
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
 
-    def _top1(self, dataset: Any, name: str, scores: dict | None = None) -> float:
-        """Top-1 of ``dataset`` (or the given ``scores``); a split of which no image could be read is an error,
-        never a NaN in metrics.json."""
-        if scores is None:
-            scores = evaluate_accuracy(self.model, dataset, self.cfg, self.info, progress=False)
+    def _top1(self, name: str, scores: dict) -> float:
+        """Top-1 of a split's accuracy ``scores``; a split of which no image could be read is an error, never a NaN
+        in metrics.json."""
         if "top1" not in scores:
             raise TrainingError(f"no image of the {name} split of {self.cfg.data.root} could be read (all "
                                 "corrupt, see the warnings above); replace the unreadable files")
