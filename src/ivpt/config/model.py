@@ -7,6 +7,7 @@ config class adds what that kind reads, and nothing else::
     ModelConfig             kind, backbone, img_size, num_classes, weights, backbone_kwargs  linear
     └─ TunedConfig          train_tokens
        ├─ VPTConfig         num_prompts                                                      vpt_shallow, vpt_deep
+       ├─ PromptCAMConfig   none (num_prompts = num_classes; train_tokens false by default)  prompt_cam
        └─ ConceptConfig     n_pro, prototype_init, prototype_init_std, global_part,          last_layer_parts
           │                 global_share
           └─ VPTConceptConfig   num_prompts                                                  vpt_deep_proto
@@ -31,9 +32,9 @@ from typing import Any, Mapping
 
 from .fields import Bounds, ConfigError, check_limits, check_number, coerce, limited
 
-__all__ = ["ModelConfig", "TunedConfig", "VPTConfig", "ConceptConfig", "VPTConceptConfig", "IVPTConfig", "ModelKind",
-           "MODEL_KINDS", "DEFAULT_KIND", "register_kind", "unregister_kind", "config_class", "model_fields",
-           "model_config", "check_img_size", "MIN_GRID", "PROTOTYPE_INITS"]
+__all__ = ["ModelConfig", "TunedConfig", "VPTConfig", "PromptCAMConfig", "ConceptConfig", "VPTConceptConfig",
+           "IVPTConfig", "ModelKind", "MODEL_KINDS", "DEFAULT_KIND", "register_kind", "unregister_kind", "config_class",
+           "model_fields", "model_config", "check_img_size", "MIN_GRID", "PROTOTYPE_INITS"]
 
 DEFAULT_KIND = "ivpt"  # model.kind when a config does not say
 PROTOTYPE_INITS = ("normal", "feature_mean")  # ivpt.models.ConceptModel.centre_prototypes does the second
@@ -101,6 +102,21 @@ class VPTConfig(TunedConfig):
     kind: str = "vpt_deep"
     # Tokens per prompted block (vpt_shallow: the input only; vpt_deep: every block).
     num_prompts: int = limited(10, ">= 1")
+
+
+@dataclass
+class PromptCAMConfig(TunedConfig):
+    """Prompt-CAM (Chowdhury et al., CVPR 2025): one learned prompt per class before every block, each block owning
+    its own, scored by a shared Linear(D, 1). It adds no field: its prompt count is the class count."""
+
+    kind: str = "prompt_cam"
+    # The authors train the prompts and the scorer only; a config that names model.train_tokens decides for every kind.
+    train_tokens: bool = False
+
+    @property
+    def num_prompts(self) -> int:
+        """Prompts per block, as ``VPTConfig.num_prompts``: one per class (``num_classes``)."""
+        return self.num_classes
 
 
 @dataclass

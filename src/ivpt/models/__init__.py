@@ -6,10 +6,10 @@
   :class:`ConceptModel` (concept stages + the part-pooled head).
 - :mod:`.prototypes`: one concept stage (prototypes, spatial prior, region pooling, fine→coarse assignment).
 - :mod:`.ivpt`: IVPT. :mod:`.baselines`: linear probe, VPT-shallow/deep, last-layer parts, VPT-deep with
-  prototypes.
+  prototypes. :mod:`.prompt_cam`: Prompt-CAM (class-specific prompts, trait maps).
 - :mod:`.registry`: ``model.kind`` → class; how to add a kind.
 
-The import order below is the order of the kinds (IVPT, then the baselines): each module registers its own.
+The import order below is the order of the kinds (IVPT, the baselines, Prompt-CAM): each module registers its own.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from .base import ConceptModel, FrozenViT, ModelOutput
 from .registry import MODELS, create_model, describe, load_model, model_class, register_model, unregister_model
 from .ivpt import IVPT  # noqa: I001 - registration order: ivpt first
 from .baselines import VPT, LastLayerParts, LinearProbe, VPTDeep, VPTDeepProto, VPTShallow
+from .prompt_cam import PromptCAM
 
 __all__ = ["IVPT", "ModelOutput", "FrozenViT", "ConceptModel", "LinearProbe", "VPT", "VPTShallow", "VPTDeep",
-           "LastLayerParts", "VPTDeepProto", "MODELS", "register_model", "unregister_model", "create_model",
-           "load_model", "describe", "model_class", "build_backbone"]
+           "LastLayerParts", "VPTDeepProto", "PromptCAM", "MODELS", "register_model", "unregister_model",
+           "create_model", "load_model", "describe", "model_class", "build_backbone"]
