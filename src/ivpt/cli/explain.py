@@ -1,5 +1,6 @@
-"""``ivpt explain CHECKPOINT IMAGE... --out DIR [--format png|svg|pdf]``: concept regions, hierarchy and class
-evidence for each image, as figure files plus ``DIR/index.html`` showing them."""
+"""``ivpt explain CHECKPOINT IMAGE... --out DIR [--format png|svg|pdf] [--class C ...]``: for an IVPT checkpoint,
+concept regions, hierarchy and class evidence of each image; for a Prompt-CAM one, the trait maps (per-head attention)
+of the predicted class and of each ``--class``; as figure files plus ``DIR/index.html`` showing them."""
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     parser.add_argument("--format", default="png", choices=["png", "svg", "pdf"],
                         help="file format of every figure (default png; svg and pdf keep text editable)")
+    parser.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
+                        help="model.kind=prompt_cam: also draw the trait maps of this class (an id from 0, or a class "
+                             "name) beside the predicted class's; repeat for several")
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
                         help="load even if the backbone weights differ from those the checkpoint was trained on")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
-    from ..explain import Explanation, explain
+    from ..explain import Explanation, TraitExplanation, class_ids, explain, explain_traits
     from ..checkpoint import check_output_folder
     from ..explain.images import load_readable_images
-    from ..explain.report import write_explained_images
-    from ..models import IVPT
+    from ..explain.report import write_explained_images, write_trait_images
+    from ..models import IVPT, PromptCAM
     from ..runs import class_names_of, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
@@ -43,12 +47,18 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     model, cfg, meta = load_run(args.checkpoint, weights=args.weights, device=args.device,
                                 allow_backbone_mismatch=args.allow_backbone_mismatch)
-    if not isinstance(model, IVPT):
-        raise ConfigError(f"{args.checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt")
+    traits = isinstance(model, PromptCAM)
+    if not (traits or isinstance(model, IVPT)):
+        raise ConfigError(f"{args.checkpoint} holds a {cfg.model.kind!r} model; explanations need model.kind=ivpt "
+                          "or prompt_cam")
+    if args.classes and not traits:
+        raise ConfigError(f"--class draws a class's trait maps: it needs model.kind=prompt_cam, and {args.checkpoint} "
+                          f"holds a {cfg.model.kind!r} model (its evidence figure shows the top classes)")
     size = args.img_size or cfg.model.img_size
     # A run's data.resize belongs to its img_size; another size resizes the shorter side to itself.
     data = dataclasses.replace(cfg.data, resize=0) if args.img_size else cfg.data
     names = class_names_of(meta, cfg.model.num_classes)
+    chosen = class_ids(args.classes, names, cfg.model.num_classes)
     paths = [Path(p) for p in args.images]
     parts, done = [], []
     for start in range(0, len(paths), args.batch_size):
@@ -57,13 +67,18 @@ def run(args: argparse.Namespace) -> int:
         for i, reason in bad.items():
             print(f"skipped {batch[i]}: not a readable image ({reason})", file=sys.stderr)
         if x is not None:
-            parts.append(explain(model, x, class_names=names, topk=args.topk, mean=cfg.data.mean,
-                                 std=cfg.data.std))
+            common = dict(class_names=names, topk=args.topk, mean=cfg.data.mean, std=cfg.data.std)
+            parts.append(explain_traits(model, x, classes=chosen, **common) if traits
+                         else explain(model, x, **common))
             done.extend(batch[i] for i in kept)
     if not done:
         print(f"error: none of the {len(paths)} image(s) could be read; nothing was explained", file=sys.stderr)
         return 2
-    index = write_explained_images(Explanation.concat(parts), [p.name for p in done], args.out, fmt=args.format)
+    files = [p.name for p in done]
+    if traits:
+        index = write_trait_images(TraitExplanation.concat(parts), files, args.out, fmt=args.format)
+    else:
+        index = write_explained_images(Explanation.concat(parts), files, args.out, fmt=args.format)
     skipped = f" ({len(paths) - len(done)} unreadable image(s) skipped)" if len(done) < len(paths) else ""
     print(f"written {len(done)} explanation(s) to {args.out}{skipped}; open {index}")
     return 0

@@ -1,6 +1,7 @@
-"""Figures of one explained image or of a gallery: plain matplotlib ``Figure`` objects to restyle at will and save
-with :func:`ivpt.explain.draw.save_figure` (PNG, SVG, PDF). Nothing here runs the model; colours follow
-:func:`ivpt.explain.draw.concept_color`, so concept ``k`` looks the same in the region, evidence and gallery views.
+"""Figures of one explained image (IVPT's concepts, Prompt-CAM's trait maps) or of a gallery: plain matplotlib
+``Figure`` objects to restyle at will and save with :func:`ivpt.explain.draw.save_figure` (PNG, SVG, PDF). Nothing
+here runs the model; colours follow :func:`ivpt.explain.draw.concept_color`, so concept ``k`` looks the same in the
+region, evidence and gallery views (and head ``k`` of a trait map in its region and its heatmap title).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from PIL import Image
 
 from .core import Explanation, prototype_count
 from .draw import MUTED, concept_color, concept_rgb, shorten, show_regions
+from .traits import TraitExplanation
 
-__all__ = ["render_stage_regions", "render_evidence", "render_gallery", "render_part_map"]
+__all__ = ["render_stage_regions", "render_evidence", "render_gallery", "render_part_map", "render_traits"]
 
 GLOBAL_COLOR = "#5a5a5a"  # the global part (model.global_part) in the evidence figure
 
@@ -151,4 +153,36 @@ def render_part_map(image: np.ndarray, maps: np.ndarray | None, *, size: int = 2
     if maps is not None:
         show_regions(axes[1], image, maps, size=size)
         axes[1].set_title(f"part map: {prototype_count(maps.shape[0])}", fontsize=8)
+    return fig
+
+
+def render_traits(expl: TraitExplanation, i: int, *, size: int = 224, alpha: float = 0.55,
+                  title: str | None = None) -> Figure:
+    """Image ``i``'s trait maps: one row per explained class (the predicted class first, then the chosen ones).
+
+    Each row starts with the regions of that class's trait maps (argmax over the heads and the background, the map
+    the interpretability metrics score for the predicted class), then one panel per head: its attention over the
+    patches as a heatmap on the image, stretched from its minimum to its maximum (as the authors draw them), titled
+    with the peak's share of the head's attention. The row's label gives the class, its probability and its logit."""
+    Q, K = expl.classes.shape[1], expl.num_heads
+    fig = Figure(figsize=(1.9 * (K + 1), 2.15 * Q + 0.45), layout="constrained")
+    axes = fig.subplots(Q, K + 1, squeeze=False)
+    c0, p0 = int(expl.top_classes[i, 0]), float(expl.top_probs[i, 0])
+    fig.suptitle(f"{shorten(title or f'Image {i}', 40)} · predicted: {shorten(expl.class_name(c0), 40)} ({p0:.1%})",
+                 x=0.01, ha="left", fontsize=10)
+    image = expl.images[i]
+    for q in range(Q):
+        c = int(expl.classes[i, q])
+        show_regions(axes[q, 0], image, expl.part_maps[i, q], size=size)
+        axes[q, 0].set_title(f"{'predicted' if q == 0 else 'chosen'}: {shorten(expl.class_name(c), 24)}\n"
+                             f"p {float(expl.probs[i, c]):.1%} · logit {_signed(float(expl.logits[i, c]))}",
+                             fontsize=7.5, loc="left")
+        for k in range(K):
+            ax, heat = axes[q, k + 1], expl.attention[i, q, k]
+            show_regions(ax, image, None, size=size)
+            h, w = ax.images[0].get_array().shape[:2]
+            span = max(float(heat.max() - heat.min()), 1e-12)
+            ax.imshow((heat - heat.min()) / span, cmap="inferno", alpha=alpha, vmin=0, vmax=1, extent=(0, w, h, 0),
+                      interpolation="bilinear")
+            ax.set_title(f"head {k} · peak {float(heat.max()):.1%}", fontsize=7.5, color=concept_color(k))
     return fig

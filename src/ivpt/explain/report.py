@@ -1,7 +1,8 @@
 """HTML pages, from the jinja2 templates in ``templates/`` (autoescaped): the ``ivpt explain`` index (figure files
-beside it) and the self-contained ``ivpt report`` (every figure inlined as a PNG data URI, so the one file can be
-mailed or archived). Both pages end with a tiny script that, after load, writes ``data-images-ok="ok/total"`` on
-<body>, so a headless browser's DOM dump shows whether every image decoded (the tests rely on it).
+beside it: IVPT's concepts, or Prompt-CAM's trait maps) and the self-contained ``ivpt report`` (every figure inlined
+as a PNG data URI, so the one file can be mailed or archived). Both pages end with a tiny script that, after load,
+writes ``data-images-ok="ok/total"`` on <body>, so a headless browser's DOM dump shows whether every image decoded
+(the tests rely on it).
 """
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ from jinja2 import Environment, PackageLoader
 from torch import nn
 
 from ..eval import registry
-from ..models import IVPT
+from ..models import IVPT, PromptCAM
 from .charts import training_figure
 from .core import (IMAGENET_MEAN, IMAGENET_STD, Explanation, HierarchyAccumulator, _depth, _device, _eval_mode,
                    denormalise, explain, paper_stage, prototype_count, run_batches)
 from .draw import data_uri, save_figure
 from .gallery import GalleryAccumulator, batch_indices, collate_images, loader_for
 from .hierarchy import render_hierarchy
-from .render import render_evidence, render_gallery, render_part_map, render_stage_regions
+from .render import render_evidence, render_gallery, render_part_map, render_stage_regions, render_traits
+from .traits import TraitExplanation, explain_traits
 
-__all__ = ["write_explained_images", "build_report", "report_checkpoint", "read_metrics"]
+__all__ = ["write_explained_images", "write_trait_images", "build_report", "report_checkpoint", "read_metrics"]
 
 TEMPLATES = Environment(loader=PackageLoader("ivpt.explain", "templates"), autoescape=True, trim_blocks=True,
                         lstrip_blocks=True)
@@ -61,6 +63,23 @@ def write_explained_images(expl: Explanation, names: Sequence[str], out: str | P
     index = out / "index.html"
     index.write_text(TEMPLATES.get_template("explain.html.j2").render(title="IVPT explanations", images=images,
                                                                        fmt=fmt))
+    return index
+
+
+def write_trait_images(expl: TraitExplanation, names: Sequence[str], out: str | Path, *, size: int = 224,
+                       fmt: str = "png") -> Path:
+    """Write, for every image of ``expl``, ``<stem>_traits`` as ``fmt`` (png, svg or pdf; :func:`render_traits`)
+    and ``index.html`` showing them; stems as :func:`write_explained_images`. Returns the path of ``index.html``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, name in enumerate(names):
+        stem = f"{i:02d}_{Path(name).stem}"
+        save_figure(render_traits(expl, i, size=size, title=name), out / f"{stem}_traits.{fmt}", fmt)
+        images.append({"name": name, "stem": stem, "prediction": _prediction(expl, i)})
+    index = out / "index.html"
+    index.write_text(TEMPLATES.get_template("traits.html.j2").render(title="Prompt-CAM trait maps", images=images,
+                                                                      fmt=fmt, heads=expl.num_heads))
     return index
 
 
@@ -115,7 +134,8 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
 
     Any model kind: without IVPT's fine→coarse assignments (every other kind) the hierarchy section says why it
     is empty, the gallery shows the model's one part map (none for ``linear``, and the section says so) and each
-    sample shows the prediction beside the input and its part map.
+    sample shows the prediction beside the input and its part map (Prompt-CAM: its trait maps,
+    :func:`~.render.render_traits`).
 
     The hierarchy and galleries come from ONE pass over ``dataset`` (items: dicts with ``image`` normalised,
     ``label``, ``index`` and, for the galleries' part captions, ``keypoints`` and ``visible``), or over its first
@@ -129,6 +149,7 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
     # Only IVPT assigns fine concepts to coarse ones (hierarchy, per-concept evidence); the other kinds have one
     # part map at most (FrozenViT.map_stages), shown as a gallery and beside each sample.
     concepts = isinstance(model, IVPT)
+    traits = isinstance(model, PromptCAM)  # per-head trait maps of the predicted class
     map_stages = model.map_stages() if getattr(model, "has_part_maps", False) else []
     names = list(class_names) if class_names is not None else getattr(dataset, "class_names", None)
     used = len(dataset) if limit is None else min(limit, len(dataset))
@@ -152,7 +173,10 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         x = collate_images(chunk)["image"]  # type: ignore[index]
-        expl = explain(model, x, class_names=names, mean=mean, std=std) if concepts else _predict(model, x, names)
+        if concepts or traits:
+            expl = (explain if concepts else explain_traits)(model, x, class_names=names, mean=mean, std=std)
+        else:
+            expl = _predict(model, x, names)
         pixels = denormalise(x, mean=mean, std=std)
         for i, item in enumerate(chunk):
             name = f"image #{int(item.get('index', picks[start + i]))}"
@@ -161,6 +185,8 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
                 card.update(evidence=data_uri(render_evidence(expl, i, title=name)),
                             regions=data_uri(render_stage_regions(expl, i, title=name)),
                             hierarchy=data_uri(render_hierarchy(expl, i)))
+            elif traits:
+                card.update(traits=data_uri(render_traits(expl, i, title=name)))
             else:
                 card.update(part_map=data_uri(render_part_map(pixels[i], None if expl.maps is None
                                                               else expl.maps[i])), has_maps=expl.maps is not None)
@@ -178,8 +204,8 @@ def build_report(model: nn.Module, dataset: Any, out: str | Path, *, metrics: di
     training = training_figure(log or {})
     path = out / "index.html"
     path.write_text(TEMPLATES.get_template("report.html.j2").render(
-        title=title, subtitle=subtitle, kind=kind, concepts=concepts, metrics=rows, per_stage=per_stage,
-        scored_stage=scored, training=data_uri(training) if training is not None else None,
+        title=title, subtitle=subtitle, kind=kind, concepts=concepts, traits=traits, metrics=rows,
+        per_stage=per_stage, scored_stage=scored, training=data_uri(training) if training is not None else None,
         hierarchy=data_uri(render_hierarchy(hierarchy.result(n_pro, _depth(model)))) if concepts and seen else None,
         seen=seen, coarse=prototype_count(n_pro[-1]) if n_pro else "", galleries=gallery_cards, topk=gallery_topk,
         samples=cards))

@@ -11,14 +11,16 @@ win, the true class's prompt must attend to what tells its class apart: the mult
 Part maps for the interpretability protocols (eval mode only, so training is plain Prompt-CAM): the trait maps of
 the PREDICTED class, one channel per head (K = heads), made comparable as VPT's attention maps are: each head's
 map divided by its maximum, background = 1 − the largest, the K+1 channels normalised per patch
-(:func:`trait_part_maps`); their one map stage has index 0. :meth:`PromptCAM.trait_maps` gives the raw maps of any
-class, for ``ivpt explain``.
+(:func:`trait_part_maps`); their one map stage has index 0. :meth:`PromptCAM.trait_maps` gives the raw maps of the
+predicted class and of any chosen class, for ``ivpt explain``.
 
 Shapes: B batch, C classes (= prompts per block), R prefix tokens (cls + registers), L = H·W patches, T = R + L,
 D width, K attention heads. Inside the blocks the sequence is [C class prompts | prefix | patches]; without an
 attention mask the order changes nothing but where the prompts are cut out again.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -142,14 +144,14 @@ class PromptCAM(FrozenViT):
         return output
 
     @torch.no_grad()
-    def trait_maps(self, x: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """One pass over images (B, 3, H, W) → (logits (B, C), the classes explained (B, Q), their trait maps
-        (B, Q, K, H', W'): each head's softmax attention of the class prompt over the patches, a share of that
-        head's attention in [0, 1], not renormalised). ``classes`` (B, Q) or (Q,) for every image; None: the
-        predicted class (Q = 1)."""
+    def trait_maps(self, x: Tensor, classes: Sequence[int] = ()) -> tuple[Tensor, Tensor, Tensor]:
+        """One pass over images (B, 3, H, W) → (logits (B, C), the classes explained (B, Q): the predicted class of
+        each image, then ``classes`` (ids, the same for every image), their trait maps (B, Q, K, H', W'): each
+        head's softmax attention of the class prompt over the patches, a share of that head's attention in [0, 1],
+        not renormalised)."""
         last_input, out, grid = self.trunk(x)
         logits, _ = self.scores(out)
-        if classes is None:
-            classes = logits.argmax(dim=-1, keepdim=True)
-        classes = torch.as_tensor(classes, device=logits.device).long().expand(logits.shape[0], -1)
-        return logits, classes, self.class_attention(last_input, classes).unflatten(-1, grid)
+        predicted = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        chosen = predicted.new_tensor(list(classes)).view(1, -1).expand(predicted.shape[0], -1)
+        explained = torch.cat([predicted, chosen], dim=1)
+        return logits, explained, self.class_attention(last_input, explained).unflatten(-1, grid)
