@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "explain": "draw concept regions, hierarchy and evidence for images",
     "report": "write a self-contained HTML report for a checkpoint",
     "bench": "measure forward/training speed of each model kind",
+    "app": "a local web app to explore a checkpoint: regions, concepts, evidence, metrics",
 }
 
 
