@@ -271,6 +271,91 @@ def test_cli_explain_format_writes_every_figure_in_it(tmp_path, fmt):
     assert not list(out.glob("*.png"))
 
 
+# ------------------------------------------------------------------------------- Prompt-CAM's trait maps
+def _prompt_cam():
+    from ivpt.models import create_model
+
+    from .conftest import tiny_cfg
+
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(kind="prompt_cam"))
+    with torch.no_grad():
+        model.prompts.add_(0.5 * torch.randn_like(model.prompts))
+    return model
+
+
+def test_trait_explanation_is_the_models_maps():
+    from ivpt.explain import TraitExplanation, explain_traits
+    from ivpt.models.prompt_cam import trait_part_maps
+
+    model = _prompt_cam().train()
+    x = _images(3)
+    e = explain_traits(model, x, classes=[4, 0], class_names=[f"bird {c}" for c in range(7)], topk=3)
+    assert model.training, "explain_traits must restore the caller's mode"
+    K, h = 2, 4  # heads, grid side
+    assert e.images.shape == (3, 56, 56, 3) and e.classes.shape == (3, 3)
+    assert e.attention.shape == (3, 3, K, h, h) and e.part_maps.shape == (3, 3, K + 1, h, h)
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert (e.classes[:, 0] == out.logits.argmax(-1).numpy()).all() and (e.classes[:, 1:] == [4, 0]).all()
+    np.testing.assert_array_equal(e.logits, out.logits.numpy())
+    np.testing.assert_allclose(e.part_maps[:, 0], out.maps[0].numpy(), atol=1e-6)  # what the metrics score
+    flat = torch.from_numpy(e.attention).flatten(0, 1).flatten(-2)
+    np.testing.assert_allclose(e.part_maps, trait_part_maps(flat, (h, h)).unflatten(0, (3, 3)).numpy(), atol=1e-6)
+    assert e.class_name(4) == "bird 4" and e.num_heads == K
+    batched = TraitExplanation.concat([explain_traits(model, x[:2], classes=[4, 0]),
+                                       explain_traits(model, x[2:], classes=[4, 0])])
+    np.testing.assert_allclose(batched.attention, e.attention, atol=1e-6)
+    assert (batched.classes == e.classes).all() and batched.class_names is None
+
+
+def test_class_ids_by_id_and_name():
+    from ivpt.config import ConfigError
+    from ivpt.explain import class_ids
+
+    names = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "7"]
+    assert class_ids(["1", "001.Black_footed_Albatross", "002.laysan_albatross", "7"], names, 3) == [1, 0, 1, 2]
+    assert class_ids(["2"], None, 3) == [2]
+    for bad in ("3", "Albatross", "-1"):
+        with pytest.raises(ConfigError, match=rf"^--class '{bad}' names no class of the model: give a class id "
+                                              "from 0 to 2; names such as '001.Black"):
+            class_ids([bad], names, 3)
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_cli_explain_prompt_cam_draws_trait_maps(tmp_path, fmt, capsys):
+    ckpt = tmp_path / "ckpt"
+    _prompt_cam().save_pretrained(ckpt, extra={"class_names": [f"Warbler {c}" for c in range(7)]})
+    out = tmp_path / "explained"
+    assert main(["explain", str(ckpt), *_write_images(tmp_path / "in", 2), "--out", str(out), "--weights", "random",
+                 "--format", fmt, "--class", "3", "--class", "warbler 5"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == [f"00_bird_0_traits.{fmt}", f"01_bird_1_traits.{fmt}",
+                                                     "index.html"]
+    html = (out / "index.html").read_text()
+    assert "trait maps (attention heads) per class" in html and "Warbler" in html
+    for f in out.glob(f"*.{fmt}"):
+        assert f'href="{f.name}"' in html if fmt == "pdf" else f'src="{f.name}"' in html
+    if fmt == "svg":  # one row per class: the predicted one, then --class 3 and --class 'warbler 5'
+        text = (out / "00_bird_0_traits.svg").read_text()
+        assert "predicted: Warbler" in text and "chosen: Warbler 3" in text and "chosen: Warbler 5" in text
+        assert text.count("head 1 · peak") == 3
+    capsys.readouterr()
+    assert main(["explain", str(ckpt), *_write_images(tmp_path / "in", 1), "--out", str(tmp_path / "x"),
+                 "--weights", "random", "--class", "Robin"]) == 2
+    assert capsys.readouterr().err.startswith("error: --class 'Robin' names no class of the model")
+
+
+def test_cli_explain_class_needs_prompt_cam(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    assert main(["explain", str(ckpt), *_write_images(tmp_path / "in", 1), "--out", str(tmp_path / "x"),
+                 "--weights", "random", "--class", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: --class draws a class's trait maps: it needs model.kind=prompt_cam, "
+                                       f"and {ckpt} holds a 'ivpt' model (its evidence figure shows the top "
+                                       "classes)\n")
+    assert not (tmp_path / "x" / "index.html").exists()
+
+
 def test_training_figure_plots_validation_and_concept_health(tmp_path):
     log = tmp_path / "log.csv"
     with open(log, "w", newline="") as f:

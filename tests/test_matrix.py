@@ -3,8 +3,9 @@
 The datasets are the tiny trees of :mod:`tests.test_datasets` in each release's own layout (a small part-world for
 cub, class folders for imagefolder). Each (format, kind) is trained once, lazily, by ``ivpt train`` into the run
 folder ``ivpt compare`` would use (``OUT/runs/<kind>-seed0``), and the other commands reuse that run: ``eval``
-(its eval.json), ``explain`` (three images in batches of one), ``report`` and ``compare`` (which finds the run
-finished). Each combination is its own test id, so a failure names the command, the kind and the format.
+(its eval.json), ``explain`` (three images in batches of one; IVPT's concepts, Prompt-CAM's trait maps, the other
+kinds refused), ``report`` and ``compare`` (which finds the run finished). Each combination is its own test id, so a
+failure names the command, the kind and the format.
 """
 from __future__ import annotations
 
@@ -141,18 +142,20 @@ def _images(root: Path, n: int = 3) -> list[Path]:
 def test_explain(cache, fmt, kind, tmp_path, capsys):
     run, images = cache.run(fmt, kind), _images(cache.root(fmt))
     capsys.readouterr()
+    chosen = ["--class", "1"] if kind == "prompt_cam" else []  # a class's trait maps beside the predicted one's
     code = main(["explain", str(run / "best"), *map(str, images), "--out", str(tmp_path / "ex"), "--batch-size", "1",
-                 "--device", "cpu"])
+                 "--device", "cpu", *chosen])
     captured = capsys.readouterr()
-    if kind != "ivpt":  # explanations read IVPT's concept hierarchy: other kinds are refused in one line
+    if kind not in ("ivpt", "prompt_cam"):  # IVPT's concepts or Prompt-CAM's traits: others are refused in one line
         assert code == 2 and captured.err == (f"error: {run / 'best'} holds a {kind!r} model; explanations need "
-                                              "model.kind=ivpt\n")
+                                              "model.kind=ivpt or prompt_cam\n")
         assert not (tmp_path / "ex" / "index.html").exists()
         return
     assert code == 0, captured.err
     assert f"written {len(images)} explanation(s)" in captured.out
+    figures = ("traits",) if kind == "prompt_cam" else ("regions", "evidence", "hierarchy")
     for i, path in enumerate(images):
-        for figure in ("regions", "evidence", "hierarchy"):
+        for figure in figures:
             assert (tmp_path / "ex" / f"{i:02d}_{path.stem}_{figure}.png").is_file()
 
 
@@ -165,6 +168,7 @@ def test_report(cache, fmt, kind, tmp_path, capsys):
     html = (tmp_path / "rep" / "index.html").read_text()
     assert html.count('class="card sample"') == 2 and 'id="hierarchy"' in html
     assert ('id="gallery-' in html) == (kind != "linear")
+    assert (html.count('alt="trait maps"') == 2) == (kind == "prompt_cam")
 
 
 @pytest.mark.parametrize("fmt,kind", COMBINATIONS)
