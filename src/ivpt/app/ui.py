@@ -116,17 +116,17 @@ def _image_tab(session: AppSession) -> None:
             alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Region opacity", elem_id="alpha")
             versus = gr.Dropdown([("the runner-up", RUNNER_UP)] + [(n, c) for c, n in enumerate(session.class_names)],
                                  value=RUNNER_UP, label="Why the prediction and not…", elem_id="versus")
-            image = gr.Image(label="Input as the model sees it", interactive=False, elem_id="input-image")
+            image = gr.Image(label="Input as the model sees it", interactive=False, height=240, elem_id="input-image")
         with gr.Column(scale=3):
             status = gr.Markdown("Upload an image, or pick one of the dataset.", elem_id="status")
             top = gr.Label(num_top_classes=session.topk, label="Top classes", elem_id="top-classes")
-            regions = gr.Gallery(label="Concept regions per stage (fine → coarse)", columns=4, height="auto",
-                                 object_fit="contain", interactive=False, elem_id="regions")
-    with gr.Row():
-        evidence = gr.Image(label="Evidence per concept: prediction vs. another class", interactive=False,
-                            elem_id="evidence")
-        hierarchy = gr.Image(label="Fine → coarse hierarchy of this image", interactive=False, elem_id="hierarchy")
+            regions = gr.Gallery(label="Concept regions per stage (fine → coarse)", columns=max(len(session.stages), 1),
+                                 height=360, object_fit="contain", interactive=False, elem_id="regions")
+    gr.Markdown("#### Evidence per concept: the prediction against another class")
     evidence_text = gr.Markdown(elem_id="evidence-text")
+    evidence = gr.Image(show_label=False, interactive=False, elem_id="evidence")
+    gr.Markdown("#### Fine → coarse hierarchy of this image")
+    hierarchy = gr.Image(show_label=False, interactive=False, elem_id="hierarchy")
     outputs = [key, status, image, top, regions, hierarchy, evidence, evidence_text]
     upload.upload(partial(on_upload, session), [upload, alpha, versus], outputs)
     pick.input(partial(on_pick, session), [pick, alpha, versus], outputs)
@@ -141,10 +141,10 @@ def _concept_tab(session: AppSession, tab: gr.Tab) -> None:
         concept = gr.Dropdown(_concept_choices(session, stages[-1][1] if stages else None),
                               value=0 if stages else None, label="Concept", elem_id="concept")
     info = gr.Markdown("Open this tab to index the dataset (once) and show the concept.", elem_id="concept-info")
-    patches = gr.Gallery(label="Top patches over the dataset", columns=8, height="auto", object_fit="contain",
+    patches = gr.Gallery(label="Top patches over the dataset", columns=8, height=260, object_fit="contain",
                          interactive=False, elem_id="concept-gallery")
-    hierarchy = gr.Image(label="Fine → coarse hierarchy over the dataset", interactive=False,
-                         elem_id="dataset-hierarchy")
+    gr.Markdown("#### Fine → coarse hierarchy over the dataset")
+    hierarchy = gr.Image(show_label=False, interactive=False, elem_id="dataset-hierarchy")
     tab.select(partial(on_concept, session), [stage, concept], [info, patches, hierarchy])
     stage.input(partial(on_stage, session), [stage], [concept, info, patches, hierarchy])
     concept.input(partial(on_concept, session), [stage, concept], [info, patches, hierarchy])
@@ -160,6 +160,7 @@ def _model_tab(session: AppSession) -> None:
     if page.health[1]:
         gr.Dataframe(value=page.health[1], headers=page.health[0], label="Concept health", interactive=False)
     if page.curves is not None:
-        gr.Image(page.curves, label="Training curves (log.csv)", interactive=False, elem_id="curves")
+        gr.Markdown("#### Training curves and concept health (log.csv)")
+        gr.Image(page.curves, show_label=False, interactive=False, elem_id="curves")
     else:
         gr.Markdown("No log.csv beside the checkpoint: no training curves.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ..eval import registry
 from ..explain.charts import training_figure
 from ..explain.core import prototype_count
 from ..explain.hierarchy import render_hierarchy
-from .figures import contrast_figure, figure_array, region_overlay
+from .figures import canvas_array, contrast_figure, figure_array, region_overlay
 from .index import Progress
 from .session import AppSession, ConceptInfo, Contrast, ImageResult
 
@@ -26,6 +27,7 @@ __all__ = ["ImagePage", "ConceptPage", "ModelPage", "image_page", "error_page", 
            "concept_page", "model_page"]
 
 Table = tuple[list[str], list[list[str]]]  # (headers, rows)
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,28 +99,43 @@ def _status(session: AppSession, result: ImageResult) -> str:
 
 
 def region_images(result: ImageResult, alpha: float) -> list[tuple[np.ndarray, str]]:
-    """One overlay per map stage (fine to coarse) with its caption: where it sits, the concepts present."""
-    out = []
-    for st in result.stages:
-        present = [str(k) for k in np.flatnonzero(st.present[:-1])]
-        caption = f"{st.title} · present: {', '.join(present) or 'none'}"
-        out.append((region_overlay(result.image, st.maps, alpha=alpha), caption))
-    return out
+    """One overlay per map stage (fine to coarse) with its caption: where it sits, the concepts present (kept
+    per opacity with the result)."""
+    def draw() -> list[tuple[np.ndarray, str]]:
+        out = []
+        for st in result.stages:
+            present = [str(k) for k in np.flatnonzero(st.present[:-1])]
+            out.append((region_overlay(result.image, st.maps, alpha=alpha),
+                        f"{st.title} · present: {', '.join(present) or 'none'}"))
+        return out
+
+    return _kept(result.renders, "regions", round(alpha, 3), draw)
+
+
+def _kept(renders: dict[str, Any], name: str, setting: Any, draw: Callable[[], T]) -> T:
+    """``renders[name]`` when it was drawn with ``setting``, else ``draw()``, kept in its place (one setting per
+    name: the last one asked for)."""
+    if name not in renders or renders[name][0] != setting:
+        renders[name] = (setting, draw())
+    return renders[name][1]
 
 
 def _hierarchy_image(result: ImageResult) -> np.ndarray | None:
     if result.hierarchy is None:
         return None
-    if "hierarchy" not in result.renders:
-        result.renders["hierarchy"] = figure_array(render_hierarchy(result.hierarchy))
-    return result.renders["hierarchy"]
+    return _kept(result.renders, "hierarchy", None, lambda: figure_array(render_hierarchy(result.hierarchy)))
 
 
 def contrast_view(session: AppSession, result: ImageResult, versus: int | None) -> tuple[np.ndarray | None, str]:
     """(the evidence drawing, its explanation) of the prediction A against class ``versus`` B: each concept's
-    evidence for A, for B and the difference, which adds up to logit A − logit B with the global token's part."""
+    evidence for A, for B and the difference, which adds up to logit A − logit B with the global token's part
+    (kept per class B with the result)."""
     a = result.predicted
     b = versus if versus is not None else (result.top(2)[-1][0])
+    return _kept(result.renders, "contrast", b, lambda: _contrast(session, result, a, b))
+
+
+def _contrast(session: AppSession, result: ImageResult, a: int, b: int) -> tuple[np.ndarray | None, str]:
     contrast = result.contrast(a, b)
     if contrast is None or result.evidence is None or result.global_evidence is None:
         return None, ""
@@ -131,7 +148,7 @@ def contrast_view(session: AppSession, result: ImageResult, versus: int | None) 
     present = result.stages[-1].present if result.stages else np.ones(len(rows), dtype=bool)
     fig = contrast_figure(rows, [f"for {names[0]}", f"for {names[1]}", "difference"], present,
                           with_global=with_global)
-    return figure_array(fig), _contrast_text(contrast, names, with_global, float(result.logits[a] - result.logits[b]))
+    return canvas_array(fig), _contrast_text(contrast, names, with_global, float(result.logits[a] - result.logits[b]))
 
 
 def _contrast_text(contrast: Contrast, names: tuple[str, str], with_global: bool, margin: float) -> str:
@@ -150,10 +167,10 @@ def concept_page(session: AppSession, position: int, concept: int,
                  progress: Progress | None = None) -> ConceptPage:
     """The concept view of ``concept`` of the map stage at ``position`` (indexes the dataset on first use)."""
     info = session.concept(position, concept, progress)
-    index = session.index()
-    if index.hierarchy is not None and "hierarchy" not in session.renders:
-        session.renders["hierarchy"] = figure_array(render_hierarchy(index.hierarchy))
-    return ConceptPage(_concept_text(session, info), info.patches, session.renders.get("hierarchy"))
+    h = session.index().hierarchy
+    drawing = None if h is None else _kept(session.renders, "hierarchy", None,
+                                           lambda: figure_array(render_hierarchy(h)))
+    return ConceptPage(_concept_text(session, info), info.patches, drawing)
 
 
 def _concept_text(session: AppSession, info: ConceptInfo) -> str:
