@@ -7,7 +7,7 @@ config class adds what that kind reads, and nothing else::
     ModelConfig             kind, backbone, img_size, num_classes, weights, backbone_kwargs  linear
     └─ TunedConfig          train_tokens
        ├─ VPTConfig         num_prompts                                                      vpt_shallow, vpt_deep
-       ├─ PromptCAMConfig   none (num_prompts = num_classes; train_tokens false by default)  prompt_cam
+       ├─ PromptCAMConfig   none (its num_prompts is num_classes)                            prompt_cam
        └─ ConceptConfig     n_pro, prototype_init, prototype_init_std, global_part,          last_layer_parts
           │                 global_share
           └─ VPTConceptConfig   num_prompts                                                  vpt_deep_proto
@@ -110,8 +110,6 @@ class PromptCAMConfig(TunedConfig):
     its own, scored by a shared Linear(D, 1). It adds no field: its prompt count is the class count."""
 
     kind: str = "prompt_cam"
-    # The authors train the prompts and the scorer only; a config that names model.train_tokens decides for every kind.
-    train_tokens: bool = False
 
     @property
     def num_prompts(self) -> int:

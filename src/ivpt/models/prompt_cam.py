@@ -68,7 +68,8 @@ class PromptCAM(FrozenViT):
 
     Trainable: ``prompts`` (depth, C, D), VPT's uniform initialisation (:meth:`FrozenViT.new_prompts`), and
     ``classifier`` (Linear(D, 1), PyTorch's default initialisation, as the authors' re-created head); the backbone's
-    pos/cls/reg tokens per ``model.train_tokens`` (off by default, as the authors).
+    pos/cls/reg tokens per ``model.train_tokens``, the switch every tuned kind shares (the authors freeze them:
+    ``model.train_tokens=false``).
 
     Args:
         cfg: the model config (``num_classes`` = C is also the prompt count of every block).
