@@ -14,7 +14,7 @@ COMMANDS: dict[str, str] = {
     "train": "train a model from a YAML config with dotted overrides",
     "eval": "evaluate a checkpoint: accuracy and interpretability metrics",
     "compare": "train model kinds x seeds under one config, evaluate alike, write a comparison table and plot",
-    "explain": "draw concept regions, hierarchy and evidence for images",
+    "explain": "draw concept regions, hierarchy and evidence (IVPT) or trait maps (Prompt-CAM) for images",
     "report": "write a self-contained HTML report for a checkpoint",
     "bench": "measure forward/training speed of each model kind",
     "app": "a local web app to explore a checkpoint: regions, concepts, evidence, metrics",
