@@ -200,6 +200,8 @@ def test_image_page_shows_every_stage_the_hierarchy_and_the_evidence(session):
     assert len(page.regions) == 3 and all(img.std() > 10 for img, _ in page.regions)
     assert page.regions[0][1].startswith("stage 0 · input of block 2 · 4 foreground + background · present:")
     assert page.hierarchy is not None and page.evidence is not None and "logit difference" in page.evidence_text
+    first = image_page(session, result, alpha=0.7, details=False)  # what the page shows while the rest is drawn
+    assert first.regions is page.regions and first.evidence is None and first.hierarchy is None
     faint, strong = (region_images(result, a)[0][0].astype(float) for a in (0.1, 0.9))
     assert np.abs(faint - strong).mean() > 1  # the opacity slider changes the drawing
 

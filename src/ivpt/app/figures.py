@@ -68,6 +68,6 @@ def contrast_figure(values: Sequence[Sequence[float]], titles: Sequence[str], pr
         ax.tick_params(axis="x", labelsize=7)
         ax.spines[["top", "right"]].set_visible(False)
         ax.set_title(shorten(title, 40), fontsize=8, loc="left")
-    fig.text(0.01, 0.0, "contribution to the class logit; hatched: the concept claims no pixel of this image",
+    fig.text(0.01, 0.02, "contribution to the class logit; hatched: the concept claims no pixel of this image",
              fontsize=7, color=MUTED)
     return fig

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from .session import AppSession
+from .views import warm_up
 
 __all__ = ["INSTALL_HINT", "OFFLINE_ENV", "MAX_UPLOAD", "gradio_missing", "serve"]
 
@@ -25,11 +26,12 @@ def gradio_missing() -> str | None:
 
 def serve(session: AppSession, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
           quiet: bool = False) -> Any:
-    """Serve the app of ``session`` on ``host``:``port``; with ``block`` until Ctrl-C, else in the background
-    (close it with the returned app's ``close()``). A port in use is an OSError."""
+    """Serve the app of ``session`` on ``host``:``port`` (after one warm-up drawing); with ``block`` until Ctrl-C,
+    else in the background (close it with the returned app's ``close()``). A port in use is an OSError."""
     os.environ.update(OFFLINE_ENV)
     from .ui import build_app
 
+    warm_up(session)
     app = build_app(session)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, footer_links=[],

@@ -7,18 +7,19 @@ turns a view of :mod:`.views` into the components' values, so nothing here compu
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import gradio as gr
 
 from ..data import DatasetError
 from .inputs import AppInputError
-from .session import AppSession
+from .session import AppSession, ImageResult
 from .views import ImagePage, concept_page, contrast_view, error_page, image_page, model_page, region_images
 
 __all__ = ["build_app", "RUNNER_UP"]
 
 RUNNER_UP = -1  # the "why not" picker's default: the second most probable class
+EMPTY = "Upload an image, or pick one of the dataset."  # the image tab before an image
 
 
 def _image_values(page: ImagePage) -> tuple[Any, ...]:
@@ -31,26 +32,41 @@ def _versus(value: Any) -> int | None:
     return None if value in (None, RUNNER_UP) else int(value)
 
 
-def on_upload(session: AppSession, path: str | None, alpha: float, versus: Any) -> tuple[Any, ...]:
+def on_clear() -> tuple[Any, ...]:
+    """The upload cleared → the image tab emptied."""
+    return _image_values(ImagePage(None, EMPTY))
+
+
+def _answer(session: AppSession, result: ImageResult, alpha: float, versus: Any) -> Iterator[tuple[Any, ...]]:
+    """The image tab in two steps: the prediction and regions first, then the evidence and the hierarchy."""
+    yield _image_values(image_page(session, result, alpha=alpha, details=False))
+    yield _image_values(image_page(session, result, alpha=alpha, versus=_versus(versus)))
+
+
+def on_upload(session: AppSession, path: str | None, alpha: float, versus: Any) -> Iterator[tuple[Any, ...]]:
     """An uploaded file → the image tab (or the reason it cannot be used)."""
     if not path:
-        return _image_values(ImagePage(None, "Upload an image, or pick one of the dataset."))
+        yield on_clear()
+        return
     try:
         result = session.upload(path)
     except AppInputError as exc:
-        return _image_values(error_page(str(exc)))
-    return _image_values(image_page(session, result, alpha=alpha, versus=_versus(versus)))
+        yield _image_values(error_page(str(exc)))
+        return
+    yield from _answer(session, result, alpha, versus)
 
 
-def on_pick(session: AppSession, index: Any, alpha: float, versus: Any) -> tuple[Any, ...]:
+def on_pick(session: AppSession, index: Any, alpha: float, versus: Any) -> Iterator[tuple[Any, ...]]:
     """A dataset image picked by index → the image tab."""
     if index is None:
-        return _image_values(ImagePage(None, "Upload an image, or pick one of the dataset."))
+        yield on_clear()
+        return
     try:
         result = session.dataset_image(int(index))
     except DatasetError as exc:
-        return _image_values(error_page(str(exc)))
-    return _image_values(image_page(session, result, alpha=alpha, versus=_versus(versus)))
+        yield _image_values(error_page(str(exc)))
+        return
+    yield from _answer(session, result, alpha, versus)
 
 
 def on_alpha(session: AppSession, key: str | None, alpha: float) -> list:
@@ -118,10 +134,10 @@ def _image_tab(session: AppSession) -> None:
                                  value=RUNNER_UP, label="Why the prediction and not…", elem_id="versus")
             image = gr.Image(label="Input as the model sees it", interactive=False, height=240, elem_id="input-image")
         with gr.Column(scale=3):
-            status = gr.Markdown("Upload an image, or pick one of the dataset.", elem_id="status")
+            status = gr.Markdown(EMPTY, elem_id="status")
             top = gr.Label(num_top_classes=session.topk, label="Top classes", elem_id="top-classes")
             regions = gr.Gallery(label="Concept regions per stage (fine → coarse)", columns=max(len(session.stages), 1),
-                                 height=360, object_fit="contain", interactive=False, elem_id="regions")
+                                 height=320, object_fit="contain", interactive=False, elem_id="regions")
     gr.Markdown("#### Evidence per concept: the prediction against another class")
     evidence_text = gr.Markdown(elem_id="evidence-text")
     evidence = gr.Image(show_label=False, interactive=False, elem_id="evidence")
@@ -129,6 +145,7 @@ def _image_tab(session: AppSession) -> None:
     hierarchy = gr.Image(show_label=False, interactive=False, elem_id="hierarchy")
     outputs = [key, status, image, top, regions, hierarchy, evidence, evidence_text]
     upload.upload(partial(on_upload, session), [upload, alpha, versus], outputs)
+    upload.clear(on_clear, None, outputs)
     pick.input(partial(on_pick, session), [pick, alpha, versus], outputs)
     alpha.release(partial(on_alpha, session), [key, alpha], regions)
     versus.input(partial(on_versus, session), [key, versus], [evidence, evidence_text])
@@ -141,7 +158,7 @@ def _concept_tab(session: AppSession, tab: gr.Tab) -> None:
         concept = gr.Dropdown(_concept_choices(session, stages[-1][1] if stages else None),
                               value=0 if stages else None, label="Concept", elem_id="concept")
     info = gr.Markdown("Open this tab to index the dataset (once) and show the concept.", elem_id="concept-info")
-    patches = gr.Gallery(label="Top patches over the dataset", columns=8, height=260, object_fit="contain",
+    patches = gr.Gallery(label="Top patches over the dataset", columns=8, height=210, object_fit="contain",
                          interactive=False, elem_id="concept-gallery")
     gr.Markdown("#### Fine → coarse hierarchy over the dataset")
     hierarchy = gr.Image(show_label=False, interactive=False, elem_id="dataset-hierarchy")

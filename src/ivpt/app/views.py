@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from ..eval import registry
 from ..explain.charts import training_figure
@@ -24,7 +25,7 @@ from .index import Progress
 from .session import AppSession, ConceptInfo, Contrast, ImageResult
 
 __all__ = ["ImagePage", "ConceptPage", "ModelPage", "image_page", "error_page", "region_images", "contrast_view",
-           "concept_page", "model_page"]
+           "concept_page", "model_page", "warm_up"]
 
 Table = tuple[list[str], list[list[str]]]  # (headers, rows)
 T = TypeVar("T")
@@ -71,14 +72,26 @@ def error_page(message: str) -> ImagePage:
     return ImagePage(None, f"**Cannot explain this input.** {message}")
 
 
-def image_page(session: AppSession, result: ImageResult, *, alpha: float = 0.5,
-               versus: int | None = None) -> ImagePage:
+def image_page(session: AppSession, result: ImageResult, *, alpha: float = 0.5, versus: int | None = None,
+               details: bool = True) -> ImagePage:
     """The image view of ``result``: regions at opacity ``alpha``, evidence of the prediction against class
-    ``versus`` (default: the runner-up)."""
+    ``versus`` (default: the runner-up) and the hierarchy; without ``details`` the prediction and regions only
+    (what a page shows first, while the rest is drawn)."""
     top = {session.class_name(c): p for c, p in result.top(session.topk)}
-    evidence, text = contrast_view(session, result, versus)
-    return ImagePage(result.key, _status(session, result), result.image, top, region_images(result, alpha),
-                     _hierarchy_image(result), evidence, text)
+    page = ImagePage(result.key, _status(session, result), result.image, top, region_images(result, alpha))
+    if details:
+        page.evidence, page.evidence_text = contrast_view(session, result, versus)
+        page.hierarchy = _hierarchy_image(result)
+    elif result.evidence is not None or result.hierarchy is not None:
+        page.evidence_text = "Drawing the evidence and the hierarchy…"
+    return page
+
+
+def warm_up(session: AppSession) -> None:
+    """Draw the image view of a grey image once, so that the first click does not pay the first calls of torch
+    and matplotlib (kernels, fonts, caches)."""
+    size = session.cfg.model.img_size
+    image_page(session, session.explain_tensor(session.prepare(Image.new("RGB", (size, size), (128, 128, 128)))))
 
 
 def _status(session: AppSession, result: ImageResult) -> str:
@@ -183,6 +196,8 @@ def _concept_text(session: AppSession, info: ConceptInfo) -> str:
     if info.children:
         lines.append("Fine concepts it gathers (strongest parent): " +
                      ", ".join(f"stage {i} concept {k} ({w:.2f})" for i, k, w in info.children))
+    elif info.stage == session.stages[-1][0] and session.index().hierarchy is not None:
+        lines.append("No fine concept has it as its strongest coarse concept.")
     if info.scores:
         shown = ", ".join(f"{_label(k)} {_number(k, v)}" for k, v in info.scores.items())
         lines.append(f"Scores of stage {info.stage} in eval.json (per stage, not per concept): {shown}.")
