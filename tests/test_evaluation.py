@@ -152,3 +152,26 @@ def test_evaluation_precision_is_eval_amp_not_the_training_precision(world, chec
     seen.clear()
     evaluate(model, cfg.with_overrides(["eval.amp=bf16"]), metrics=["acc"], progress=False)
     assert set(seen) == {"bf16"}
+
+
+def test_evaluate_reads_images_as_the_run_did_with_bbox_crop(world, checkpoint):
+    """A run trained with data.bbox_crop=true is scored on box crops (as its trainer's test pass scored it): the
+    images the model sees are the cropped ones, and top-1 is the brute force over them."""
+    _, model = checkpoint
+    cfg = Config.from_dict({**_cfg(world).to_dict(), "data": dict(root=str(world), num_workers=0, bbox_crop=True)})
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    try:
+        result = evaluate(model, cfg, metrics=["acc"], progress=False)
+    finally:
+        handle.remove()
+    transform = build_eval_transform(cfg.data, 56)
+    cropped = CubDataset(world, "test", transform=transform, bbox_crop=True)
+    full = CubDataset(world, "test", transform=transform)
+    first = torch.stack([cropped[i]["image"] for i in range(3)])
+    assert torch.equal(seen[0], first)
+    assert not torch.equal(first, torch.stack([full[i]["image"] for i in range(3)]))
+    model.eval()
+    with torch.no_grad():
+        preds = torch.stack([model(cropped[i]["image"][None]).logits.argmax(1)[0] for i in range(len(cropped))])
+    assert result["top1"] == pytest.approx(100.0 * (preds == torch.tensor(cropped.labels)).float().mean().item())

@@ -95,4 +95,5 @@ def open_split(cfg: Config, split: str, *, root: str | None = None):
     deterministic eval transform."""
     from .data import build_eval_transform, open_dataset
 
-    return open_dataset(cfg.data, split, build_eval_transform(cfg.data, cfg.model.img_size), root=root)
+    return open_dataset(cfg.data, split, build_eval_transform(cfg.data, cfg.model.img_size), root=root,
+                        bbox_crop=cfg.data.bbox_crop)

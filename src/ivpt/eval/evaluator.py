@@ -65,8 +65,9 @@ def evaluate(
     from ..data import (DatasetError, build_eval_transform, check_num_classes, corrupt_count_all, open_dataset,
                         reset_corrupt_count)
 
-    def opened(split_name: str, transform, **kwargs):
-        dataset = open_dataset(cfg.data, split_name, transform, **kwargs)
+    def opened(split_name: str, transform, *, bbox_crop: bool = cfg.data.bbox_crop, **kwargs):
+        # the run's data.bbox_crop, as training and its test pass read images; the crop protocols always crop
+        dataset = open_dataset(cfg.data, split_name, transform, bbox_crop=bbox_crop, **kwargs)
         check_num_classes(dataset, cfg.model.num_classes, "the model")
         return align_classes(dataset, class_names)
 

@@ -243,7 +243,7 @@ def report_checkpoint(checkpoint: str | Path, out: str | Path, *, data_root: str
                                 allow_backbone_mismatch=allow_backbone_mismatch)
     root = data_root or cfg.data.root
     dataset = open_dataset(cfg.data, split, build_eval_transform(cfg.data, cfg.model.img_size), root=root,
-                           with_parts=dataset_class(cfg.data.format).has_keypoints)
+                           with_parts=dataset_class(cfg.data.format).has_keypoints, bbox_crop=cfg.data.bbox_crop)
     # "true" marks need the checkpoint's label order: the same classes numbered otherwise are relabelled by name
     check_num_classes(dataset, cfg.model.num_classes, "the model")
     dataset = align_classes(dataset, class_names_of(meta, cfg.model.num_classes))
