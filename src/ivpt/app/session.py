@@ -202,7 +202,8 @@ class AppSession:
         except DatasetError as exc:
             if data is not None:
                 raise
-            note = f"the run's dataset cannot be read ({exc}); start the app with --data ROOT to pick its images"
+            reason = str(exc).splitlines()[0]  # the layout tree that follows is for `ivpt train`/`eval` users
+            note = f"the run's dataset cannot be read ({reason}); start the app with --data ROOT to pick its images"
         run_dir = checkpoint.resolve().parent
         metrics_file = next((f for f in (run_dir / "eval.json", run_dir / "metrics.json") if f.is_file()), None)
         log_file = run_dir / "log.csv"
