@@ -254,7 +254,7 @@ def test_other_kinds_show_what_they_have(kind, tmp_path, world):
         assert len(page.regions) == 1 and s.concept(0, 0).num_images == len(s.dataset)
     assert (page.evidence is not None) == (kind == "last_layer_parts")
     if kind == "vpt_deep":
-        assert "no evidence per concept" in page.status
+        assert "no evidence per concept" in page.status and "has no part maps" not in page.status
     assert model_page(s).metrics[1]  # metrics.json, converted to eval.json's keys
 
 
@@ -263,6 +263,28 @@ def test_without_its_dataset_the_app_still_explains_uploads(run, tmp_path):
     assert s.dataset is None and "--data ROOT" in s.dataset_note and s.dataset_choices() == []
     image = _write(tmp_path / "x.png", "RGB", (64, 64), (10, 200, 10))
     assert image_page(s, s.upload(image)).status.startswith("**Predicted:")
+
+
+def test_page_callbacks_answer_in_two_steps_and_report_bad_input(session, tmp_path):
+    pytest.importorskip("gradio", reason="needs gradio (pip install -e '.[app]')")
+    from ivpt.app import ui
+
+    image = _write(tmp_path / "x.png", "RGB", (80, 60), (30, 90, 200))
+    first, whole = list(ui.on_upload(session, str(image), 0.5, ui.RUNNER_UP))
+    key, status, _, top, regions, hierarchy, evidence, text = first
+    assert status.startswith("**Predicted:") and len(regions) == 3 and hierarchy is None and evidence is None
+    assert whole[: ui.SENT_FIRST] == (ui.gr.update(),) * ui.SENT_FIRST  # sent already: left as they are
+    assert whole[5] is not None and whole[6] is not None and "logit difference" in whole[7]
+    assert len(ui.on_alpha(session, key, 0.9)) == 3 and ui.on_alpha(session, None, 0.9) == []
+    drawing, why = ui.on_versus(session, key, 2)
+    assert drawing is not None and (f"not **{session.class_name(2)}**" in why or "pick another class" in why)
+    bogus = tmp_path / "bogus.jpg"
+    bogus.write_bytes(b"\x00" * 10)
+    (error,) = list(ui.on_upload(session, str(bogus), 0.5, ui.RUNNER_UP))
+    assert error[0] is None and error[1].startswith("**Cannot explain this input.**") and error[4] == []
+    concepts, info, patches, _ = ui.on_stage(session, 1)
+    assert [c for _, c in concepts["choices"]] == [0, 1, 2] and info.startswith("### Concept 0 of stage 1")
+    assert patches and ui.on_concept(session, 1, 9)[0].startswith("**Cannot show this concept.**")
 
 
 # ------------------------------------------------------------------------------------------ a real browser

@@ -13,13 +13,15 @@ import gradio as gr
 
 from ..data import DatasetError
 from .inputs import AppInputError
-from .session import AppSession, ImageResult
+from .results import ImageResult
+from .session import AppSession
 from .views import ImagePage, concept_page, contrast_view, error_page, image_page, model_page, region_images
 
 __all__ = ["build_app", "RUNNER_UP"]
 
 RUNNER_UP = -1  # the "why not" picker's default: the second most probable class
 EMPTY = "Upload an image, or pick one of the dataset."  # the image tab before an image
+SENT_FIRST = 5  # key, status, input, top classes and regions: the first step of an answer (:func:`_answer`)
 
 
 def _image_values(page: ImagePage) -> tuple[Any, ...]:
@@ -38,9 +40,12 @@ def on_clear() -> tuple[Any, ...]:
 
 
 def _answer(session: AppSession, result: ImageResult, alpha: float, versus: Any) -> Iterator[tuple[Any, ...]]:
-    """The image tab in two steps: the prediction and regions first, then the evidence and the hierarchy."""
-    yield _image_values(image_page(session, result, alpha=alpha, details=False))
-    yield _image_values(image_page(session, result, alpha=alpha, versus=_versus(versus)))
+    """The image tab in two steps: the prediction and regions first, then the evidence and the hierarchy (the
+    outputs sent already are left as they are)."""
+    first = _image_values(image_page(session, result, alpha=alpha, details=False))
+    yield first
+    whole = _image_values(image_page(session, result, alpha=alpha, versus=_versus(versus)))
+    yield (gr.update(),) * SENT_FIRST + whole[SENT_FIRST:]
 
 
 def on_upload(session: AppSession, path: str | None, alpha: float, versus: Any) -> Iterator[tuple[Any, ...]]:
@@ -132,17 +137,19 @@ def _image_tab(session: AppSession) -> None:
             alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Region opacity", elem_id="alpha")
             versus = gr.Dropdown([("the runner-up", RUNNER_UP)] + [(n, c) for c, n in enumerate(session.class_names)],
                                  value=RUNNER_UP, label="Why the prediction and not…", elem_id="versus")
-            image = gr.Image(label="Input as the model sees it", interactive=False, height=240, elem_id="input-image")
+            image = gr.Image(label="Input as the model sees it", interactive=False, height=240, format="jpeg",
+                             elem_id="input-image")
         with gr.Column(scale=3):
             status = gr.Markdown(EMPTY, elem_id="status")
             top = gr.Label(num_top_classes=session.topk, label="Top classes", elem_id="top-classes")
             regions = gr.Gallery(label="Concept regions per stage (fine → coarse)", columns=max(len(session.stages), 1),
-                                 height=320, object_fit="contain", interactive=False, elem_id="regions")
+                                 height=320, object_fit="contain", interactive=False, format="jpeg",
+                                 elem_id="regions")
     gr.Markdown("#### Evidence per concept: the prediction against another class")
     evidence_text = gr.Markdown(elem_id="evidence-text")
-    evidence = gr.Image(show_label=False, interactive=False, elem_id="evidence")
+    evidence = gr.Image(show_label=False, interactive=False, format="png", elem_id="evidence")
     gr.Markdown("#### Fine → coarse hierarchy of this image")
-    hierarchy = gr.Image(show_label=False, interactive=False, elem_id="hierarchy")
+    hierarchy = gr.Image(show_label=False, interactive=False, format="png", elem_id="hierarchy")
     outputs = [key, status, image, top, regions, hierarchy, evidence, evidence_text]
     upload.upload(partial(on_upload, session), [upload, alpha, versus], outputs)
     upload.clear(on_clear, None, outputs)
@@ -159,9 +166,9 @@ def _concept_tab(session: AppSession, tab: gr.Tab) -> None:
                               value=0 if stages else None, label="Concept", elem_id="concept")
     info = gr.Markdown("Open this tab to index the dataset (once) and show the concept.", elem_id="concept-info")
     patches = gr.Gallery(label="Top patches over the dataset", columns=8, height=210, object_fit="contain",
-                         interactive=False, elem_id="concept-gallery")
+                         interactive=False, format="jpeg", elem_id="concept-gallery")
     gr.Markdown("#### Fine → coarse hierarchy over the dataset")
-    hierarchy = gr.Image(show_label=False, interactive=False, elem_id="dataset-hierarchy")
+    hierarchy = gr.Image(show_label=False, interactive=False, format="png", elem_id="dataset-hierarchy")
     tab.select(partial(on_concept, session), [stage, concept], [info, patches, hierarchy])
     stage.input(partial(on_stage, session), [stage], [concept, info, patches, hierarchy])
     concept.input(partial(on_concept, session), [stage, concept], [info, patches, hierarchy])
@@ -178,6 +185,6 @@ def _model_tab(session: AppSession) -> None:
         gr.Dataframe(value=page.health[1], headers=page.health[0], label="Concept health", interactive=False)
     if page.curves is not None:
         gr.Markdown("#### Training curves and concept health (log.csv)")
-        gr.Image(page.curves, show_label=False, interactive=False, elem_id="curves")
+        gr.Image(page.curves, show_label=False, interactive=False, format="png", elem_id="curves")
     else:
         gr.Markdown("No log.csv beside the checkpoint: no training curves.")

@@ -22,7 +22,8 @@ from ..explain.core import prototype_count
 from ..explain.hierarchy import render_hierarchy
 from .figures import canvas_array, contrast_figure, figure_array, region_overlay
 from .index import Progress
-from .session import AppSession, ConceptInfo, Contrast, ImageResult
+from .results import ConceptInfo, Contrast, ImageResult
+from .session import AppSession
 
 __all__ = ["ImagePage", "ConceptPage", "ModelPage", "image_page", "error_page", "region_images", "contrast_view",
            "concept_page", "model_page", "warm_up"]
@@ -104,8 +105,7 @@ def _status(session: AppSession, result: ImageResult) -> str:
     if not session.stages:
         notes.append(f"This {session.kind} model has no part maps: the page shows its prediction only.")
     elif not session.has_evidence:
-        notes.append(f"The {session.kind} head classifies the global token, not the regions: no evidence per "
-                     "concept.")
+        notes.append(f"The {session.kind} head does not score the regions one by one: no evidence per concept.")
     if session.stages and result.hierarchy is None:
         notes.append(f"No fine→coarse hierarchy: only IVPT assigns concepts across stages ({session.kind}).")
     return "\n\n".join([line, *notes])
@@ -114,15 +114,16 @@ def _status(session: AppSession, result: ImageResult) -> str:
 def region_images(result: ImageResult, alpha: float) -> list[tuple[np.ndarray, str]]:
     """One overlay per map stage (fine to coarse) with its caption: where it sits, the concepts present (kept
     per opacity with the result)."""
-    def draw() -> list[tuple[np.ndarray, str]]:
-        out = []
-        for st in result.stages:
-            present = [str(k) for k in np.flatnonzero(st.present[:-1])]
-            out.append((region_overlay(result.image, st.maps, alpha=alpha),
-                        f"{st.title} · present: {', '.join(present) or 'none'}"))
-        return out
+    return _kept(result.renders, "regions", round(alpha, 3), lambda: _draw_regions(result, alpha))
 
-    return _kept(result.renders, "regions", round(alpha, 3), draw)
+
+def _draw_regions(result: ImageResult, alpha: float) -> list[tuple[np.ndarray, str]]:
+    out = []
+    for st in result.stages:
+        present = [str(k) for k in np.flatnonzero(st.present[:-1])]
+        out.append((region_overlay(result.image, st.maps, alpha=alpha),
+                    f"{st.title} · present: {', '.join(present) or 'none'}"))
+    return out
 
 
 def _kept(renders: dict[str, Any], name: str, setting: Any, draw: Callable[[], T]) -> T:
