@@ -99,8 +99,10 @@ def in_browser(session: AppSession, images: int, port: int, screenshot: str | No
                     driver.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Clear']").click()
                     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]") and
                                d.find_element(By.ID, "status").text.startswith("Upload an image"))
-        if screenshot:
-            driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 40)
+        if screenshot:  # the whole page: a viewport as tall as the page
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                   {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})
             time.sleep(1)
             driver.save_screenshot(screenshot)
     finally:
