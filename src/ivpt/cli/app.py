@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import number_in, positive_int
+from .common import add_checkpoint_arguments, number_in, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="index only the first N dataset images for the concept view (default: all)")
     parser.add_argument("--topk", type=positive_int, default=5, help="classes shown in the prediction (default 5)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_checkpoint_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

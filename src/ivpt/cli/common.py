@@ -15,6 +15,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--weights`` and ``--device``: where a checkpoint's frozen backbone comes from and where it runs."""
+    parser.add_argument("--weights", default=None,
+                        help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .common import positive_int
+from .common import add_checkpoint_arguments, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,9 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=positive_int, default=5, help="classes kept in the prediction (default 5)")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input side in pixels (default: the checkpoint's model.img_size)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     parser.add_argument("--format", default="png", choices=["png", "svg", "pdf"],
                         help="file format of every figure (default png; svg and pdf keep text editable)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import non_negative_int, positive_int
+from .common import add_checkpoint_arguments, non_negative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,9 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="use only the first N images for the hierarchy and galleries (default: all)")
     parser.add_argument("--gallery-topk", type=positive_int, default=8, help="patches per concept in the galleries")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weight source (default: the checkpoint's model.weights; 'random' for tests)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
