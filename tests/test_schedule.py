@@ -193,6 +193,10 @@ def test_tiny_schedule_warns_in_one_line(world, tmp_path, caplog):
     assert lines == ["the schedule leaves 2 of 3 optimiser steps above half the peak learning rate "
                      "(optim.schedule=cosine, 3 steps per epoch); with fewer than 500 the concepts may not form: "
                      "train longer"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ivpt"):  # VPT-deep has no concepts to form: no such warning
+        train(cfg.with_overrides(["model.kind=vpt_deep"]), tmp_path / "vpt", progress=False)
+    assert not [r for r in caplog.records if "concepts may not form" in r.getMessage()]
 
 
 def _one_hot(winners: torch.Tensor, n: int) -> torch.Tensor:

@@ -186,7 +186,8 @@ class Trainer:
         if self.epochs > o.epochs and self.info.is_main:
             log.info(f"{self.epochs} epochs instead of optim.epochs={o.epochs}: {self.steps_per_epoch} steps per "
                      f"epoch reach optim.min_steps={o.min_steps} only then")
-        warning = schedule_warning(self.total_steps, self.steps_per_epoch, o)
+        # only concepts need the steps at a high rate; a kind without concept maps gets no such warning
+        warning = schedule_warning(self.total_steps, self.steps_per_epoch, o) if self.model.has_concept_maps else None
         if warning and self.info.is_main:
             log.warning(warning)
 
