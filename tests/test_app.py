@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -178,8 +179,20 @@ def test_concept_view_parents_children_patches_and_stage_scores(session):
     assert [n for n, _ in info.parents] == sorted(range(2), key=lambda n: -row[n]) and info.children == []
     assert [w for _, w in info.parents] == pytest.approx(sorted(row, reverse=True))
     assert info.scores == {"consistency": 41.0, "stability": 77.5}
-    assert 1 <= len(info.patches) <= 3 and all(crop.ndim == 3 for crop, _ in info.patches)
-    assert all(caption.startswith("image #") for _, caption in info.patches)
+    # every image is a candidate for every concept: the gallery holds the gallery_topk=3 images whose map of
+    # concept 1 peaks highest, best first, each captioned with its dataset index and that peak
+    peaks = [float(_forward(session, session.dataset[i]["image"]).maps[0][0, 1].max())
+             for i in range(len(session.dataset))]
+    assert len(info.patches) == 3 and all(crop.ndim == 3 and crop.shape[-1] == 3 for crop, _ in info.patches)
+    listed = [re.match(r"image #(\d+) · (\d+\.\d\d)", caption) for _, caption in info.patches]
+    assert all(listed)
+    chosen = [int(m.group(1)) for m in listed]
+    assert len(set(chosen)) == 3
+    # the index runs batches, this recomputation one image at a time: the peaks agree to float32 rounding
+    eps = 1e-5
+    assert all(abs(float(m.group(2)) - peaks[i]) <= 0.005 + eps for m, i in zip(listed, chosen))
+    assert all(peaks[a] >= peaks[b] - eps for a, b in zip(chosen, chosen[1:]))
+    assert min(peaks[i] for i in chosen) >= max(p for i, p in enumerate(peaks) if i not in chosen) - eps
     coarse = session.concept(2, 0)
     winners = {(i, k) for i, q in enumerate(h.assignments) for k in range(q.shape[0])
                if np.isfinite(q[k]).all() and q[k].argmax() == 0}
