@@ -1,5 +1,6 @@
 """The demo: the whole method on this machine with no network — generate a part-world, take the offline DINOv2
-ViT-S/14 weights, train the recipe (the CPU config) on it, evaluate every metric on the test split and write the HTML report.
+ViT-S/14 weights, train the recipe (the CPU config) on it, evaluate every metric on the test split and write the
+HTML report.
 
 Every output lives under one folder, named by preset and seed (``partworld-full-seed0/``, ``run-full-seed0/``,
 ``report-full-seed0/``), so presets never collide. Running the demo again into the same folder reuses what matches:
@@ -58,12 +59,12 @@ def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int) ->
         f"model.weights={weights}",
         f"optim.epochs={preset.epochs}", f"optim.batch_size={preset.batch_size}",
         f"data.root={data_root}", f"data.resize={preset.img_size}", "data.num_workers=0", "data.bbox_crop=true",
-        "data.affine_degrees=20", "data.affine_scale=0.9,1.1", "data.affine_translate=0.1",
         f"train.seed={seed}", f"train.max_steps={preset.max_steps}", "train.log_every=5",
     ]
-    if cfg_file is None:  # installed without the repository's configs/: the same values, spelled out
+    if cfg_file is None:  # installed without the repository's configs/: where its values differ from the defaults
         overrides = ["model.backbone=vit_small_patch14_dinov2.lvd142m", "model.train_tokens=false",
-                     "optim.amp=none"] + overrides
+                     "optim.amp=none", "data.affine_degrees=20", "data.affine_scale=0.9,1.1",
+                     "data.affine_translate=0.1"] + overrides
     return load_config(cfg_file, overrides)
 
 
