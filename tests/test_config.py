@@ -57,3 +57,30 @@ def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
     m = new.model
     assert (m.global_part, m.global_share, m.deep_prompts, new.loss.tv_reference_grid, new.optim.min_steps) == (
         True, 0.5, True, 37.0, 1000)
+
+
+def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
+    """Every bundled ``*_cpu.yaml`` trains the method of ``cpu_vits14_224.yaml`` (the recipe); every ``*_paper*.yaml``
+    keeps the paper's rates and its parts-only head."""
+    from pathlib import Path
+
+    from ivpt.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    recipe = load_config(configs / "cpu_vits14_224.yaml")
+    method = [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
+              ("model", "train_tokens"), ("model", "n_pro"), ("loss", "tv_reference_grid"), ("optim", "base_lr"),
+              ("optim", "head_lr_mult"), ("optim", "concept_lr_mult"), ("optim", "schedule"), ("optim", "warmup"),
+              ("optim", "min_steps")]
+    cpu = sorted(configs.glob("*_cpu.yaml"))
+    paper = sorted(configs.glob("*_paper*.yaml"))
+    assert len(cpu) == 5 and len(paper) == 8
+    for path in cpu:
+        cfg = load_config(path)
+        for section, name in method:
+            assert getattr(getattr(cfg, section), name) == getattr(getattr(recipe, section), name), (path.name, name)
+    for path in paper:
+        cfg = load_config(path)
+        assert (cfg.optim.base_lr * cfg.optim.head_lr_mult, cfg.optim.base_lr * cfg.optim.concept_lr_mult) == \
+            pytest.approx((1e-2, 2e-4), rel=1e-12), path.name
+        assert not cfg.model.global_part and not cfg.model.deep_prompts, path.name
