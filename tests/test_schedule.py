@@ -242,5 +242,7 @@ def test_collapse_warning_threshold():
     assert collapse_warning({"alive_s0": 0.5, "alive_s1": 1.0}, [11, 5], epoch=1) is None
     assert collapse_warning({"alive_s0": 0.4, "alive_s1": 0.25}, [11, 5], epoch=2) == (
         "concepts collapsing after epoch 2: foreground prototypes alive (winning >= 1% of pixels) stage 0 4/10, "
-        "stage 1 1/4; check the learning rates, the schedule (optim.schedule, optim.warmup) and the map losses")
+        "stage 1 1/4; check the learning rates, the schedule (optim.schedule, optim.warmup) and the map losses: "
+        "loss.entropy and loss.tv empty the stages when the object covers few patches (data.bbox_crop=true trains "
+        "on box crops where the dataset has boxes)")
     assert collapse_warning({}, [], epoch=1) is None

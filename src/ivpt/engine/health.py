@@ -133,4 +133,5 @@ def collapse_warning(health: dict[str, float], num_prototypes: list[int], epoch:
         return None
     return (f"concepts collapsing after epoch {epoch}: foreground prototypes alive (winning >= "
             f"{ALIVE_SHARE:.0%} of pixels) {', '.join(weak)}; check the learning rates, the schedule "
-            "(optim.schedule, optim.warmup) and the map losses")
+            "(optim.schedule, optim.warmup) and the map losses: loss.entropy and loss.tv empty the stages when the "
+            "object covers few patches (data.bbox_crop=true trains on box crops where the dataset has boxes)")
