@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from ivpt.config import Config, ConfigError, TrainConfig
+from ivpt.config import Config, ConfigError, TrainConfig, load_config
 
 
 def test_cross_section_checks():
@@ -41,7 +42,6 @@ def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
     TV, exact epochs); a user's config file missing them gets the defaults."""
     import yaml
 
-    from ivpt.config import load_config
     from ivpt.runs import run_config
 
     data = Config().to_dict()
@@ -62,10 +62,6 @@ def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
 def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
     """Every bundled ``*_cpu.yaml`` trains the method of ``cpu_vits14_224.yaml`` (the recipe); every ``*_paper*.yaml``
     keeps the paper's rates and its parts-only head."""
-    from pathlib import Path
-
-    from ivpt.config import load_config
-
     configs = Path(__file__).resolve().parents[1] / "configs"
     recipe = load_config(configs / "cpu_vits14_224.yaml")
     method = [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
