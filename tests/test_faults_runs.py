@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 
 from .test_faults import _copy, _one_line_error, _snapshot, _write_config, run, world  # noqa: F401 (fixtures)
@@ -106,6 +107,32 @@ def test_a_second_train_on_a_locked_run_folder_is_refused(world, tmp_path, capsy
     assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
 
 
+def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
+    # DataLoader workers are forked from the trainer and inherit its descriptors; a flock lives while any copy is
+    # open, so after kill -9 of the trainer its orphaned workers kept the folder "in use" for a resume.
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nfrom ivpt.checkpoint import RunLock\n"
+                               "lock = RunLock(sys.argv[1]).acquire()\nchild = os.fork()\n"
+                               "if child == 0:\n    time.sleep(120)\n    os._exit(0)\n"
+                               "print(child, flush=True)\ntime.sleep(120)\n", str(out)],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(OutputError, match="in use by another ivpt process"):
+            RunLock(out).acquire()  # the holder itself still holds it
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the forked child lives on ...
+        lock = RunLock(out).acquire()  # ... and does not hold the dead holder's lock
+        assert lock.held and f"pid {os.getpid()}" in (out / ".lock").read_text()
+        lock.release()
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------- 3. a new run never writes over one
 
 @pytest.mark.parametrize("left", [("metrics.json", "best"), ("config.yaml", "log.csv")])
@@ -176,6 +203,7 @@ def announced(self, epoch, micro):
     print(f"step {self.step}", flush=True)
     time.sleep(1.0)
 Trainer.optimizer_step = announced
+from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -267,6 +295,7 @@ def unreadable(self, epoch, micro):
         micro = [None] * len(micro)  # what collate_skip_corrupt gives when every image is unreadable
     step(self, epoch, micro)
 Trainer.optimizer_step = unreadable
+from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """

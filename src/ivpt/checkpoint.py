@@ -17,6 +17,7 @@ import pickle
 import socket
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,8 +118,10 @@ class RunLock:
     The kernel drops a ``flock`` when its holder exits, however it exits, so the lock of a killed run is stale by
     construction and the next run simply takes it over; the file only names the holder (``pid N on HOST``) for the
     message of a refused one. :meth:`release` deletes the file while still holding it, and :meth:`acquire` retries
-    when the file it locked was deleted meanwhile, so two processes never hold locks on different files. On a
-    platform or file system without ``flock`` the folder is not locked (one warning)."""
+    when the file it locked was deleted meanwhile, so two processes never hold locks on different files. A process
+    forked from the holder (a DataLoader worker) closes its inherited copy at once and never holds the lock: a
+    ``flock`` lives while any copy of its descriptor is open, so orphaned workers of a killed run would otherwise
+    keep its folder locked. On a platform or file system without ``flock`` the folder is not locked (one warning)."""
 
     NAME = ".lock"
 
@@ -163,6 +166,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd
+        _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
@@ -170,6 +174,7 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD_LOCKS.discard(self)
         try:
             os.unlink(self.path)
         except OSError:
@@ -189,6 +194,23 @@ class RunLock:
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # the kernel drops the lock; the file, naming a dead holder, is taken over later
+
+
+_HELD_LOCKS: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a freshly forked child: close the copies of the parent's lock descriptors without unlocking or deleting
+    anything, so the lock dies with the parent however the parent dies."""
+    for lock in list(_HELD_LOCKS):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _read_holder(fd: int) -> str:
