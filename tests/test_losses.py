@@ -17,6 +17,7 @@ from ivpt.losses import (
     orthogonality_loss,
     presence_loss,
     random_affine,
+    sample_by_gather,
     tv_loss,
     warp,
 )
@@ -135,3 +136,36 @@ def test_tv_reference_grid_is_checked():
 
     with pytest.raises(ConfigError, match=r"loss.tv_reference_grid=-1.0 must be >= 0"):
         LossConfig(tv_reference_grid=-1.0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_sample_by_gather_is_grid_sample_with_its_gradient(mode):
+    # float64, a rotation/scale/shift that sends taps across every border, plus points exactly on pixel centres,
+    # on half pixels (nearest's ties, rounded to even) and outside the source.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([[0.9, -0.3, 0.2], [0.35, 1.1, -0.4]], dtype=torch.float64).expand(2, 2, 3)
+    grid = F.affine_grid(theta, [2, 3, 7, 6], align_corners=False)
+    centres = (torch.arange(9, dtype=torch.float64) * 2 + 1) / 9 - 1  # pixel centres of the width-9 source
+    special = torch.stack([torch.cat([centres, centres[:4] + 1 / 9, torch.tensor([-1.5, 1.2, -1.0])]),
+                           torch.linspace(-1.1, 1.1, 16, dtype=torch.float64)], dim=-1)
+    grid = torch.cat([grid.flatten(1, 2), special.expand(2, -1, -1)], dim=1).unsqueeze(1)  # (2, 1, 58, 2)
+    expected = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    got = sample_by_gather(x, grid, mode=mode)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0], torch.autograd.grad(expected, x, upstream)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_warp_samples_by_gather_under_deterministic_algorithms(monkeypatch):
+    maps = torch.rand(2, 4, 8, 8, requires_grad=True)
+    theta = torch.tensor([[1.0, 0.2, 0.1], [-0.2, 1.0, 0.0]]).expand(2, 2, 3)
+    reference = warp(maps, theta)
+    was = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: pytest.fail("grid_sample used under deterministic mode"))
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.testing.assert_close(warp(maps, theta), reference, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.use_deterministic_algorithms(was)

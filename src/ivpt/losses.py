@@ -140,9 +140,44 @@ def invert_affine(theta: Tensor) -> Tensor:
 
 def warp(images: Tensor, theta: Tensor, *, mode: str = "bilinear") -> Tensor:
     """Warp (B, C, H, W) by ``theta`` (B, 2, 3), sampling with ``mode`` (bilinear | nearest); outside the source
-    is filled with 0."""
+    is filled with 0. Under ``torch.use_deterministic_algorithms`` a differentiable warp samples with
+    :func:`sample_by_gather` (``grid_sample``'s CUDA backward has no deterministic implementation)."""
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    if images.requires_grad and torch.are_deterministic_algorithms_enabled():
+        return sample_by_gather(images, grid, mode=mode)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def sample_by_gather(images: Tensor, grid: Tensor, *, mode: str = "bilinear") -> Tensor:
+    """``F.grid_sample(images, grid, mode, padding_mode="zeros", align_corners=False)`` from gathers, whose backward
+    is deterministic under ``torch.use_deterministic_algorithms`` on every device.
+
+    Args:
+        images: (B, C, H, W).
+        grid: (B, Ho, Wo, 2) sampling points in [-1, 1] units, x first.
+        mode: ``bilinear`` (four taps weighted by distance) or ``nearest`` (the tap nearest, halves to even).
+    Returns:
+        (B, C, Ho, Wo); taps outside the source count as 0.
+    """
+    b, c, h, w = images.shape
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # (B, Ho, Wo) source pixel coordinates
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    flat = images.reshape(b, c, h * w)
+
+    def tap(xi: Tensor, yi: Tensor, weight: Tensor) -> Tensor:
+        inside = ((xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)).to(images.dtype)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().flatten(1)  # (B, Ho*Wo)
+        values = flat.gather(2, index.unsqueeze(1).expand(b, c, index.shape[1]))
+        return values.view(b, c, *xi.shape[1:]) * (weight * inside).unsqueeze(1)
+
+    if mode == "nearest":
+        return tap(torch.round(x), torch.round(y), torch.ones_like(x))
+    if mode != "bilinear":
+        raise ValueError(f"mode={mode!r} must be 'bilinear' or 'nearest'")
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    return (tap(x0, y0, (1 - fx) * (1 - fy)) + tap(x0 + 1, y0, fx * (1 - fy))
+            + tap(x0, y0 + 1, (1 - fx) * fy) + tap(x0 + 1, y0 + 1, fx * fy))
 
 
 def warp_back(maps: Tensor, theta: Tensor, *, interpolation: str = "bilinear") -> Tensor:

@@ -47,8 +47,10 @@ class _Runner:
             self.model = build_backbone(self.cfg.model, weights="random").to(device).eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
+            self.net = self.model.forward_features
         else:
             self.model = create_model(self.cfg.model, weights="random").to(device)
+            self.net = self.model
             o = self.cfg.optim
             self.groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
             self.optimizer = torch.optim.Adam(self.groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -56,6 +58,8 @@ class _Runner:
             self.eq_gen = torch.Generator().manual_seed(0)
             self.health = ConceptHealth()  # the trainer's per-step concept-health sums, part of its step cost
             self.scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
+        if opts.compile:  # compiled at the first call of each mode, i.e. in the warm-up round
+            self.net = torch.compile(self.net)
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(opts.batch, 3, group.img_size, group.img_size, generator=gen).to(device)
         self.y = torch.randint(0, opts.num_classes, (opts.batch,), generator=gen).to(device)
@@ -63,18 +67,16 @@ class _Runner:
     def forward(self) -> None:
         """Eval-mode, no-grad forward of the batch (autocast at the bench's ``amp``)."""
         with torch.no_grad(), autocast(self.device, self.cfg.optim.amp):
-            if self.entry.kind == BACKBONE:
-                self.model.forward_features(self.x)
-            else:
+            if self.entry.kind != BACKBONE:
                 self.model.eval()
-                self.model(self.x)
+            self.net(self.x)
 
     def train_step(self) -> None:
         """One optimiser step as the trainer takes it (forward via the trainer's ``compute_loss``)."""
         from ..engine.trainer import compute_loss
 
         self.model.train()
-        total, _ = compute_loss(self.model, self.x, self.y, self.cfg, self.eq_gen, health=self.health)
+        total, _ = compute_loss(self.net, self.x, self.y, self.cfg, self.eq_gen, health=self.health)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:

@@ -50,6 +50,7 @@ class BenchOptions:
     memory: bool = True
     variants: bool = False  # also ivpt with one view and with frozen tokens (where the train time goes)
     profile: bool = False  # torch.profiler tables of one ivpt and one vpt_deep train step, ivpt's by phase
+    compile: bool = False  # torch.compile every forward (train.compile's path); main group: backbone, ivpt, vpt_deep
     amp: str = "none"  # autocast of every forward and train step: none | bf16 | fp16
     loader: bool = True  # measure the training DataLoader's images/s (CPU and gpu_augment paths)
     workers: int | None = None  # loader workers; None: min(16, CPUs)
@@ -98,8 +99,9 @@ class Group:
 
 
 def plan(opts: BenchOptions) -> list[Group]:
-    """The groups a run measures: ``main`` always; image-size and stage growth unless ``quick``."""
-    main = [Entry(BACKBONE, BACKBONE)] + [Entry(k, k) for k in KINDS]
+    """The groups a run measures: ``main`` always (with ``compile``, only the backbone, ivpt and vpt_deep, to bound
+    the compilation time); image-size and stage growth unless ``quick``."""
+    main = [Entry(BACKBONE, BACKBONE)] + [Entry(k, k) for k in (("ivpt", "vpt_deep") if opts.compile else KINDS)]
     if opts.variants:
         main += [
             Entry("ivpt[1 view]", "ivpt", loss={"equivariance": 0.0}),

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write torch.profiler tables of one ivpt and one vpt_deep train step and report where "
                              "ivpt's step time goes, by phase")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model (the path of train.compile); times the backbone, ivpt and "
+                             "vpt_deep only")
     # For tests: JSON keyword arguments for timm.create_model (e.g. a tiny ViT).
     parser.add_argument("--backbone-kwargs", type=json.loads, default={}, help=argparse.SUPPRESS)
     parser.add_argument("--num-classes", type=number_in(">= 2", "200"), default=200, help=argparse.SUPPRESS)
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch, img_size=args.img_size, n_pro=args.n_pro, num_classes=args.num_classes,
         train_tokens=not args.frozen_tokens, sizes=args.sizes, stage_counts=args.stages, repeats=args.repeats,
         device=args.device, threads=args.threads, memory=not args.no_memory, variants=args.variants, profile=args.profile,
+        compile=args.compile,
         amp=args.amp, loader=not args.no_loader, workers=args.workers, loader_images=args.loader_images,
         loader_image_size=args.loader_image_size,
     )

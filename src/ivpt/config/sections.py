@@ -184,6 +184,8 @@ class TrainConfig:
     log_every: int = limited(10, ">= 1")  # optimiser steps between log.csv rows
     ckpt_every_steps: int = limited(0, ">= 0", note="0: only at the end of each epoch")
     tensorboard: bool = False
+    # torch.use_deterministic_algorithms(True) for the run (strict: an op without a deterministic kernel raises), so
+    # that a resumed run is bit-identical to an uninterrupted one on CUDA too; off by default (slower kernels).
     deterministic: bool = False
     # Stop after this many optimiser steps (0: no limit); for smoke runs.
     max_steps: int = limited(0, ">= 0", note="0: no limit")

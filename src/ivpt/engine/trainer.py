@@ -93,6 +93,8 @@ class Trainer:
         self.lock = RunLock(self.out)  # held by rank 0 from here to close()
         self.stop_signal: int | None = None  # SIGTERM / SIGINT received during the training loop
         self.stop_agreed = False  # under torchrun: whether some rank had a stop_signal at the last flag read
+        self._determinism_before = (torch.are_deterministic_algorithms_enabled(),
+                                    torch.is_deterministic_algorithms_warn_only_enabled())
         if resume:
             check_resumable(self.out)
         check_output_folder_all_ranks(self.out, self.info)
@@ -106,8 +108,11 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run folder (idempotent; :func:`train` calls it at the end of the run, however it ends)."""
+        """Release the run folder and restore the process's deterministic-algorithms mode (idempotent; :func:`train`
+        calls it at the end of the run, however it ends)."""
         self.lock.release()
+        enabled, warn_only = self._determinism_before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
     def _set_up(self, resume: bool) -> None:
         """Everything else: data, model, optimiser and, with ``resume``, last.pt (read and checked before anything
@@ -117,7 +122,7 @@ class Trainer:
         cfg = self.cfg
         state = read_resume_state(self) if resume else None
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True)  # an op without a deterministic implementation raises
 
         self.data = build_datasets(cfg)
         check_classes(cfg, self.data)
