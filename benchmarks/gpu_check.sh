@@ -2,7 +2,7 @@
 # The GPU paths in one script (about 5 minutes on one GPU): a torchrun --nproc_per_node=1 training over NCCL,
 # bf16 (with data.gpu_augment) and fp16 (GradScaler) steps, kill -9 mid-run and an exact resume on the GPU,
 # `ivpt eval` under torchrun, train.compile, and the speed report: `ivpt bench --device cuda --amp bf16` (and fp32)
-# at the paper config (ViT-B/14-reg4, 518 px, batch 16; with --profile) and ViT-S/14 at 224 px.
+# at the paper config (ViT-B/14-reg4, 518 px, batch 16; with --profile, and with --compile) and ViT-S/14 at 224 px.
 #
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine
 #   DEVICE=cpu TINY=1 bash benchmarks/gpu_check.sh   # the same steps on CPU (gloo), a dry run of the script
@@ -143,6 +143,9 @@ PY
 }
 step bench_paper_bf16 bench paper_bf16 --amp bf16 --profile "${PAPER[@]}"
 step bench_paper_fp32 bench paper_fp32 --amp none --no-loader "${PAPER[@]}"
+if [ "${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then  # the step with fewer launches
+  step bench_paper_bf16_compiled bench paper_bf16_compiled --amp bf16 --compile --no-loader --no-memory "${PAPER[@]}"
+fi
 step bench_vits_bf16 bench vits_bf16 --amp bf16 "${SMALL[@]}"
 
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from ivpt.bench import BenchOptions, Entry, Group, _probe_subprocess, plan, project
 from ivpt.bench.phases import OTHER, PHASES, phase_of
@@ -80,6 +81,24 @@ def test_phases_attribute_operators_to_the_code_that_ran_them():
                      "ivpt/engine/trainer.py(500): compute_loss"]) == "warp of the second view"
     assert phase_of(["aten::cat", "ivpt/models/ivpt.py(75): trunk"]) == OTHER
     assert len({name for name, _ in PHASES}) == len(PHASES)
+
+
+def test_compiled_bench_times_the_compiled_backbone_ivpt_and_vpt_deep(tmp_path, monkeypatch):
+    # torch.compile itself takes minutes on CPU; what is checked is that every timed model goes through it.
+    compiled = []
+
+    def fake_compile(fn):
+        compiled.append(getattr(fn, "__name__", type(fn).__name__))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert main(["bench", "--quick", "--compile", "--no-loader", "--no-memory", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["groups"][0]["models"]) == {"backbone", "ivpt", "vpt_deep"}
+    assert sorted(compiled) == ["IVPT", "VPTDeep", "forward_features"]
+    assert report["settings"]["compile"] is True
+    assert "every model under torch.compile" in (tmp_path / "bench.md").read_text()
 
 
 def test_full_plan_has_growth_groups():

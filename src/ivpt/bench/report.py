@@ -131,7 +131,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# ivpt bench — {m['device']} ({m['device_name']}), torch {m['torch']}, {m['threads']} threads",
         "",
-        (f"Backbone `{s['backbone']}` (random weights), {s.get('precision', 'fp32')}, batch {s['batch']}, "
+        (f"Backbone `{s['backbone']}` (random weights), {s.get('precision', 'fp32')}"
+         f"{', every model under torch.compile' if s.get('compile') else ''}, batch {s['batch']}, "
          f"{s['repeats']} interleaved "
          f"runs. Trainable set: {s['trainable_set']}. Load average at start/end: {report['load_average_start']} / "
          f"{report['load_average_end']} on {m['cpu_count']} CPUs: bursts of load from other jobs slow single runs; "

@@ -76,7 +76,7 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = lambda s: None
         "settings": {
             "backbone": opts.backbone, "backbone_kwargs": opts.backbone_kwargs, "weights": "random",
             "batch": opts.batch, "img_size": opts.img_size, "n_pro": opts.n_pro, "num_prompts": opts.num_prompts,
-            "amp": opts.amp,
+            "amp": opts.amp, "compile": opts.compile,
             "num_classes": opts.num_classes, "repeats": opts.n_repeats, "train_tokens": opts.train_tokens,
             "trainable_set": (
                 "paper (model.train_tokens=true): pos_embed, cls_token, reg_token train in ivpt, vpt_shallow, vpt_deep "
