@@ -2,11 +2,13 @@
 one process with the same global batch."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -359,6 +361,7 @@ def test_every_collective_goes_through_the_checked_helpers():
 _RECORDING_LAUNCHER = """
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -519,3 +522,14 @@ def test_feature_mean_prototype_init_centres_the_prototypes_before_training(worl
         shift = a.prototypes - c.prototypes
         assert shift.abs().min() > 0
         assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-6 * shift.abs().max().item())
+
+
+def test_fp16_steps_the_schedule_without_torchs_order_warning(world, tmp_path):
+    # The GradScaler skips the first fp16 steps while it finds its scale; the schedule still counts them, and torch's
+    # "lr_scheduler.step() before optimizer.step()" check must not reach the user for that.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_config(world, optim=dict(amp="fp16", epochs=1)), tmp_path / "run", progress=False)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    lrs = [float(r["lr_head"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["lr_head"]]
+    assert len(lrs) >= 2 and lrs[0] != lrs[-1]  # the schedule moved on every step, skipped or not

@@ -117,7 +117,10 @@ def setup(requested_device: str = "auto", *, setting: str = "train.device") -> D
     if launched_by_torchrun() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # device_id binds NCCL to this rank's GPU (barrier() otherwise guesses it, with a warning)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

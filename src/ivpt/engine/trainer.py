@@ -34,6 +34,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,11 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_lrs = _group_lrs(self.optimizer)
-        self.scheduler.step()  # the rates of the next step: lr_factor(self.step + 1)
+        with warnings.catch_warnings():
+            # fp16: the GradScaler skips the optimiser step whose gradients overflowed (the first ones, while it
+            # finds its scale); the schedule still counts that step, and torch's order check would warn about it
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()  # the rates of the next step: lr_factor(self.step + 1)
         self.step += 1
         self.batch_in_epoch += 1
 
