@@ -60,6 +60,7 @@ def profile_phases(step: Callable[[], None], device: torch.device) -> list[dict]
         while parent is not None:
             chain.append(parent.name)
             parent = parent.cpu_parent
+        chain += list(getattr(event, "stack", None) or [])  # the Python frames, where the tracer did not nest them
         if any("torch/profiler/" in name for name in chain):
             continue  # the profiler starting and stopping
         device_us = getattr(event, "self_device_time_total", 0.0) if cuda else 0.0
