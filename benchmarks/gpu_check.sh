@@ -17,6 +17,7 @@ WORK=${WORK:-$(mktemp -d)}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 PY=${PYTHON:-python3}
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
+COMPILE=${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}  # Inductor needs minutes on CPU
 
 "$PY" - <<'PY'
 import torch
@@ -105,7 +106,7 @@ compiled_train() {
   fallback=$(grep -c "train.compile: torch.compile failed" "$WORK/compiled.log" || true)
   echo "check train.compile: 3 steps trained, $([ "$fallback" = 0 ] && echo compiled || echo "fell back to eager: $(grep -m1 'train.compile' "$WORK/compiled.log")")"
 }
-if [ "${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then step compile compiled_train; fi
+if [ "$COMPILE" = 1 ]; then step compile compiled_train; fi
 
 # Speed: ratios, peak memory, the training DataLoader's images/s (CPU and gpu_augment paths) and the
 # projected paper recipe, in one run per setting.
@@ -143,7 +144,7 @@ PY
 }
 step bench_paper_bf16 bench paper_bf16 --amp bf16 --profile "${PAPER[@]}"
 step bench_paper_fp32 bench paper_fp32 --amp none --no-loader "${PAPER[@]}"
-if [ "${COMPILE:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then  # the step with fewer launches
+if [ "$COMPILE" = 1 ]; then  # the step with fewer launches
   step bench_paper_bf16_compiled bench paper_bf16_compiled --amp bf16 --compile --no-loader --no-memory "${PAPER[@]}"
 fi
 step bench_vits_bf16 bench vits_bf16 --amp bf16 "${SMALL[@]}"

@@ -361,7 +361,6 @@ def test_every_collective_goes_through_the_checked_helpers():
 _RECORDING_LAUNCHER = """
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch

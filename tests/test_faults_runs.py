@@ -203,7 +203,6 @@ def announced(self, epoch, micro):
     print(f"step {self.step}", flush=True)
     time.sleep(1.0)
 Trainer.optimizer_step = announced
-from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -295,7 +294,6 @@ def unreadable(self, epoch, micro):
         micro = [None] * len(micro)  # what collate_skip_corrupt gives when every image is unreadable
     step(self, epoch, micro)
 Trainer.optimizer_step = unreadable
-from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
