@@ -10,7 +10,8 @@
 # It prints one "check ..." line per step (a failed step prints its log's tail and "check NAME: FAILED"), runs every
 # step whatever failed before, and exits non-zero when any failed. COMPILE=0 skips the
 # train.compile step (on by default on CUDA; on CPU Inductor needs minutes, so the dry run skips it unless
-# COMPILE=1). The bench reports land in $WORK/bench_*/bench.md.
+# COMPILE=1). BENCH=0 skips the speed report (for a GPU shared with other work, where timings mean nothing).
+# The bench reports land in $WORK/bench_*/bench.md.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
@@ -108,6 +109,7 @@ compiled_train() {
 }
 if [ "$COMPILE" = 1 ]; then step compile compiled_train; fi
 
+if [ "${BENCH:-1}" = 1 ]; then
 # Speed: ratios, peak memory, the training DataLoader's images/s (CPU and gpu_augment paths) and the
 # projected paper recipe, in one run per setting.
 if [ -n "${TINY:-}" ]; then
@@ -148,6 +150,7 @@ if [ "$COMPILE" = 1 ]; then  # the step with fewer launches
   step bench_paper_bf16_compiled bench paper_bf16_compiled --amp bf16 --compile --no-loader --no-memory "${PAPER[@]}"
 fi
 step bench_vits_bf16 bench vits_bf16 --amp bf16 "${SMALL[@]}"
+fi
 
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_check: ${#FAILED[@]} failed: ${FAILED[*]} ($WORK)"
