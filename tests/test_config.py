@@ -56,7 +56,7 @@ def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
     new = load_config(tmp_path / "config.yaml")
     m = new.model
     assert (m.global_part, m.global_share, m.deep_prompts, new.loss.tv_reference_grid, new.optim.min_steps) == (
-        True, 0.5, True, 37.0, 1000)
+        True, 0.25, True, 37.0, 1000)
 
 
 def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():

@@ -123,7 +123,7 @@ def test_the_new_dataset_recipe_and_the_paper_configs():
     for cfg in [Config()] + [load_config(p) for p in sorted(CONFIGS.glob("*cpu*.yaml"))]:
         m = cfg.model
         assert (m.global_part, m.global_share, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid,
-                cfg.optim.min_steps) == (True, 0.5, True, "normal", 37.0, 1000)
+                cfg.optim.min_steps) == (True, 0.25, True, "normal", 37.0, 1000)
     for p in sorted(CONFIGS.glob("*cpu*.yaml")):
         cfg = load_config(p)
         assert (cfg.model.n_pro, cfg.model.train_tokens, cfg.optim.batch_size) == ([9, 7, 5], False, 8), p.name

@@ -142,8 +142,8 @@ class ConceptConfig(TunedConfig):
     global_part: bool = True
     # NOT the paper (only read with ``global_part``): the share of the logits that comes from the global part,
     # logits = (1 - s) * mean(part logits) + s * global logits. None: the global part counts as one more part,
-    # s = 1 / (N + 1). 0.5, the recipe: the global token and the N foreground parts together weigh the same.
-    global_share: float | None = limited(0.5, "(0, 1)", note="the parts and the global token both need a say; "
+    # s = 1 / (N + 1). 0.25, the recipe: the N foreground parts together make three quarters of each decision.
+    global_share: float | None = limited(0.25, "(0, 1)", note="the parts and the global token both need a say; "
                                                             "or null: the global part counts as one more part")
 
     def __post_init__(self) -> None:
