@@ -90,8 +90,8 @@ def test_config_changes_follow_the_config_class():
     assert changes(vpt, "model.n_pro=5,4,3", "model.gumbel_tau=3", "loss.tv=0", "loss.eq_rotation_deg=10") == []
     assert changes(vpt, "model.num_prompts=3", "loss.classification=0.5", "optim.base_lr=0.1") == [
         "model.num_prompts", "loss.classification", "optim.base_lr"]
-    assert changes(ivpt, "model.global_share=0.25", "model.num_prompts=3") == []  # unread with these values
-    assert changes(ivpt, "model.global_part=true", "model.global_share=0.25") == ["model.global_part",
+    assert changes(ivpt, "model.global_share=0.5", "model.num_prompts=3") == []  # unread with these values
+    assert changes(ivpt, "model.global_part=true", "model.global_share=0.5") == ["model.global_part",
                                                                                   "model.global_share"]
     assert changes(ivpt, "loss.tv=0") == ["loss.tv"]
     assert config_changes(ivpt, vpt)[:1] == ["model.kind"]
