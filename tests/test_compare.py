@@ -51,7 +51,7 @@ def test_compare_trains_resumes_skips_and_tabulates(cfg_file, tmp_path, monkeypa
     assert result["kinds"] == ["ivpt", "linear"] and result["seeds"] == [0, 1]
     assert [(r["kind"], r["seed"], r["metrics"]["steps"]) for r in result["runs"]] == [
         ("ivpt", 0, 2), ("ivpt", 1, 2), ("linear", 0, 2), ("linear", 1, 2)]
-    assert result["config"]["optim"]["schedule"] == "cosine"
+    assert result["config"]["optim"]["schedule"] == "constant"
     for kind in ("ivpt", "linear"):
         runs = [r for r in result["runs"] if r["kind"] == kind]
         for key in COLUMNS:

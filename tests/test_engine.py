@@ -468,8 +468,8 @@ def test_baselines_train_and_evaluate(world, tmp_path, kind):
     lr_concepts = float(rows[-1]["lr_concepts"])
     if kind == "linear":  # a true probe: only the classifier trains, so there is no concept-rate group
         assert lr_concepts != lr_concepts
-    else:  # the second of 2 cosine steps (no warm-up step at 5 % of 2) runs at half the peak 2e-4
-        assert lr_concepts == pytest.approx(1e-4)
+    else:  # the second of 2 steps at the recipe's constant rate (no warm-up step at 5 % of 2) runs at the peak 2e-4
+        assert lr_concepts == pytest.approx(2e-4)
     model = create_model(cfg.model)
     load_pretrained(model, tmp_path / kind / "best")
     result = evaluate(model, cfg, progress=False)
@@ -528,7 +528,8 @@ def test_fp16_steps_the_schedule_without_torchs_order_warning(world, tmp_path):
     # "lr_scheduler.step() before optimizer.step()" check must not reach the user for that.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(tiny_config(world, optim=dict(amp="fp16", epochs=1)), tmp_path / "run", progress=False)
+        train(tiny_config(world, optim=dict(amp="fp16", epochs=1, schedule="cosine")), tmp_path / "run",
+              progress=False)
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     lrs = [float(r["lr_head"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["lr_head"]]
     assert len(lrs) >= 2 and lrs[0] != lrs[-1]  # the schedule moved on every step, skipped or not

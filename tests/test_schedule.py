@@ -108,11 +108,13 @@ def test_paper_schedule_equals_the_per_epoch_steplr_at_every_step(path):
     assert new.param_groups[0]["lr"] == 1e-2 * 0.5 ** 6
 
 
-def test_runs_without_a_recipe_follow_training_progress():
+def test_runs_without_a_recipe_take_the_recipes_constant_rate_after_a_warmup():
     from ivpt.config import Config
 
-    for optim in (Config().optim, load_config(CONFIGS / "cpu_vits14_224.yaml").optim):
-        assert (optim.schedule, optim.warmup) == ("cosine", 0.05)
+    for optim in [Config().optim] + [load_config(p).optim for p in sorted(CONFIGS.glob("*cpu*.yaml"))]:
+        assert (optim.schedule, optim.warmup) == ("constant", 0.05)
+        # 1,000 steps: a linear warm-up over the first 50, then every step at the peak
+        assert [lr_factor(s, 1000, 40, optim) for s in (0, 24, 49, 50, 999)] == [0.02, 0.5, 1.0, 1.0, 1.0]
 
 
 def test_the_new_dataset_recipe_and_the_paper_configs():
@@ -141,7 +143,7 @@ def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does
     message = schedule_warning(total_steps(o, 63), 63, o)  # Flowers-102: 1,020 training images
     assert message == ("the schedule leaves 252 of 1575 optimiser steps above half the peak learning rate "
                        "(optim.schedule=step, 63 steps per epoch); with fewer than 500 the concepts may not form: "
-                       "train longer or use optim.schedule=cosine")
+                       "train longer or use optim.schedule=constant (the recipe)")
     cosine = OptimConfig(schedule="cosine", warmup=0.05, epochs=25)
     assert schedule_warning(total_steps(cosine, 63), 63, cosine) is None  # about half of 1575 steps
 
@@ -189,9 +191,9 @@ def test_tiny_schedule_warns_in_one_line(world, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ivpt"):
         train(cfg, tmp_path / "run", progress=False)
     lines = [r.getMessage() for r in caplog.records if "learning rate" in r.getMessage()]
-    # Cosine over 3 steps, no warm-up step (round(0.15) = 0): factors 1, 0.75, 0.25.
-    assert lines == ["the schedule leaves 2 of 3 optimiser steps above half the peak learning rate "
-                     "(optim.schedule=cosine, 3 steps per epoch); with fewer than 500 the concepts may not form: "
+    # The recipe's constant rate over 3 steps, no warm-up step (round(0.15) = 0): every step at the peak.
+    assert lines == ["the schedule leaves 3 of 3 optimiser steps above half the peak learning rate "
+                     "(optim.schedule=constant, 3 steps per epoch); with fewer than 500 the concepts may not form: "
                      "train longer"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ivpt"):  # VPT-deep has no concepts to form: no such warning

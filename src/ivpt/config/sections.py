@@ -86,8 +86,8 @@ class OptimConfig:
     4 and 0.5, no warm-up); ``cosine`` decays it from the peak to 0 over the steps after the warm-up;
     ``constant`` keeps the peak. ``warmup`` is a FRACTION of the run's total optimiser steps
     (``epochs x steps per epoch``, or ``train.max_steps`` when smaller) over which the rate rises linearly to
-    its peak; 0 disables it. The defaults (cosine, 5 % warm-up) follow training progress; the paper configs set
-    ``schedule: step`` and ``warmup: 0``.
+    its peak; 0 disables it. The defaults (constant after a 5 % warm-up, the recipe's) keep every step after the
+    warm-up at the peak; the paper configs set ``schedule: step`` and ``warmup: 0``.
     """
 
     base_lr: float = limited(1e-6, "> 0")
@@ -103,7 +103,8 @@ class OptimConfig:
     # Images per optimiser step over all processes (split over them under torchrun).
     batch_size: int = limited(16, ">= 1")
     grad_accum: int = limited(1, ">= 1")
-    schedule: str = "cosine"  # step | cosine | constant
+    # step | cosine | constant. The recipe: constant after the warm-up (benchmarks/recipe.md, "A constant rate").
+    schedule: str = "constant"
     # A fraction of the total optimiser steps; 0: no warm-up.
     warmup: float = limited(0.05, "[0, 1)", what="a fraction of the total optimiser steps",
                             note="e.g. 0.05 for a warm-up over the first 5 % of training; 0: none")

@@ -97,4 +97,4 @@ def schedule_warning(total: int, steps_per_epoch: int, optim: OptimConfig) -> st
     return (f"the schedule leaves {high} of {total} optimiser steps above half the peak learning rate "
             f"(optim.schedule={optim.schedule}, {steps_per_epoch} steps per epoch); with fewer than "
             f"{FULL_RATE_MIN_STEPS} the concepts may not form: train longer"
-            + (" or use optim.schedule=cosine" if optim.schedule != "cosine" else ""))
+            + (" or use optim.schedule=constant (the recipe)" if optim.schedule == "step" else ""))
