@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivpt.config import LossConfig
+from ivpt.config import ConfigError, LossConfig
 from ivpt.losses import (
     bg_presence_loss,
     classification_loss,
@@ -118,6 +118,26 @@ def test_combiner_weights_and_terms():
     assert "entropy" not in terms2
     expected = total - terms["entropy"] + terms["tv"]
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_entropy_warmup_ramps_only_the_entropy_weight():
+    cfg = LossConfig(entropy=0.5, tv=2.0, entropy_warmup=0.25)
+    # progress p = (step + 1) / total: the weight is 0.5 * min(1, p / 0.25)
+    assert [cfg.weights(p)["entropy"] for p in (0.05, 0.125, 0.25, 0.6, 1.0)] == pytest.approx(
+        [0.1, 0.25, 0.5, 0.5, 0.5])
+    for p in (0.05, 0.5, 1.0):
+        assert {k: v for k, v in cfg.weights(p).items() if k != "entropy"} == {
+            k: v for k, v in LossConfig(entropy=0.5, tv=2.0).weights().items() if k != "entropy"}
+    assert LossConfig(entropy=0.5).weights(0.01)["entropy"] == 0.5  # 0: the full weight from the first step
+    model = tiny_model().train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    out = model(x)
+    full, terms = ivpt_losses(out, y, LossConfig(entropy_warmup=0.5))
+    early, _ = ivpt_losses(out, y, LossConfig(entropy_warmup=0.5), progress=0.1)  # entropy weight 0.2
+    assert early.item() == pytest.approx((full - 0.8 * terms["entropy"]).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="entropy_warmup"):
+        LossConfig(entropy_warmup=1.5)
 
 
 @pytest.mark.parametrize("side", [8, 16, 37])

@@ -178,6 +178,31 @@ def test_resume_mid_warmup_is_exact(world, tmp_path, monkeypatch):
         train(cfg.with_overrides(["optim.epochs=3"]), tmp_path / "killed", resume=True, progress=False)
 
 
+def test_trainer_ramps_the_entropy_weight_and_resume_keeps_its_total(world, tmp_path, monkeypatch):
+    import ivpt.engine.trainer as trainer_module
+    seen = []
+    real = trainer_module.compute_loss
+
+    def recording(*args, progress=1.0, **kwargs):
+        seen.append(progress)
+        return real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", recording)
+    cfg = tiny_config(world, optim=dict(schedule="constant", warmup=0.0), loss=dict(entropy_warmup=0.5))
+    train(cfg, tmp_path / "run", progress=False)  # 6 steps, one micro-batch each
+    assert seen == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    # the rate is constant without a warm-up, so only the entropy ramp follows the total steps
+    with pytest.raises(TrainingError, match=r"loss.entropy_warmup=0.5 follows the run's total steps, which would "
+                                            r"change from 6 to 9"):
+        train(cfg.with_overrides(["optim.epochs=3"]), tmp_path / "run", resume=True, progress=False)
+    plain = tiny_config(world, optim=dict(schedule="constant", warmup=0.0))
+    train(plain, tmp_path / "plain", progress=False)
+    train(plain.with_overrides(["optim.epochs=3"]), tmp_path / "plain", resume=True, progress=False)
+    assert torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=True)["step"] == 9
+
+
 def test_tiny_schedule_warns_in_one_line(world, tmp_path, caplog):
     cfg = tiny_config(world, optim=dict(epochs=1))
     with caplog.at_level(logging.WARNING, logger="ivpt"):

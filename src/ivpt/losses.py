@@ -216,13 +216,15 @@ def ivpt_losses(
     *,
     warped_out=None,
     theta: Tensor | None = None,
+    progress: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of all eight terms for an :class:`~ivpt.models.ModelOutput`.
 
     ``warped_out`` is the output for the batch warped by ``theta`` (see :func:`random_affine`); without it the
-    equivariance term is skipped. Terms with weight 0 are not computed. Returns (total, {term: detached value}).
+    equivariance term is skipped. ``progress``: the training progress the weights are taken at
+    (:meth:`LossConfig.weights`). Terms with weight 0 are not computed. Returns (total, {term: detached value}).
     """
-    weights = cfg.weights()
+    weights = cfg.weights(progress)
     maps = out.maps
 
     def stage_mean(fn):

@@ -61,6 +61,11 @@ class LossConfig:
                                      maps_only=True)
     eq_translate: float = limited(0.11, "[0, 1]", note="a fraction of the image side", maps_only=True)
     eq_scale: list[float] = limited(lambda: [0.8, 1.4], "> 0", length=2, items="low, high", maps_only=True)
+    # NOT the paper when > 0: the entropy weight rises linearly from 0 to loss.entropy over this fraction of the run's
+    # optimiser steps, as the rate does over optim.warmup (the term empties the stages within the first hundred steps,
+    # before the concepts have formed: benchmarks/recipe.md, "What kills the concepts").
+    entropy_warmup: float = limited(0.0, "[0, 1]", what="a fraction of the total optimiser steps",
+                                    note="0: the full weight from the first step, as the paper", maps_only=True)
     # How the equivariance loss warps the second view's maps back: bilinear (ours) or nearest (the reference's
     # inverse warp, two nearest-neighbour resamplings: docs/deviations.md).
     eq_inverse_interpolation: str = maps_only("bilinear")
@@ -73,8 +78,13 @@ class LossConfig:
             raise ConfigError(f"loss.eq_inverse_interpolation={self.eq_inverse_interpolation!r} must be 'bilinear' "
                               "(ours) or 'nearest' (the reference's inverse warp)")
 
-    def weights(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in LOSS_TERMS}
+    def weights(self, progress: float = 1.0) -> dict[str, float]:
+        """Each term's weight at ``progress`` = (optimiser step + 1) / total steps of the run (1: the full weights,
+        also those of evaluation); only the entropy weight depends on it, through ``entropy_warmup``."""
+        weights = {name: float(getattr(self, name)) for name in LOSS_TERMS}
+        if self.entropy_warmup > 0:
+            weights["entropy"] *= min(1.0, progress / self.entropy_warmup)
+        return weights
 
 
 @dataclass

@@ -83,13 +83,12 @@ def restore_state(trainer, state: dict) -> None:
     if "lr_lambdas" not in state["scheduler"]:
         raise TrainingError(f"cannot resume: {path} holds the per-epoch scheduler of an earlier ivpt; finish it "
                             "with that version or start a new run with --out")
-    if depends_on_total(trainer.cfg.optim) and state.get("total_steps") != trainer.total_steps:
+    follows = depends_on_total(trainer.cfg)
+    if follows and state.get("total_steps") != trainer.total_steps:
         raise TrainingError(
-            f"cannot resume {trainer.out}: optim.schedule={trainer.cfg.optim.schedule} with optim.warmup="
-            f"{trainer.cfg.optim.warmup} follows the run's total steps, which would change from "
-            f"{state.get('total_steps')} to {trainer.total_steps}; keep optim.epochs, optim.min_steps and "
-            f"train.max_steps, or start "
-            "a new run with --out")
+            f"cannot resume {trainer.out}: {' with '.join(follows)} follows the run's total steps, which would "
+            f"change from {state.get('total_steps')} to {trainer.total_steps}; keep optim.epochs, optim.min_steps "
+            "and train.max_steps, or start a new run with --out")
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])

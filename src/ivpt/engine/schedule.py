@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..config import OptimConfig
+from ..config import Config, OptimConfig
 
 __all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "depends_on_total", "build_scheduler",
            "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
@@ -65,9 +65,13 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, optim: OptimConfig) -
     return warm * decay
 
 
-def depends_on_total(optim: OptimConfig) -> bool:
-    """Whether the curve changes with the run's total steps (so a resume must keep epochs and max_steps)."""
-    return optim.schedule == "cosine" or optim.warmup > 0
+def depends_on_total(cfg: Config) -> list[str]:
+    """The settings whose curves follow the run's total steps, as ``section.field=value`` (empty: none does), so a
+    resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the entropy weight's warm-up."""
+    optim, loss = cfg.optim, cfg.loss
+    return ([f"optim.schedule={optim.schedule}"] if optim.schedule == "cosine" else []) + \
+        ([f"optim.warmup={optim.warmup}"] if optim.warmup > 0 else []) + \
+        ([f"loss.entropy_warmup={loss.entropy_warmup}"] if loss.entropy_warmup > 0 else [])
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoch: int,

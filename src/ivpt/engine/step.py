@@ -17,9 +17,10 @@ __all__ = ["compute_loss", "training_net"]
 
 
 def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, eq_gen: torch.Generator,
-                 health: ConceptHealth | None = None) -> tuple[torch.Tensor, dict]:
-    """Forward the clean batch (plus its warped copy when equivariance is on) and return the weighted loss;
-    ``health`` accumulates the clean batch's concept maps."""
+                 health: ConceptHealth | None = None, progress: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Forward the clean batch (plus its warped copy when equivariance is on) and return the loss weighted as at
+    training ``progress`` ((step + 1) / total steps: :meth:`~ivpt.config.LossConfig.weights`); ``health``
+    accumulates the clean batch's concept maps."""
     model = getattr(net, "module", net)  # under DDP, the wrapped model
     b = x.shape[0]
     theta = None
@@ -36,7 +37,7 @@ def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, 
         out, warped = _split_output(out, b)
     if health is not None:
         health.add(out.maps)
-    return ivpt_losses(out, y, cfg.loss, warped_out=warped, theta=theta)
+    return ivpt_losses(out, y, cfg.loss, warped_out=warped, theta=theta, progress=progress)
 
 
 def _split_output(out: Any, n: int) -> tuple[Any, Any]:

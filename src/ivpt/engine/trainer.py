@@ -346,7 +346,8 @@ class Trainer:
         happens (forward, then backward); if it fails, one warning and the eager model from then on."""
         try:
             total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen,
-                                        health=self.health if weight else None)
+                                        health=self.health if weight else None,
+                                        progress=(self.step + 1) / self.total_steps)
             self.scaler.scale(total * weight / self.cfg.optim.grad_accum).backward()
         except Exception as exc:
             if not self.compile_pending:
