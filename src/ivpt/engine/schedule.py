@@ -69,9 +69,10 @@ def depends_on_total(cfg: Config) -> list[str]:
     """The settings whose curves follow the run's total steps, as ``section.field=value`` (empty: none does), so a
     resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the entropy weight's warm-up."""
     optim, loss = cfg.optim, cfg.loss
-    return ([f"optim.schedule={optim.schedule}"] if optim.schedule == "cosine" else []) + \
-        ([f"optim.warmup={optim.warmup}"] if optim.warmup > 0 else []) + \
-        ([f"loss.entropy_warmup={loss.entropy_warmup}"] if loss.entropy_warmup > 0 else [])
+    settings = [(optim.schedule == "cosine", f"optim.schedule={optim.schedule}"),
+                (optim.warmup > 0, f"optim.warmup={optim.warmup}"),
+                (loss.entropy_warmup > 0, f"loss.entropy_warmup={loss.entropy_warmup}")]
+    return [setting for follows, setting in settings if follows]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoch: int,
