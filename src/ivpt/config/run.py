@@ -150,6 +150,7 @@ _BEFORE_FIELD = {
     ("model", "deep_prompts"): False,
     ("loss", "tv_reference_grid"): 0.0,
     ("optim", "min_steps"): 0,
+    ("train", "selection"): "best_top1",
 }
 
 

@@ -12,9 +12,11 @@ from ..formats import DATASET_FORMATS
 from .fields import ConfigError, check_limits, check_low_high, limited, maps_only
 
 __all__ = ["LossConfig", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "LOSS_TERMS", "AMP_MODES",
-           "SCHEDULES", "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "SCHEDULES", "SELECTIONS", "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
+SELECTIONS = ("latest_within_se", "best_top1")  # train.selection: how best/ is chosen (ivpt.engine.selection)
 SCHEDULES = ("step", "cosine", "constant")  # ivpt.engine.schedule.lr_factor defines each
 # The normalisation of [0, 1] pixels the DINOv2 / ImageNet backbones were trained with (per channel R, G, B): the
 # default of data.mean / data.std, and what a checkpoint saved without its own (before they were kept in
@@ -213,9 +215,15 @@ class TrainConfig:
     # line and the run continues eagerly. Compiled kernels round differently, so a compiled run is not bit-equal
     # to an eager one.
     compile: bool = False
+    # Which epoch best/ holds among those whose concepts are alive on the validation split (ivpt.engine.selection):
+    # latest_within_se, the latest epoch whose validation top-1 is within one standard error of the best so far
+    # (a split of a few dozen images cannot tell them apart; later concepts have trained longer), or best_top1.
+    selection: str = "latest_within_se"
 
     def __post_init__(self) -> None:
         check_limits(self)
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"train.selection={self.selection!r} is unknown; choose one of {', '.join(SELECTIONS)}")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"train.device={self.device!r} must be one of auto, cpu, cuda, cuda:N (N: a GPU index), "
                               "mps")

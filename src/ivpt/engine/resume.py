@@ -93,9 +93,9 @@ def restore_state(trainer, state: dict) -> None:
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.epoch, trainer.batch_in_epoch, trainer.step = state["epoch"], state["batch_in_epoch"], state["step"]
-    trainer.best_val = state["best_val"]
+    trainer.selection.best_val = state["best_val"]
     # A last.pt from before the selection rule chose best/ by top-1 alone: its best/ counts as alive.
-    trainer.best_alive = state.get("best_alive", True)
+    trainer.selection.best_alive = state.get("best_alive", True)
     rng = state["rng"]
     _set_rng_state(rng[trainer.info.rank] if trainer.info.rank < len(rng) else rng[0], trainer.eq_gen)
     health = state.get("health")  # absent in a last.pt from before the counts were saved
@@ -115,8 +115,8 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
         atomic_torch_save({
             "model": adapter_state(trainer.model), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": trainer.step, "best_val": trainer.best_val,
-            "best_alive": trainer.best_alive,
+            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": trainer.step,
+            "best_val": trainer.selection.best_val, "best_alive": trainer.selection.best_alive,
             "total_steps": trainer.total_steps,
             "rng": rng, "health": health, "config": trainer.cfg.to_dict(),
             "backbone": backbone_identity(trainer.model),

@@ -56,6 +56,7 @@ from .resume import check_same_data, read_resume_state, restore_state, save_last
 from .revive import revive_dead_concepts
 from .runfolder import RESUMABLE_CHANGES, RUN_FILES, _save_config, agree_on_rank0, check_new_run_folder, check_resumable
 from .schedule import build_scheduler, run_epochs, schedule_warning, total_steps
+from .selection import Selection
 from .state import _StopOnSignal, stopped
 # compute_loss is called by this module's name for it (tests patch ivpt.engine.trainer.compute_loss)
 from .step import _split_output, compute_loss, training_net  # noqa: F401  (_split_output: re-exported)
@@ -158,8 +159,8 @@ class Trainer:
         np.random.seed(cfg.train.seed + self.info.rank)
         self.eq_gen = torch.Generator().manual_seed(cfg.train.seed)
 
-        self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, -math.inf
-        self.best_alive = False  # whether best/ keeps every stage's concepts alive on the validation split
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.selection = Selection(cfg.train.selection)  # which epoch best/ holds (ivpt.engine.selection)
         self.health = ConceptHealth()  # this epoch's concept health so far (restored with the rest on resume)
         if state is not None:
             restore_state(self, state)
@@ -400,15 +401,13 @@ class Trainer:
         val, val_health = None, {}
         if self.data.val is not None:
             val, val_health = self.validate()
-        # best/: the best validation top-1 among the epochs whose concepts are alive on the validation split (no
-        # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, the
-        # best top-1 of all. Without a validation split: the last epoch.
+        # best/: chosen by train.selection among the epochs whose concepts are alive on the validation split (no
+        # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, among
+        # all. Without a validation split: the last epoch.
         dead = weak_stages(val_health, self.health.num_prototypes)
         alive = not dead
-        improved = val is None or (alive, val) > (self.best_alive, self.best_val)
+        improved = self.selection.consider(val, alive, 0 if self.data.val is None else len(self.data.val))
         if improved:
-            self.best_val = val if val is not None else self.best_val
-            self.best_alive = alive
             if self.info.is_main:
                 self.model.save_pretrained(self.out / "best", data=self.cfg.data, extra={
                     "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
@@ -471,7 +470,7 @@ class Trainer:
             "test_balanced_top1": test["balanced_top1"] / 100,
             "num_classes": self.data.num_classes,
             "chance": 1.0 / self.data.num_classes,
-            "best_val_top1": None if self.best_val == -math.inf else self.best_val / 100,
+            "best_val_top1": None if meta.get("val_top1") is None else meta["val_top1"] / 100,
             "best_epoch": meta.get("epoch"),
             "best_concepts_alive": meta.get("concepts_alive"),
             "steps": self.step,
