@@ -18,7 +18,7 @@ from torch import nn
 import ivpt.compare as C
 from ivpt.cli import main
 from ivpt.config import (IMAGENET_MEAN, IMAGENET_STD, MODEL_KINDS, Config, ConfigError, IVPTConfig, ModelConfig,
-                         VPTConfig, config_changes, load_config, model_config)
+                         VPTConfig, config_changes, load_config, model_config, saved_config)
 from ivpt.data.synth import make_partworld
 from ivpt.models import MODELS, FrozenViT, ModelOutput, register_model, unregister_model
 from ivpt.runs import RunConflict, load_run, reuse_state, run_config
@@ -120,14 +120,19 @@ def test_a_run_of_an_earlier_version_resumes_evaluates_and_is_reused_as_trained(
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
     assert main(["eval", str(run / "best"), "--data", str(world), "--no-progress"]) == 0
     capsys.readouterr()
-    base = Config.from_dict(old).with_overrides([f"data.root={world}", "train.max_steps=2"])
-    assert reuse_state(run, base) == "finished"
+    # The config it was trained with: the fields it predates as they were then (train.selection=best_top1).
+    base = Config.from_dict(saved_config(old)).with_overrides([f"data.root={world}", "train.max_steps=2"])
+    assert base.train.selection == "best_top1" and reuse_state(run, base) == "finished"
     monkeypatch.setattr(C, "train", lambda *a, **k: pytest.fail("a reusable run was trained again"))
     lines: list[str] = []
     result = C.compare(base, out, kinds=[kind], seeds=[3], progress=False, say=lines.append)
     assert "finished earlier, reusing" in lines[0] and result["runs"][0]["kind"] == kind
 
-    # A change it reads: refused by compare and by --resume alike, naming the key.
+    # Today's defaults choose best/ otherwise: refused, naming the key. A change it reads: refused by compare and by
+    # --resume alike, naming the key.
+    with pytest.raises(C.CompareError, match=r"holds a run with another config \(train.selection\)"):
+        C.compare(base.with_overrides(["train.selection=latest_within_se"]), out, kinds=[kind], seeds=[3],
+                  progress=False, say=lines.append)
     key = READ[kind].split("=")[0]
     with pytest.raises(C.CompareError, match=rf"holds a run with another config \({key}\)"):
         C.compare(base.with_overrides([READ[kind]]), out, kinds=[kind], seeds=[3], progress=False, say=lines.append)
