@@ -30,7 +30,7 @@ class Selection:
     ``best/``, and whether ``best/`` is alive. Saved in ``last.pt`` so that a resumed run chooses as an
     uninterrupted one."""
 
-    rule: str = "latest_within_se"
+    rule: str  # train.selection (whose default the config holds)
     best_val: float = -math.inf
     best_alive: bool = False
 
