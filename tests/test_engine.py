@@ -523,6 +523,23 @@ def test_feature_mean_prototype_init_centres_the_prototypes_before_training(worl
         assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-6 * shift.abs().max().item())
 
 
+def test_kmeans_prototype_init_is_the_same_start_for_the_same_seed(world, tmp_path):
+    """model.prototype_init=kmeans: a fresh run's prototypes are data-driven (not create_model's), identical for two
+    runs of one seed (every rank of a DDP run computes the same start), and another seed gives another start."""
+    from ivpt.engine.trainer import Trainer
+    from ivpt.models import create_model
+
+    cfg = tiny_config(world).with_overrides(["model.prototype_init=kmeans"])
+    a = Trainer(cfg, tmp_path / "a", progress=False).model
+    b = Trainer(cfg, tmp_path / "b", progress=False).model
+    c = Trainer(cfg.with_overrides(["train.seed=7"]), tmp_path / "c", progress=False).model
+    fresh = create_model(cfg.model, seed=cfg.train.seed)
+    for sa, sb, sc, sf in zip(a.stages, b.stages, c.stages, fresh.stages, strict=True):
+        assert torch.equal(sa.prototypes, sb.prototypes)
+        assert not torch.equal(sa.prototypes, sc.prototypes)
+        assert (sa.prototypes - sf.prototypes).abs().amax(dim=1).min() > 0.1  # every prototype moved
+
+
 def test_fp16_steps_the_schedule_without_torchs_order_warning(world, tmp_path):
     # The GradScaler skips the first fp16 steps while it finds its scale; the schedule still counts them, and torch's
     # "lr_scheduler.step() before optimizer.step()" check must not reach the user for that.

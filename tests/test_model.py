@@ -387,6 +387,49 @@ def test_centre_prototypes_shifts_each_stage_by_the_mean_feature_it_reads(kind):
     assert len(model.stages) == (3 if kind == "ivpt" else 1)
 
 
+@pytest.mark.parametrize("kind", ["ivpt", "last_layer_parts"])
+def test_cluster_prototypes_start_every_stage_at_its_kmeans_partition(kind):
+    """model.prototype_init=kmeans: stage i's prototypes are scikit-learn's k-means centres (k = n, the same seed)
+    of the features stage i reads once stages < i are set; the background slot holds the cluster with the largest
+    share of its patches on the grid's outer ring, the foreground the others by size; so each pixel's argmax at the
+    start is its k-means cluster, relabelled. The mode is kept."""
+    import copy
+
+    from sklearn.cluster import KMeans
+
+    from ivpt.models.base import _outer_ring
+
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(kind=kind, num_prompts=3))
+    reference = copy.deepcopy(model).eval()
+    x = torch.randn(6, 3, 56, 56)
+    model.train()
+    model.cluster_prototypes(x, seed=3, batch_size=4)
+    assert model.training
+    model.eval()
+    ring = _outer_ring(model.grid).flatten()
+    with torch.no_grad():
+        for i, stage in enumerate(reference.stages):
+            feats = reference.concept_features(x)[i]
+            n_img, n_pix, dim = feats.shape
+            n = stage.num_prototypes
+            km = KMeans(n_clusters=n, n_init=4, random_state=3).fit(feats.reshape(-1, dim).numpy())
+            labels = torch.from_numpy(km.labels_).long().view(n_img, n_pix)
+            size = torch.bincount(labels.flatten(), minlength=n)
+            share = torch.bincount(labels[:, ring].flatten(), minlength=n) / size.clamp_min(1)
+            got = model.stages[i].prototypes.double()
+            centres = torch.from_numpy(km.cluster_centers_).double()
+            slot = torch.cdist(centres, got).argmin(dim=1)  # which prototype each centre became
+            assert sorted(slot.tolist()) == list(range(n))
+            assert torch.allclose(got[slot], centres, rtol=1e-5, atol=1e-5 * centres.abs().max().item())
+            assert slot[share.argmax()] == n - 1  # the ring-heavy cluster is the background
+            fg = [k for k in range(n) if slot[k] != n - 1]
+            assert [size[k] for k in sorted(fg, key=lambda k: slot[k])] == sorted((size[k] for k in fg), reverse=True)
+            maps = model.stages[i].maps(model.concept_features(x)[i], model.grid)  # (B, n, H, W)
+            assert torch.equal(maps.flatten(2).argmax(dim=1), slot[labels])
+            stage.prototypes.copy_(model.stages[i].prototypes)
+
+
 def test_centred_prototypes_undo_a_feature_component_shared_by_every_pixel():
     """Constructed case: features = a large vector shared by every pixel + small per-pixel parts. With prototypes
     drawn around the origin, the prototype most aligned with the shared vector wins every pixel; centred, every

@@ -37,7 +37,7 @@ __all__ = ["ModelConfig", "TunedConfig", "VPTConfig", "PromptCAMConfig", "Concep
            "model_fields", "model_config", "check_img_size", "MIN_GRID", "PROTOTYPE_INITS"]
 
 DEFAULT_KIND = "ivpt"  # model.kind when a config does not say
-PROTOTYPE_INITS = ("normal", "feature_mean")  # ivpt.models.ConceptModel.centre_prototypes does the second
+PROTOTYPE_INITS = ("normal", "feature_mean", "kmeans")  # ConceptModel.centre_prototypes / .cluster_prototypes
 MIN_GRID = 3  # patches per side a concept model needs: ivpt.losses.presence_loss pools 3x3 patches, no padding
 
 

@@ -142,8 +142,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // o.batch_size
 
         self.model = create_model(cfg.model, seed=cfg.train.seed).to(self.device)
-        if state is None and self.model.has_concept_maps and cfg.model.prototype_init == "feature_mean":
-            self._centre_prototypes()
+        if state is None and self.model.has_concept_maps and cfg.model.prototype_init != "normal":
+            self._init_prototypes(cfg.model.prototype_init)
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -199,9 +199,10 @@ class Trainer:
             log.warning(warning)
 
     # ------------------------------------------------------------------------------------------------- set-up
-    def _centre_prototypes(self, images: int = 64) -> None:
-        """``model.prototype_init=feature_mean``: centre the prototypes on ``images`` training images spread evenly
-        over the split, as epoch 0 augments them: the same images, hence the same start, on every rank."""
+    def _init_prototypes(self, how: str, images: int = 64) -> None:
+        """``model.prototype_init`` ``feature_mean`` or ``kmeans``: start the prototypes from the features of ``images``
+        training images spread evenly over the split, as epoch 0 augments them: the same images, hence the same
+        start, on every rank."""
         from ..data import collate_skip_corrupt
 
         n = len(self.train_set)
@@ -209,7 +210,11 @@ class Trainer:
         batch = collate_skip_corrupt([self.train_set[(0, i)] for i in picks])
         if batch is None:  # every picked image unreadable: keep the normal initialisation
             return
-        self.model.centre_prototypes(self._images(batch), batch_size=self.cfg.eval.batch_size)
+        x, size = self._images(batch), self.cfg.eval.batch_size
+        if how == "feature_mean":
+            self.model.centre_prototypes(x, batch_size=size)
+        else:
+            self.model.cluster_prototypes(x, seed=self.cfg.train.seed, batch_size=size)
 
     def _images(self, batch: dict) -> torch.Tensor:
         """A collated batch's images on the device, finished by :attr:`augment` when ``data.gpu_augment``."""

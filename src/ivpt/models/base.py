@@ -278,6 +278,34 @@ class ConceptModel(FrozenViT):
             stage.prototypes.add_((total / count).to(stage.prototypes.dtype))
         self.train(was_training)
 
+    @torch.no_grad()
+    def cluster_prototypes(self, images: Tensor, *, seed: int, batch_size: int = 16) -> None:
+        """``model.prototype_init="kmeans"``: set every stage's n prototypes to the k-means centres (k = n) of the
+        patch features it reads on ``images`` (B, 3, H, W), stage by stage (a stage's features depend on the earlier
+        stages' prompts). The background slot, the last, gets the cluster with the largest share of its patches on
+        the grid's outer ring; the foreground concepts follow in order of size, largest first. Maps are a softmax
+        over -||f - π_k||², so at the start each pixel goes to its nearest centre: the k-means partition. Runs in
+        eval mode; ``seed`` fixes k-means++'s draws, so every rank computes the same start."""
+        from sklearn.cluster import KMeans
+
+        was_training = self.training
+        self.eval()
+        for i, stage in enumerate(self.stages):
+            feats = torch.cat([self.concept_features(x)[i].float().cpu() for x in images.split(batch_size)])
+            n_img, n_pix, dim = feats.shape
+            km = KMeans(n_clusters=stage.num_prototypes, n_init=4, random_state=seed).fit(feats.reshape(-1, dim).numpy())
+            labels = torch.from_numpy(km.labels_).long().view(n_img, n_pix)
+            centres = torch.from_numpy(km.cluster_centers_).to(torch.float64)
+            n = stage.num_prototypes
+            size = torch.bincount(labels.flatten(), minlength=n).double()
+            ring = _outer_ring(self.grid).flatten()
+            on_ring = torch.bincount(labels[:, ring].flatten(), minlength=n).double()
+            background = int((on_ring / size.clamp_min(1)).argmax())
+            foreground = [k for k in size.argsort(descending=True, stable=True).tolist() if k != background]
+            order = torch.tensor(foreground + [background])
+            stage.prototypes.copy_(centres[order].to(stage.prototypes))
+        self.train(was_training)
+
     def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> ModelOutput:
         """The output of a model whose only concept stage reads the last block's tokens (B, T, D): one map
         (B, n, H, W), part-pooled logits, no grouped maps or assignments."""
@@ -313,3 +341,10 @@ class ConceptModel(FrozenViT):
             return 1.0 / N, 0.0
         share = 1.0 / (N + 1) if self.cfg.global_share is None else self.cfg.global_share
         return (1.0 - share) / N, share
+
+
+def _outer_ring(grid: tuple[int, int]) -> Tensor:
+    """(H, W) bool mask of a patch grid's outermost rows and columns."""
+    ring = torch.ones(grid, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    return ring
