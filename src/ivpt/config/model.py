@@ -134,7 +134,9 @@ class ConceptConfig(TunedConfig):
                                                          "stay equal")
     # "normal": N(0, prototype_init_std²), the paper. "feature_mean" (NOT the paper, not in the recipe): that,
     # shifted by the mean feature each stage reads on 64 training images, so that no prototype (often the
-    # background one) starts out winning every pixel (benchmarks/recipe.md: it did not help accuracy).
+    # background one) starts out winning every pixel (benchmarks/recipe.md: it did not help accuracy). "kmeans" (NOT
+    # the paper, not in the recipe): the k-means centres of each stage's features on those images (benchmarks/
+    # recipe.md: better ARI, lower consistency: one-hot maps from the first step).
     prototype_init: str = "normal"
     # NOT the paper (false in its configs): the shared classifier also scores the final-normed [CLS] token (patch
     # mean without one) as an always-present "global part", weighed by ``global_share``. Part logits, maps and every
