@@ -293,10 +293,10 @@ class ConceptModel(FrozenViT):
         for i, stage in enumerate(self.stages):
             feats = torch.cat([self.concept_features(x)[i].float().cpu() for x in images.split(batch_size)])
             n_img, n_pix, dim = feats.shape
-            km = KMeans(n_clusters=stage.num_prototypes, n_init=4, random_state=seed).fit(feats.reshape(-1, dim).numpy())
+            n = stage.num_prototypes
+            km = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(feats.reshape(-1, dim).numpy())
             labels = torch.from_numpy(km.labels_).long().view(n_img, n_pix)
             centres = torch.from_numpy(km.cluster_centers_).to(torch.float64)
-            n = stage.num_prototypes
             size = torch.bincount(labels.flatten(), minlength=n).double()
             ring = _outer_ring(self.grid).flatten()
             on_ring = torch.bincount(labels[:, ring].flatten(), minlength=n).double()
