@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -266,17 +267,13 @@ class ConceptModel(FrozenViT):
         so each mean is taken with the stages before it already centred). Maps are a softmax over
         -||f - π_k||², so a feature component shared by every pixel favours whichever random π_k points along it,
         everywhere; centred, the prototypes compete on what differs between pixels. Runs in eval mode."""
-        was_training = self.training
-        self.eval()
-        for i, stage in enumerate(self.stages):
+        for stage, batches in self._features_stage_by_stage(images, batch_size):
             total = torch.zeros(self.dim, dtype=torch.float64, device=stage.prototypes.device)
             count = 0
-            for x in images.split(batch_size):
-                feats = self.concept_features(x)[i]
+            for feats in batches:
                 total += feats.double().sum(dim=(0, 1))
                 count += feats.shape[0] * feats.shape[1]
             stage.prototypes.add_((total / count).to(stage.prototypes.dtype))
-        self.train(was_training)
 
     @torch.no_grad()
     def cluster_prototypes(self, images: Tensor, *, seed: int, batch_size: int = 16) -> None:
@@ -288,23 +285,33 @@ class ConceptModel(FrozenViT):
         eval mode; ``seed`` fixes k-means++'s draws, so every rank computes the same start."""
         from sklearn.cluster import KMeans
 
-        was_training = self.training
-        self.eval()
-        for i, stage in enumerate(self.stages):
-            feats = torch.cat([self.concept_features(x)[i].float().cpu() for x in images.split(batch_size)])
+        ring = _outer_ring(self.grid).flatten()
+        for stage, batches in self._features_stage_by_stage(images, batch_size):
+            feats = torch.cat([f.float().cpu() for f in batches])
             n_img, n_pix, dim = feats.shape
             n = stage.num_prototypes
             km = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(feats.reshape(-1, dim).numpy())
             labels = torch.from_numpy(km.labels_).long().view(n_img, n_pix)
             centres = torch.from_numpy(km.cluster_centers_).to(torch.float64)
             size = torch.bincount(labels.flatten(), minlength=n).double()
-            ring = _outer_ring(self.grid).flatten()
             on_ring = torch.bincount(labels[:, ring].flatten(), minlength=n).double()
             background = int((on_ring / size.clamp_min(1)).argmax())
             foreground = [k for k in size.argsort(descending=True, stable=True).tolist() if k != background]
             order = torch.tensor(foreground + [background])
             stage.prototypes.copy_(centres[order].to(stage.prototypes))
-        self.train(was_training)
+
+    def _features_stage_by_stage(self, images: Tensor,
+                                 batch_size: int) -> Iterator[tuple[ConceptStage, Iterator[Tensor]]]:
+        """(stage, its features (b, L, D) on each batch of ``batch_size`` of ``images``), stage by stage, in eval mode
+        (the caller's mode is restored after the last stage). Lazy: a caller that sets a stage's prototypes before
+        asking for the next stage gets features that read them through that stage's prompts."""
+        was_training = self.training
+        self.eval()
+        try:
+            for i, stage in enumerate(self.stages):
+                yield stage, (self.concept_features(x)[i] for x in images.split(batch_size))
+        finally:
+            self.train(was_training)
 
     def single_stage_output(self, tokens: Tensor, grid: tuple[int, int]) -> ModelOutput:
         """The output of a model whose only concept stage reads the last block's tokens (B, T, D): one map
