@@ -171,6 +171,9 @@ def test_paper_config_parameter_count_and_learning_rates():
         assert lr[name] == pytest.approx(1e-2)
     for name in ("prototypes", "spatial_bias", "tokens"):
         assert lr[name] == pytest.approx(2e-4)
+    assert {name: g["rate"] for name, g in groups.items()} == {  # which groups the concept-rate ramp follows
+        "classifier": "head", "modulation": "head", "prompt_proj": "head", "assigners": "head",
+        "prototypes": "concept", "spatial_bias": "concept", "tokens": "concept"}
     count = {name: sum(p.numel() for p in g["params"]) for name, g in groups.items()}
     assert count == {
         "classifier": 153_600, "modulation": 7_680, "prompt_proj": 2_362_368, "assigners": 12_304,

@@ -15,6 +15,8 @@ from ivpt.engine import TrainingError, train
 from ivpt.engine.health import ConceptHealth, collapse_warning, health_summary
 from ivpt.engine.schedule import (
     build_scheduler,
+    concept_factor,
+    depends_on_total,
     lr_factor,
     run_epochs,
     schedule_warning,
@@ -55,6 +57,34 @@ def test_constant_and_step_schedules_multiply_the_warmup():
     assert lr_factor(4, 100, 5, step) == 0.5  # warm-up 5/10, still epoch 0
     assert lr_factor(7, 100, 5, step) == 0.4  # warm-up 8/10 x decay 0.5 (epoch 1)
     assert lr_factor(10, 100, 5, step) == 0.25
+
+
+def test_concept_rate_ramp_multiplies_the_concept_groups_only():
+    """concept_factor rises linearly from concept_lr_start to 1 over round(concept_lr_ramp x T) steps; the scheduler
+    applies it on top of lr_factor to the groups tagged ``concept`` and leaves the others alone (float64 formula)."""
+    o = OptimConfig(schedule="constant", warmup=0.1, concept_lr_mult=400.0, concept_lr_start=0.5,
+                    concept_lr_ramp=0.5)
+    assert [concept_factor(s, 100, o) for s in (0, 10, 25, 49, 50, 99)] == pytest.approx(
+        [0.5, 0.6, 0.75, 0.99, 1.0, 1.0], rel=1e-12)
+    assert concept_factor(0, 100, OptimConfig()) == 1.0  # the default: no ramp
+    head, concept = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"name": "classifier", "params": [head], "lr": 1e-2, "rate": "head"},
+                           {"name": "prototypes", "params": [concept], "lr": 4e-4, "rate": "concept"}], lr=1.0)
+    sched = build_scheduler(opt, 100, 10, o)
+    for s in range(100):
+        warm = min(1.0, (s + 1) / 10)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * warm, rel=1e-12)
+        assert opt.param_groups[1]["lr"] == pytest.approx(4e-4 * warm * (0.5 + 0.5 * min(1.0, s / 50)), rel=1e-12)
+        opt.step()
+        sched.step()
+    cfg = load_config(CONFIGS / "cpu_vits14_224.yaml")
+    cfg.optim = o
+    assert "optim.concept_lr_ramp=0.5" in depends_on_total(cfg)  # a resume must keep the total it follows
+    for start, ramp in ((0.5, 0.0), (1.0, 0.5)):
+        with pytest.raises(ConfigError, match=r"concept_lr_start=.* and optim.concept_lr_ramp=.* go together"):
+            OptimConfig(concept_lr_start=start, concept_lr_ramp=ramp)
+    with pytest.raises(ConfigError, match=r"optim.concept_lr_start=0.0 is a fraction of the concept groups' peak"):
+        OptimConfig(concept_lr_start=0.0, concept_lr_ramp=0.5)
 
 
 def test_total_steps_is_the_smaller_of_epochs_and_max_steps():
@@ -159,16 +189,20 @@ def test_trainer_steps_the_rate_per_step_and_logs_concept_health(world, tmp_path
 
 
 def test_resume_mid_warmup_is_exact(world, tmp_path, monkeypatch):
-    cfg = tiny_config(world, optim=dict(schedule="cosine", warmup=0.5), train=dict(ckpt_every_steps=1))
-    train(cfg, tmp_path / "full", progress=False)  # 6 steps, 3 of them warm-up
+    cfg = tiny_config(world, optim=dict(schedule="cosine", warmup=0.5, concept_lr_start=0.5, concept_lr_ramp=0.5),
+                      train=dict(ckpt_every_steps=1))
+    train(cfg, tmp_path / "full", progress=False)  # 6 steps, 3 of them warm-up and concept ramp
     with monkeypatch.context() as m:
         _kill_after_step(m, 1)
         with pytest.raises(_Killed):
             train(cfg, tmp_path / "killed", progress=False)
     state = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 1 and state["scheduler"]["last_epoch"] == 1 and state["total_steps"] == 6
-    for group in state["optimizer"]["param_groups"]:  # the next step, index 1, runs at 2/3 of the peak
-        assert group["lr"] == pytest.approx(group["initial_lr"] * 2 / 3)
+    rates = {group["name"]: group["rate"] for group in state["optimizer"]["param_groups"]}
+    assert rates["prototypes"] == "concept" and rates["classifier"] == "head"
+    for group in state["optimizer"]["param_groups"]:  # the next step, index 1, runs at 2/3 of the peak, the
+        ramp = 0.5 + 0.5 / 3 if group["rate"] == "concept" else 1.0  # concept groups at 2/3 of that again
+        assert group["lr"] == pytest.approx(group["initial_lr"] * 2 / 3 * ramp, rel=1e-12)
     train(cfg, tmp_path / "killed", resume=True, progress=False)
     full, resumed = _params(tmp_path / "full"), _params(tmp_path / "killed")
     assert full.keys() == resumed.keys()

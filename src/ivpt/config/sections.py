@@ -120,6 +120,13 @@ class OptimConfig:
     # A fraction of the total optimiser steps; 0: no warm-up.
     warmup: float = limited(0.05, "[0, 1)", what="a fraction of the total optimiser steps",
                             note="e.g. 0.05 for a warm-up over the first 5 % of training; 0: none")
+    # The concept-rate groups (concept_lr_mult) start at concept_lr_start of their peak and reach it linearly after
+    # concept_lr_ramp of the total optimiser steps, on top of the schedule (not the paper; benchmarks/recipe.md,
+    # "A concept rate that rises"). 1 / 0: the concept groups follow the schedule alone, as the paper's.
+    concept_lr_start: float = limited(1.0, "(0, 1]", what="a fraction of the concept groups' peak rate",
+                                      note="1: start at the peak")
+    concept_lr_ramp: float = limited(0.0, "[0, 1]", what="a fraction of the total optimiser steps",
+                                     note="e.g. 0.5: the concept rate reaches its peak half-way; 0: no ramp")
     step_epochs: int = limited(4, ">= 1")  # schedule=step only
     gamma: float = limited(0.5, "(0, 1]")  # schedule=step only
     amp: str = "none"  # none | bf16 | fp16
@@ -137,6 +144,11 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)} (step: the "
                              "paper's decay every optim.step_epochs epochs; cosine: follows training progress)")
+        if (self.concept_lr_start < 1) != (self.concept_lr_ramp > 0):
+            raise ConfigError(f"optim.concept_lr_start={self.concept_lr_start} and optim.concept_lr_ramp="
+                              f"{self.concept_lr_ramp} go together: a start below 1 needs a ramp above 0 (the "
+                              "fraction of the steps over which the concept rate rises to its peak), and the other "
+                              "way round; 1 and 0 turn the ramp off")
         self.betas = [float(b) for b in self.betas]
 
 

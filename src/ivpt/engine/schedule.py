@@ -10,6 +10,12 @@ Every parameter group's rate at optimiser step ``s`` (0-based: the ``s``-th step
                  = (1 + cos(pi x min(1, max(0, s - W) / max(1, T - W)))) / 2   schedule = cosine
                  = 1                                        schedule = constant
 
+The groups at the concept rate (``group["rate"] == "concept"``, :meth:`ivpt.models.base.FrozenViT.param_groups`)
+are further multiplied by :func:`concept_factor`, a linear rise from ``optim.concept_lr_start`` at step 0 to 1
+at step ``R = max(1, round(optim.concept_lr_ramp x T))`` (1 throughout when ``concept_lr_ramp`` is 0)::
+
+    concept_factor(s) = start + (1 - start) x min(1, s / R)
+
 ``schedule=step`` with ``warmup=0`` is the paper's per-epoch step decay: during epoch ``e`` every step runs at
 ``gamma ** (e // step_epochs)`` of the peak, what ``StepLR(step_size=step_epochs)`` stepped once per epoch gives.
 The trainer applies the factor through :class:`torch.optim.lr_scheduler.LambdaLR` stepped after every optimiser
@@ -23,7 +29,7 @@ import torch
 
 from ..config import Config, OptimConfig
 
-__all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "depends_on_total", "build_scheduler",
+__all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "concept_factor", "depends_on_total", "build_scheduler",
            "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
 
 # Fewer optimiser steps than this above half the peak rate: concepts rarely form (SPEC section 6), so warn.
@@ -65,22 +71,39 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, optim: OptimConfig) -
     return warm * decay
 
 
+def concept_factor(step: int, total: int, optim: OptimConfig) -> float:
+    """Extra multiplier of the concept-rate groups at optimiser step ``step`` of a ``total``-step run: the rise from
+    ``optim.concept_lr_start`` to 1 over the first ``optim.concept_lr_ramp`` of the steps (module docstring)."""
+    if optim.concept_lr_ramp <= 0:
+        return 1.0
+    ramp = max(1, round(optim.concept_lr_ramp * total))
+    return optim.concept_lr_start + (1.0 - optim.concept_lr_start) * min(1.0, step / ramp)
+
+
 def depends_on_total(cfg: Config) -> list[str]:
     """The settings whose curves follow the run's total steps, as ``section.field=value`` (empty: none does), so a
     resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the entropy weight's warm-up."""
     optim, loss = cfg.optim, cfg.loss
     settings = [(optim.schedule == "cosine", f"optim.schedule={optim.schedule}"),
                 (optim.warmup > 0, f"optim.warmup={optim.warmup}"),
+                (optim.concept_lr_ramp > 0, f"optim.concept_lr_ramp={optim.concept_lr_ramp}"),
                 (loss.entropy_warmup > 0, f"loss.entropy_warmup={loss.entropy_warmup}")]
     return [setting for follows, setting in settings if follows]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoch: int,
                     optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR that sets every group to its peak rate x :func:`lr_factor`; step it after each
-    optimiser step. Building it sets the rates of step 0."""
+    """A per-step LambdaLR that sets every group to its peak rate x :func:`lr_factor` (x :func:`concept_factor` for
+    a group whose ``rate`` is ``"concept"``); step it after each optimiser step. Building it sets the rates of
+    step 0."""
+    def head(step: int) -> float:
+        return lr_factor(step, total, steps_per_epoch, optim)
+
+    def concept(step: int) -> float:
+        return head(step) * concept_factor(step, total, optim)
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, steps_per_epoch, optim))
+        optimizer, [concept if g.get("rate") == "concept" else head for g in optimizer.param_groups])
 
 
 def steps_above_half_peak(total: int, steps_per_epoch: int, optim: OptimConfig,

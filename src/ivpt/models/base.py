@@ -51,8 +51,22 @@ class ModelOutput:
     tokens: Tensor
 
 
+class GroupRate(float):
+    """A group's learning rate that remembers which multiplier made it: ``role`` is ``"head"`` or ``"concept"``
+    (the schedule's concept ramp follows the latter). It is the float that :meth:`FrozenViT.groups` receives."""
+
+    role: str
+
+    def __new__(cls, value: float, role: str) -> "GroupRate":
+        rate = super().__new__(cls, value)
+        rate.role = role
+        return rate
+
+
 def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter], float]]) -> list[dict]:
-    """Turn (name, params, lr) into optimiser groups, refusing a trainable parameter in no group or in two."""
+    """Turn (name, params, lr) into optimiser groups (dicts with ``name``, ``params``, ``lr`` and ``rate``: the
+    :class:`GroupRate` role of ``lr``, ``"head"`` for a plain float), refusing a trainable parameter in no group or
+    in two."""
     seen: dict[int, str] = {}
     out = []
     for name, params, lr in groups:
@@ -62,7 +76,7 @@ def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter],
                 raise RuntimeError(f"parameter in two optimiser groups: {seen[id(p)]} and {name}")
             seen[id(p)] = name
         if params:
-            out.append({"name": name, "params": params, "lr": lr})
+            out.append({"name": name, "params": params, "lr": float(lr), "rate": getattr(lr, "role", "head")})
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
         raise RuntimeError(f"trainable parameters in no optimiser group: {missing}")
@@ -125,8 +139,10 @@ class FrozenViT(nn.Module):
             p.requires_grad_(self.tokens_trainable)
 
     def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
-        """Optimiser groups (dicts with ``name``, ``params``, ``lr``); every trainable parameter in exactly one."""
-        return checked_groups(self, self.groups(base_lr * head_mult, base_lr * concept_mult))
+        """Optimiser groups (dicts with ``name``, ``params``, ``lr``, ``rate``: ``"head"`` or ``"concept"``, which
+        multiplier set ``lr``); every trainable parameter in exactly one."""
+        return checked_groups(self, self.groups(GroupRate(base_lr * head_mult, "head"),
+                                                GroupRate(base_lr * concept_mult, "concept")))
 
     def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, lr) of every group; :meth:`param_groups` checks them."""
