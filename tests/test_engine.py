@@ -251,7 +251,7 @@ def test_resume_refuses_other_backbone_weights_and_loose_state(world, tmp_path):
 
 
 def test_resume_with_a_changed_config_is_refused_before_anything_is_written(world, tmp_path):
-    cfg = tiny_config(world, optim=dict(epochs=1, schedule="step", warmup=0.0))  # a curve that ignores the total
+    cfg = tiny_config(world, optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))  # a curve that ignores the total
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -264,24 +264,27 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(worl
 
 
 def test_a_run_saved_before_newer_fields_resumes_as_it_was_trained(world, tmp_path):
-    """last.pt and config.yaml written before model.global_share / model.deep_prompts existed: both are read with
-    the behaviour they were trained with (one-more-part weighting, no free prompts), so the run resumes."""
+    """last.pt and config.yaml written before model.global_share / model.deep_prompts / the concept ramp existed: both
+    are read with the behaviour they were trained with (one-more-part weighting, no free prompts, no ramp), so the
+    run resumes."""
     import yaml
 
     from ivpt.runs import run_config
 
     cfg = tiny_config(world, model=dict(global_part=True, global_share=None, deep_prompts=False),
-                      optim=dict(epochs=1, schedule="step", warmup=0.0))
+                      optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     for config in (state["config"], saved):
         del config["model"]["global_share"], config["model"]["deep_prompts"]
+        del config["optim"]["concept_lr_start"], config["optim"]["concept_lr_ramp"]
     torch.save(state, run / "last.pt")
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     old, _ = run_config(run)
     assert (old.model.global_share, old.model.deep_prompts) == (None, False)
+    assert (old.optim.concept_lr_start, old.optim.concept_lr_ramp) == (1.0, 0.0)  # trained without the concept ramp
     metrics = train(old.with_overrides(["optim.epochs=2"]), run, resume=True, progress=False)
     assert metrics["steps"] > state["step"]
 
@@ -468,8 +471,8 @@ def test_baselines_train_and_evaluate(world, tmp_path, kind):
     lr_concepts = float(rows[-1]["lr_concepts"])
     if kind == "linear":  # a true probe: only the classifier trains, so there is no concept-rate group
         assert lr_concepts != lr_concepts
-    else:  # the second of 2 steps at the recipe's constant rate (no warm-up step at 5 % of 2) runs at the peak 2e-4
-        assert lr_concepts == pytest.approx(2e-4)
+    else:  # the second of 2 steps at the recipe's constant rate (no warm-up step at 5 % of 2) runs at the peak 4e-4:
+        assert lr_concepts == pytest.approx(4e-4)  # the concept ramp's half (2e-4) at step 0, its end after 1 step
     model = create_model(cfg.model)
     load_pretrained(model, tmp_path / kind / "best")
     result = evaluate(model, cfg, progress=False)

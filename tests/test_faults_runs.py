@@ -210,7 +210,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_ends_where_an_uninterrupted_run_does(world, tmp_path):
-    cfg = _write_config(tmp_path / "cfg.yaml", world, optim=dict(epochs=2, schedule="step", warmup=0.0))
+    cfg = _write_config(tmp_path / "cfg.yaml", world, optim=dict(epochs=2, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
     cli = [sys.executable, "-m", "ivpt.cli", "train", "--no-progress"]
     full = subprocess.run(cli + ["--config", str(cfg), "--out", str(tmp_path / "full")], env=ENV,
                           capture_output=True, text=True, timeout=300)

@@ -66,7 +66,7 @@ def test_concept_rate_ramp_multiplies_the_concept_groups_only():
                     concept_lr_ramp=0.5)
     assert [concept_factor(s, 100, o) for s in (0, 10, 25, 49, 50, 99)] == pytest.approx(
         [0.5, 0.6, 0.75, 0.99, 1.0, 1.0], rel=1e-12)
-    assert concept_factor(0, 100, OptimConfig()) == 1.0  # the default: no ramp
+    assert concept_factor(0, 100, OptimConfig(concept_lr_start=1.0, concept_lr_ramp=0.0)) == 1.0  # no ramp
     head, concept = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"name": "classifier", "params": [head], "lr": 1e-2, "rate": "head"},
                            {"name": "prototypes", "params": [concept], "lr": 4e-4, "rate": "concept"}], lr=1.0)
@@ -146,16 +146,18 @@ def test_the_new_dataset_recipe_and_the_paper_configs():
     for cfg in [Config()] + [load_config(p) for p in sorted(CONFIGS.glob("*cpu*.yaml"))]:
         m = cfg.model
         assert (m.global_part, m.global_share, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid,
-                cfg.optim.min_steps, cfg.optim.schedule, cfg.optim.warmup) == (
-            True, 0.25, True, "normal", 37.0, 1000, "constant", 0.05)
+                cfg.optim.min_steps, cfg.optim.schedule, cfg.optim.warmup, cfg.optim.concept_lr_mult,
+                cfg.optim.concept_lr_start, cfg.optim.concept_lr_ramp) == (
+            True, 0.25, True, "normal", 37.0, 1000, "constant", 0.05, 400.0, 0.5, 0.5)
     for p in sorted(CONFIGS.glob("*cpu*.yaml")):
         cfg = load_config(p)
         assert (cfg.model.n_pro, cfg.model.train_tokens, cfg.optim.batch_size) == ([9, 7, 5], False, 8), p.name
     for p in PAPER_CONFIGS:
         cfg = load_config(p)
         m = cfg.model
-        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, cfg.optim.min_steps) == (
-            False, False, "normal", 0.0, 0), p.name
+        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, cfg.optim.min_steps,
+                cfg.optim.concept_lr_mult, cfg.optim.concept_lr_start, cfg.optim.concept_lr_ramp) == (
+            False, False, "normal", 0.0, 0, 200.0, 1.0, 0.0), p.name
 
 
 def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does():
@@ -222,7 +224,8 @@ def test_trainer_ramps_the_entropy_weight_and_resume_keeps_its_total(world, tmp_
         return real(*args, progress=progress, **kwargs)
 
     monkeypatch.setattr(trainer_module, "compute_loss", recording)
-    cfg = tiny_config(world, optim=dict(schedule="constant", warmup=0.0), loss=dict(entropy_warmup=0.5))
+    cfg = tiny_config(world, optim=dict(schedule="constant", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0),
+                      loss=dict(entropy_warmup=0.5))
     train(cfg, tmp_path / "run", progress=False)  # 6 steps, one micro-batch each
     assert seen == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
@@ -231,7 +234,7 @@ def test_trainer_ramps_the_entropy_weight_and_resume_keeps_its_total(world, tmp_
     with pytest.raises(TrainingError, match=r"loss.entropy_warmup=0.5 follows the run's total steps, which would "
                                             r"change from 6 to 9"):
         train(cfg.with_overrides(["optim.epochs=3"]), tmp_path / "run", resume=True, progress=False)
-    plain = tiny_config(world, optim=dict(schedule="constant", warmup=0.0))
+    plain = tiny_config(world, optim=dict(schedule="constant", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
     train(plain, tmp_path / "plain", progress=False)
     train(plain.with_overrides(["optim.epochs=3"]), tmp_path / "plain", resume=True, progress=False)
     assert torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=True)["step"] == 9

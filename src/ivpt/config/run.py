@@ -150,6 +150,8 @@ _BEFORE_FIELD = {
     ("model", "deep_prompts"): False,
     ("loss", "tv_reference_grid"): 0.0,
     ("optim", "min_steps"): 0,
+    ("optim", "concept_lr_start"): 1.0,
+    ("optim", "concept_lr_ramp"): 0.0,
     ("train", "selection"): "best_top1",
 }
 

@@ -99,12 +99,15 @@ class OptimConfig:
     ``constant`` keeps the peak. ``warmup`` is a FRACTION of the run's total optimiser steps
     (``epochs x steps per epoch``, or ``train.max_steps`` when smaller) over which the rate rises linearly to
     its peak; 0 disables it. The defaults (constant after a 5 % warm-up, the recipe's) keep every step after the
-    warm-up at the peak; the paper configs set ``schedule: step`` and ``warmup: 0``.
+    warm-up at the peak, but for the concept groups' rise to their peak (``concept_lr_start``, ``concept_lr_ramp``);
+    the paper configs set ``schedule: step``, ``warmup: 0`` and no concept ramp.
     """
 
     base_lr: float = limited(1e-6, "> 0")
     head_lr_mult: float = limited(1e4, "> 0")  # classifier, modulation, prompt projections, assigners
-    concept_lr_mult: float = limited(200.0, "> 0")  # prototypes, spatial biases, pos_embed / cls_token / reg_token
+    # Prototypes, spatial biases, pos_embed / cls_token / reg_token, free prompts. The recipe: 400, reached half-way
+    # from 200 (the paper's) through concept_lr_start / concept_lr_ramp below.
+    concept_lr_mult: float = limited(400.0, "> 0")
     betas: list[float] = limited(lambda: [0.9, 0.999], "[0, 1)", length=2, items="Adam's beta1, beta2")
     weight_decay: float = limited(0.0, ">= 0")
     grad_clip: float = limited(2.0, "finite", note="the global L2 norm; <= 0 disables clipping")
@@ -122,10 +125,11 @@ class OptimConfig:
                             note="e.g. 0.05 for a warm-up over the first 5 % of training; 0: none")
     # The concept-rate groups (concept_lr_mult) start at concept_lr_start of their peak and reach it linearly after
     # concept_lr_ramp of the total optimiser steps, on top of the schedule (not the paper; benchmarks/recipe.md,
-    # "A concept rate that rises"). 1 / 0: the concept groups follow the schedule alone, as the paper's.
-    concept_lr_start: float = limited(1.0, "(0, 1]", what="a fraction of the concept groups' peak rate",
+    # "A concept rate that rises"). 1 / 0: the concept groups follow the schedule alone, as the paper's. The
+    # defaults are the recipe's: half the peak at the start, the peak half-way.
+    concept_lr_start: float = limited(0.5, "(0, 1]", what="a fraction of the concept groups' peak rate",
                                       note="1: start at the peak")
-    concept_lr_ramp: float = limited(0.0, "[0, 1]", what="a fraction of the total optimiser steps",
+    concept_lr_ramp: float = limited(0.5, "[0, 1]", what="a fraction of the total optimiser steps",
                                      note="e.g. 0.5: the concept rate reaches its peak half-way; 0: no ramp")
     step_epochs: int = limited(4, ">= 1")  # schedule=step only
     gamma: float = limited(0.5, "(0, 1]")  # schedule=step only
