@@ -29,8 +29,8 @@ import torch
 
 from ..config import Config, OptimConfig
 
-__all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "concept_factor", "depends_on_total", "build_scheduler",
-           "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
+__all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "concept_factor", "depends_on_total",
+           "build_scheduler", "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
 
 # Fewer optimiser steps than this above half the peak rate: concepts rarely form (SPEC section 6), so warn.
 FULL_RATE_MIN_STEPS = 500
@@ -82,7 +82,8 @@ def concept_factor(step: int, total: int, optim: OptimConfig) -> float:
 
 def depends_on_total(cfg: Config) -> list[str]:
     """The settings whose curves follow the run's total steps, as ``section.field=value`` (empty: none does), so a
-    resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the entropy weight's warm-up."""
+    resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the concept rate's ramp, the entropy
+    weight's warm-up."""
     optim, loss = cfg.optim, cfg.loss
     settings = [(optim.schedule == "cosine", f"optim.schedule={optim.schedule}"),
                 (optim.warmup > 0, f"optim.warmup={optim.warmup}"),
