@@ -251,7 +251,8 @@ def test_resume_refuses_other_backbone_weights_and_loose_state(world, tmp_path):
 
 
 def test_resume_with_a_changed_config_is_refused_before_anything_is_written(world, tmp_path):
-    cfg = tiny_config(world, optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))  # a curve that ignores the total
+    # a curve that ignores the total
+    cfg = tiny_config(world, optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
