@@ -28,6 +28,11 @@ def world(tmp_path_factory):
     return root
 
 
+# An optimiser schedule whose curve ignores the run's total steps (no cosine decay, warm-up or concept ramp), so that
+# a resume may change epochs / max_steps.
+TOTAL_FREE = dict(schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0)
+
+
 def tiny_config(root, **sections) -> Config:
     data = {
         "model": dict(backbone="vit_small_patch14_reg4_dinov2", img_size=56, num_classes=3, n_pro=[5, 4, 3],
@@ -251,8 +256,7 @@ def test_resume_refuses_other_backbone_weights_and_loose_state(world, tmp_path):
 
 
 def test_resume_with_a_changed_config_is_refused_before_anything_is_written(world, tmp_path):
-    # a curve that ignores the total
-    cfg = tiny_config(world, optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
+    cfg = tiny_config(world, optim=dict(epochs=1, **TOTAL_FREE))
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -273,7 +277,7 @@ def test_a_run_saved_before_newer_fields_resumes_as_it_was_trained(world, tmp_pa
     from ivpt.runs import run_config
 
     cfg = tiny_config(world, model=dict(global_part=True, global_share=None, deep_prompts=False),
-                      optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
+                      optim=dict(epochs=1, **TOTAL_FREE))
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)

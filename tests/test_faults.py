@@ -24,7 +24,7 @@ from ivpt.cli import main
 from ivpt.data import CubDataset, build_eval_transform, corrupt_count, reset_corrupt_count
 from ivpt.data.synth import make_partworld
 
-from .test_engine import tiny_config
+from .test_engine import TOTAL_FREE, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def run(world, tmp_path_factory) -> Path:
     """A finished one-epoch run on ``world`` (do not modify: copy it first)."""
     base = tmp_path_factory.mktemp("run")
     # The paper's step schedule ignores the run's length, so resuming with more epochs stays exact.
-    cfg = _write_config(base / "cfg.yaml", world, optim=dict(epochs=1, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
+    cfg = _write_config(base / "cfg.yaml", world, optim=dict(epochs=1, **TOTAL_FREE))
     assert main(["train", "--config", str(cfg), "--out", str(base / "run"), "--no-progress"]) == 0
     return base / "run"
 

@@ -21,6 +21,7 @@ import yaml
 from ivpt.checkpoint import OutputError, RunLock
 from ivpt.cli import main
 
+from .test_engine import TOTAL_FREE
 from .test_faults import _copy, _one_line_error, _snapshot, _write_config, run, world  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_ends_where_an_uninterrupted_run_does(world, tmp_path):
-    cfg = _write_config(tmp_path / "cfg.yaml", world, optim=dict(epochs=2, schedule="step", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
+    cfg = _write_config(tmp_path / "cfg.yaml", world, optim=dict(epochs=2, **TOTAL_FREE))
     cli = [sys.executable, "-m", "ivpt.cli", "train", "--no-progress"]
     full = subprocess.run(cli + ["--config", str(cfg), "--out", str(tmp_path / "full")], env=ENV,
                           capture_output=True, text=True, timeout=300)

@@ -25,7 +25,7 @@ from ivpt.engine.schedule import (
     warmup_steps,
 )
 
-from .test_engine import _kill_after_step, _Killed, _params, tiny_config, world  # noqa: F401  (fixture)
+from .test_engine import TOTAL_FREE, _kill_after_step, _Killed, _params, tiny_config, world  # noqa: F401  (fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = sorted(CONFIGS.glob("*_paper*.yaml"))
@@ -224,8 +224,7 @@ def test_trainer_ramps_the_entropy_weight_and_resume_keeps_its_total(world, tmp_
         return real(*args, progress=progress, **kwargs)
 
     monkeypatch.setattr(trainer_module, "compute_loss", recording)
-    cfg = tiny_config(world, optim=dict(schedule="constant", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0),
-                      loss=dict(entropy_warmup=0.5))
+    cfg = tiny_config(world, optim=dict(TOTAL_FREE, schedule="constant"), loss=dict(entropy_warmup=0.5))
     train(cfg, tmp_path / "run", progress=False)  # 6 steps, one micro-batch each
     assert seen == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
@@ -234,7 +233,7 @@ def test_trainer_ramps_the_entropy_weight_and_resume_keeps_its_total(world, tmp_
     with pytest.raises(TrainingError, match=r"loss.entropy_warmup=0.5 follows the run's total steps, which would "
                                             r"change from 6 to 9"):
         train(cfg.with_overrides(["optim.epochs=3"]), tmp_path / "run", resume=True, progress=False)
-    plain = tiny_config(world, optim=dict(schedule="constant", warmup=0.0, concept_lr_start=1.0, concept_lr_ramp=0.0))
+    plain = tiny_config(world, optim=dict(TOTAL_FREE, schedule="constant"))
     train(plain, tmp_path / "plain", progress=False)
     train(plain.with_overrides(["optim.epochs=3"]), tmp_path / "plain", resume=True, progress=False)
     assert torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=True)["step"] == 9
