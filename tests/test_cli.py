@@ -23,6 +23,21 @@ def test_info_paper_config(capsys, config):
     groups = {g["name"]: g for g in info["param_groups"]}
     assert groups["classifier"]["lr"] == pytest.approx(1e-2) and groups["prototypes"]["lr"] == pytest.approx(2e-4)
     assert sum(g["params"] for g in info["param_groups"]) == 3_708_719
+    assert groups["classifier"]["rate"] == "head" and groups["prototypes"]["rate"] == "concept"
+    assert not any("lr_start" in g for g in info["param_groups"])  # the paper's constant concept rate: no ramp
+
+
+def test_info_shows_the_concept_ramp(capsys):
+    """The recipe's concept groups rise from concept_lr_start × their peak over concept_lr_ramp of the run; the head
+    groups have no ramp. Rates are printed to 12 significant digits (0.0004, not 0.00039999999999999996)."""
+    assert main(["info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random",
+                 "optim.concept_lr_start=0.25", "optim.concept_lr_ramp=0.3"]) == 0
+    groups = {g["name"]: g for g in json.loads(capsys.readouterr().out)["param_groups"]}
+    assert groups["prototypes"] == {"name": "prototypes", "rate": "concept", "lr": 0.0004, "lr_start": 0.0001,
+                                    "ramp": 0.3, "params": groups["prototypes"]["params"]}
+    assert groups["prompts"]["lr_start"] == 0.0001 and groups["spatial_bias"]["ramp"] == 0.3
+    assert groups["classifier"] == {"name": "classifier", "rate": "head", "lr": 0.01,
+                                    "params": groups["classifier"]["params"]}
 
 
 def test_info_rejects_bad_override(capsys):

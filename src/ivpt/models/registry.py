@@ -27,7 +27,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..config import Config, ConfigError, ModelConfig, register_kind, unregister_kind
+from ..config import Config, ConfigError, ModelConfig, OptimConfig, register_kind, unregister_kind
 from .backbone import build_backbone
 from .base import FrozenViT
 
@@ -110,7 +110,17 @@ def describe(model: FrozenViT, cfg: Config) -> dict:
     }
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["total_params"] = sum(p.numel() for p in model.parameters())
-    summary["param_groups"] = [
-        {"name": g["name"], "lr": g["lr"], "params": sum(p.numel() for p in g["params"])} for g in groups
-    ]
+    summary["param_groups"] = [_group_summary(g, o) for g in groups]
     return summary
+
+
+def _group_summary(group: dict, optim: OptimConfig) -> dict:
+    """One optimiser group for :func:`describe`: its name, role (``head`` / ``concept``), peak rate, parameter
+    count, and for a concept group under the concept ramp the rate it starts from and the share of the run it
+    rises over (:func:`ivpt.engine.schedule.concept_factor`). Rates to 12 significant digits."""
+    out = {"name": group["name"], "rate": group["rate"], "lr": float(f"{group['lr']:.12g}")}
+    if group["rate"] == "concept" and optim.concept_lr_ramp > 0:
+        out["lr_start"] = float(f"{group['lr'] * optim.concept_lr_start:.12g}")
+        out["ramp"] = optim.concept_lr_ramp
+    out["params"] = sum(p.numel() for p in group["params"])
+    return out
