@@ -172,6 +172,25 @@ def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does
     assert schedule_warning(total_steps(cosine, 63), 63, cosine) is None  # about half of 1575 steps
 
 
+def test_schedule_warning_counts_the_concept_groups_rate_under_the_ramp():
+    """The concept groups start at concept_lr_start x their peak: with a start of 0.25 over a ramp of 0.8 of a
+    constant 1,000-step run they pass half their peak only after step s with 0.25 + 0.75 s / 800 > 0.5, i.e. from
+    step 267 on (733 steps); with a ramp of the whole run from 0.1, from step 445 on (555)."""
+    late = OptimConfig(schedule="constant", warmup=0.0, epochs=10, concept_lr_start=0.25, concept_lr_ramp=0.8)
+    assert steps_above_half_peak(1000, 100, late) == 1000 - 267
+    slow = OptimConfig(schedule="constant", warmup=0.0, epochs=10, concept_lr_start=0.1, concept_lr_ramp=1.0)
+    assert steps_above_half_peak(1000, 100, slow) == 1000 - 445
+    assert schedule_warning(1000, 100, slow) is None
+    short = OptimConfig(schedule="constant", warmup=0.0, epochs=8, concept_lr_start=0.1, concept_lr_ramp=1.0)
+    # 800 steps, ramp 800: above half from 0.1 + 0.9 s / 800 > 0.5, s ≥ 356 → 444 steps
+    assert schedule_warning(800, 100, short) == (
+        "the schedule leaves 444 of 800 optimiser steps above half the peak learning rate (optim.schedule=constant, "
+        "optim.concept_lr_start=0.1 over optim.concept_lr_ramp=1.0, 100 steps per epoch); with fewer than 500 the "
+        "concepts may not form: train longer")
+    flat = OptimConfig(schedule="constant", warmup=0.0, epochs=8, concept_lr_start=1.0, concept_lr_ramp=0.0)  # no ramp
+    assert steps_above_half_peak(800, 100, flat) == 800 and schedule_warning(800, 100, flat) is None
+
+
 def test_trainer_steps_the_rate_per_step_and_logs_concept_health(world, tmp_path):
     cfg = tiny_config(world, optim=dict(schedule="step", warmup=0.0, step_epochs=1, gamma=0.5))
     train(cfg, tmp_path / "run", progress=False)
@@ -244,10 +263,11 @@ def test_tiny_schedule_warns_in_one_line(world, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ivpt"):
         train(cfg, tmp_path / "run", progress=False)
     lines = [r.getMessage() for r in caplog.records if "learning rate" in r.getMessage()]
-    # The recipe's constant rate over 3 steps, no warm-up step (round(0.15) = 0): every step at the peak.
-    assert lines == ["the schedule leaves 3 of 3 optimiser steps above half the peak learning rate "
-                     "(optim.schedule=constant, 3 steps per epoch); with fewer than 500 the concepts may not form: "
-                     "train longer"]
+    # The recipe's constant rate over 3 steps, no warm-up step (round(0.15) = 0); the concept groups' ramp over
+    # round(0.5 x 3) = 2 steps runs step 0 at exactly half their peak (0.5), steps 1 and 2 above it (0.75, 1).
+    assert lines == ["the schedule leaves 2 of 3 optimiser steps above half the peak learning rate "
+                     "(optim.schedule=constant, optim.concept_lr_start=0.5 over optim.concept_lr_ramp=0.5, 3 steps "
+                     "per epoch); with fewer than 500 the concepts may not form: train longer"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ivpt"):  # VPT-deep has no concepts to form: no such warning
         train(cfg.with_overrides(["model.kind=vpt_deep"]), tmp_path / "vpt", progress=False)

@@ -109,21 +109,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoc
 
 def steps_above_half_peak(total: int, steps_per_epoch: int, optim: OptimConfig,
                           *, stop_at: int | None = None) -> int:
-    """How many of the ``total`` steps run at more than half the peak rate (counting stops at ``stop_at``)."""
+    """How many of the ``total`` steps run the concept groups (the rates that form the concepts) at more than half
+    their peak: :func:`lr_factor` x :func:`concept_factor` above 0.5 (counting stops at ``stop_at``)."""
     count = 0
     for step in range(total):
-        count += lr_factor(step, total, steps_per_epoch, optim) > 0.5
+        count += lr_factor(step, total, steps_per_epoch, optim) * concept_factor(step, total, optim) > 0.5
         if stop_at is not None and count >= stop_at:
             break
     return count
 
 
 def schedule_warning(total: int, steps_per_epoch: int, optim: OptimConfig) -> str | None:
-    """One line when fewer than :data:`FULL_RATE_MIN_STEPS` steps run above half the peak rate, else None."""
+    """One line when fewer than :data:`FULL_RATE_MIN_STEPS` steps run the concept groups above half their peak
+    rate, else None."""
     high = steps_above_half_peak(total, steps_per_epoch, optim, stop_at=FULL_RATE_MIN_STEPS)
     if high >= FULL_RATE_MIN_STEPS:
         return None
+    ramp = (f", optim.concept_lr_start={optim.concept_lr_start} over optim.concept_lr_ramp={optim.concept_lr_ramp}"
+            if optim.concept_lr_ramp > 0 else "")
     return (f"the schedule leaves {high} of {total} optimiser steps above half the peak learning rate "
-            f"(optim.schedule={optim.schedule}, {steps_per_epoch} steps per epoch); with fewer than "
+            f"(optim.schedule={optim.schedule}{ramp}, {steps_per_epoch} steps per epoch); with fewer than "
             f"{FULL_RATE_MIN_STEPS} the concepts may not form: train longer"
             + (" or use optim.schedule=constant (the recipe)" if optim.schedule == "step" else ""))
