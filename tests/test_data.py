@@ -358,6 +358,25 @@ def test_build_datasets_cub(tmp_path):
     assert torch.equal(plain.train[0]["image"], plain.train[0]["image"])
 
 
+def test_validation_split_follows_train_seed_unless_val_seed_fixes_it(tmp_path):
+    """-1 (the default): the split is stratified_split(labels, fraction, train.seed), so seeds train on different
+    images; data.val_seed=k: stratified_split(labels, fraction, k) whatever train.seed is."""
+    from ivpt.data.synth import make_partworld
+
+    root = make_partworld(tmp_path / "pw", classes=4, per_class=10, size=32, seed=0, test_fraction=0.5)
+
+    def val_rows(seed, **data):
+        cfg = Config.from_dict({"model": {"img_size": 28}, "train": {"seed": seed},
+                                "data": {"root": str(root), "val_fraction": 0.4, **data}})
+        return sorted(build_datasets(cfg).val._rows.tolist())
+
+    every = build_datasets(_config(root, val_fraction=0.0)).train  # positions of the split → the reader's rows
+    expected = {s: sorted(every._rows[stratified_split(every.labels, 0.4, s)[1]].tolist()) for s in (0, 1, 7)}
+    assert expected[0] != expected[1] and expected[7] not in (expected[0], expected[1])  # each seed draws its own
+    assert val_rows(0) == expected[0] and val_rows(1) == expected[1]
+    assert val_rows(0, val_seed=7) == val_rows(1, val_seed=7) == expected[7]
+
+
 def test_build_datasets_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"set data\.root="):
         build_datasets(Config())

@@ -163,6 +163,10 @@ class DataConfig:
     root: str = ""
     format: str = "cub"  # one of ivpt.formats.DATASET_FORMATS: cub, nabirds, partimagenet, flowers102, ...
     val_fraction: float = limited(0.1, "[0, 1)")
+    # Which training images the validation split takes (ivpt.data.stratified_split). -1: drawn with train.seed, so
+    # each seed trains on its own images; a fixed value gives every seed the same split, and seeds then differ only
+    # in initialisation, data order and augmentation.
+    val_seed: int = limited(-1, "[-1, 2147483647]", note="-1: train.seed")
     num_workers: int = limited(2, ">= 0", note="0: load in the training process")
     # Shorter side before cropping; 0 means the model's img_size.
     resize: int = limited(0, ">= 0", note="0: model.img_size")

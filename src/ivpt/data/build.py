@@ -34,8 +34,9 @@ def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
     transform on val and test. With ``data.gpu_augment`` the training items hold uint8 pixels and the drawn
     parameters, which :class:`~ivpt.data.DeviceAugment` turns into the finished batch on the training device.
     Validation is carved from the official training split by :func:`stratified_split` with ``data.val_fraction``
-    and ``train.seed``. ``data.bbox_crop`` crops every split to its boxes (formats with boxes). ``with_parts`` adds
-    the dataset's annotations to the items (keypoints, boxes, masks: see the reader's ``has_*`` flags).
+    and ``data.val_seed`` (``train.seed`` when -1). ``data.bbox_crop`` crops every split to its boxes (formats
+    with boxes). ``with_parts`` adds the dataset's annotations to the items (keypoints, boxes, masks: see the
+    reader's ``has_*`` flags).
     """
     data = cfg.data
     if not data.root:
@@ -54,7 +55,8 @@ def build_datasets(cfg: Config, *, with_parts: bool = False) -> DatasetBundle:
     test = make("test", eval_tf)
     full_train = make("train", None)
     if data.val_fraction > 0:
-        train_idx, val_idx = stratified_split(full_train.labels, data.val_fraction, cfg.train.seed)
+        split_seed = cfg.train.seed if data.val_seed < 0 else data.val_seed
+        train_idx, val_idx = stratified_split(full_train.labels, data.val_fraction, split_seed)
         train, val = make("train", train_tf, train_idx), make("train", eval_tf, val_idx)
     else:
         train, val = make("train", train_tf), None
