@@ -461,6 +461,21 @@ def test_torchrun_one_process_joins_a_group_and_finishes(world, tmp_path):
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"] == 2
 
 
+def test_log_rates_follow_the_group_roles_not_their_names():
+    """lr_head / lr_concepts come from each group's rate role, whatever a kind names its groups; NaN for a role
+    that has no group."""
+    from ivpt.engine.records import _rate_lrs
+    from ivpt.models.base import CONCEPT_RATE, HEAD_RATE
+
+    p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.SGD([{"params": [p[0]], "lr": 3e-2, "name": "scorer", "rate": HEAD_RATE},
+                           {"params": [p[1]], "lr": 5e-4, "name": "atoms", "rate": CONCEPT_RATE},
+                           {"params": [p[2]], "lr": 3e-2, "name": "readout", "rate": HEAD_RATE}])
+    assert _rate_lrs(opt) == {"lr_head": 3e-2, "lr_concepts": 5e-4}
+    lrs = _rate_lrs(torch.optim.SGD([{"params": [p[0]], "lr": 1e-3, "name": "classifier", "rate": HEAD_RATE}]))
+    assert lrs["lr_head"] == 1e-3 and lrs["lr_concepts"] != lrs["lr_concepts"]
+
+
 @pytest.mark.parametrize("kind", ["linear", "vpt_deep", "last_layer_parts", "vpt_deep_proto"])
 def test_baselines_train_and_evaluate(world, tmp_path, kind):
     import csv

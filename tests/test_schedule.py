@@ -165,9 +165,9 @@ def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does
     assert steps_above_half_peak(total_steps(o, 375), 375, o) == 1500  # epochs 0-3
     assert schedule_warning(total_steps(o, 375), 375, o) is None
     message = schedule_warning(total_steps(o, 63), 63, o)  # Flowers-102: 1,020 training images
-    assert message == ("the schedule leaves 252 of 1575 optimiser steps above half the peak learning rate "
-                       "(optim.schedule=step, 63 steps per epoch); with fewer than 500 the concepts may not form: "
-                       "train longer or use optim.schedule=constant (the recipe)")
+    assert message == ("the schedule leaves 252 of 1575 optimiser steps with the concept groups above half their "
+                       "peak rate (optim.schedule=step, 63 steps per epoch); with fewer than 500 the concepts may "
+                       "not form: train longer or use optim.schedule=constant (the recipe)")
     cosine = OptimConfig(schedule="cosine", warmup=0.05, epochs=25)
     assert schedule_warning(total_steps(cosine, 63), 63, cosine) is None  # about half of 1575 steps
 
@@ -184,9 +184,9 @@ def test_schedule_warning_counts_the_concept_groups_rate_under_the_ramp():
     short = OptimConfig(schedule="constant", warmup=0.0, epochs=8, concept_lr_start=0.1, concept_lr_ramp=1.0)
     # 800 steps, ramp 800: above half from 0.1 + 0.9 s / 800 > 0.5, s ≥ 356 → 444 steps
     assert schedule_warning(800, 100, short) == (
-        "the schedule leaves 444 of 800 optimiser steps above half the peak learning rate (optim.schedule=constant, "
-        "optim.concept_lr_start=0.1 over optim.concept_lr_ramp=1.0, 100 steps per epoch); with fewer than 500 the "
-        "concepts may not form: train longer")
+        "the schedule leaves 444 of 800 optimiser steps with the concept groups above half their peak rate "
+        "(optim.schedule=constant, optim.concept_lr_start=0.1 over optim.concept_lr_ramp=1.0, 100 steps per epoch); "
+        "with fewer than 500 the concepts may not form: train longer")
     flat = OptimConfig(schedule="constant", warmup=0.0, epochs=8, concept_lr_start=1.0, concept_lr_ramp=0.0)  # no ramp
     assert steps_above_half_peak(800, 100, flat) == 800 and schedule_warning(800, 100, flat) is None
 
@@ -262,10 +262,10 @@ def test_tiny_schedule_warns_in_one_line(world, tmp_path, caplog):
     cfg = tiny_config(world, optim=dict(epochs=1))
     with caplog.at_level(logging.WARNING, logger="ivpt"):
         train(cfg, tmp_path / "run", progress=False)
-    lines = [r.getMessage() for r in caplog.records if "learning rate" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "peak rate" in r.getMessage()]
     # The recipe's constant rate over 3 steps, no warm-up step (round(0.15) = 0); the concept groups' ramp over
     # round(0.5 x 3) = 2 steps runs step 0 at exactly half their peak (0.5), steps 1 and 2 above it (0.75, 1).
-    assert lines == ["the schedule leaves 2 of 3 optimiser steps above half the peak learning rate "
+    assert lines == ["the schedule leaves 2 of 3 optimiser steps with the concept groups above half their peak rate "
                      "(optim.schedule=constant, optim.concept_lr_start=0.5 over optim.concept_lr_ramp=0.5, 3 steps "
                      "per epoch); with fewer than 500 the concepts may not form: train longer"]
     caplog.clear()

@@ -15,6 +15,7 @@ import torch
 from .. import runtime as R
 from ..checkpoint import atomic_write_text
 from ..config import LOSS_TERMS
+from ..models.base import CONCEPT_RATE
 from .checks import kept_note
 from .errors import TrainingError
 
@@ -75,10 +76,10 @@ class _Window:
 
     def snapshot(self, epoch: int, step: int, lrs: dict[str, float], t_start: float,
                  health: dict[str, float] | None = None) -> _Row:
-        """The row of the steps since the last one (loss means still on the device), with ``health``; resets."""
+        """The row of the steps since the last one (loss means still on the device), with ``lrs``
+        (:func:`_rate_lrs`) and ``health``; resets."""
         now = time.perf_counter()
-        row = {"epoch": epoch + 1, "step": step, "lr_head": lrs.get("classifier", float("nan")),
-               "lr_concepts": next((lrs[k] for k in ("prototypes", "prompts", "tokens") if k in lrs), float("nan")),
+        row = {"epoch": epoch + 1, "step": step, **lrs,
                "img_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start, **(health or {})}
         names = list(self.sums)
         values = torch.stack([self.sums[k] for k in names]) / max(self.n, 1) if names else None
@@ -136,8 +137,14 @@ def write_row(trainer, row: dict) -> None:
         trainer.bar.set_postfix(loss=f"{row.get('total', math.nan):.3f}", img_s=f"{row['img_per_s']:.1f}")
 
 
-def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+def _rate_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The log's ``lr_head`` and ``lr_concepts``: the rate of the first group of each role
+    (:data:`~ivpt.models.base.HEAD_RATE`, :data:`~ivpt.models.base.CONCEPT_RATE`; every group of a role runs at
+    the same rate), NaN for a role with no group (a linear probe has no concept group)."""
+    lrs = {"lr_head": math.nan, "lr_concepts": math.nan}
+    for group in reversed(optimizer.param_groups):
+        lrs["lr_concepts" if group.get("rate") == CONCEPT_RATE else "lr_head"] = group["lr"]
+    return lrs
 
 
 class _CsvLog:

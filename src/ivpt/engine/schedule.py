@@ -28,6 +28,7 @@ import math
 import torch
 
 from ..config import Config, OptimConfig
+from ..models.base import CONCEPT_RATE
 
 __all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "concept_factor", "depends_on_total",
            "build_scheduler", "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
@@ -104,7 +105,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoc
         return head(step) * concept_factor(step, total, optim)
 
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [concept if g.get("rate") == "concept" else head for g in optimizer.param_groups])
+        optimizer, [concept if g.get("rate") == CONCEPT_RATE else head for g in optimizer.param_groups])
 
 
 def steps_above_half_peak(total: int, steps_per_epoch: int, optim: OptimConfig,
@@ -127,7 +128,7 @@ def schedule_warning(total: int, steps_per_epoch: int, optim: OptimConfig) -> st
         return None
     ramp = (f", optim.concept_lr_start={optim.concept_lr_start} over optim.concept_lr_ramp={optim.concept_lr_ramp}"
             if optim.concept_lr_ramp > 0 else "")
-    return (f"the schedule leaves {high} of {total} optimiser steps above half the peak learning rate "
+    return (f"the schedule leaves {high} of {total} optimiser steps with the concept groups above half their peak rate "
             f"(optim.schedule={optim.schedule}{ramp}, {steps_per_epoch} steps per epoch); with fewer than "
             f"{FULL_RATE_MIN_STEPS} the concepts may not form: train longer"
             + (" or use optim.schedule=constant (the recipe)" if optim.schedule == "step" else ""))

@@ -51,7 +51,7 @@ from .checks import _unseen_classes_warning, check_batch_shape, check_classes, c
 from .errors import TrainingError, TrainingStopped
 from .health import ConceptHealth, MapHealth, collapse_warning, weak_stages
 from .ordering import EpochBatches, SeededDataset, train_loader
-from .records import _CsvLog, _group_lrs, _progress, _Row, _StepCheck, _Tensorboard, _Window, read_back
+from .records import _CsvLog, _rate_lrs, _progress, _Row, _StepCheck, _Tensorboard, _Window, read_back
 from .resume import check_same_data, read_resume_state, restore_state, save_last_state
 from .revive import revive_dead_concepts
 from .runfolder import RESUMABLE_CHANGES, RUN_FILES, _save_config, agree_on_rank0, check_new_run_folder, check_resumable
@@ -150,7 +150,7 @@ class Trainer:
         self.epochs = run_epochs(o, self.steps_per_epoch)  # optim.epochs, or more to reach optim.min_steps
         self.total_steps = total_steps(o, self.steps_per_epoch, cfg.train.max_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.steps_per_epoch, o)
-        self.step_lrs = _group_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
+        self.step_lrs = _rate_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.amp == "fp16")
         # Every training random number comes from train.seed (and the rank): the global generator drives the
         # Gumbel noise, eq_gen (identical on every rank) the one equivariance transform per step.
@@ -331,7 +331,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step_lrs = _group_lrs(self.optimizer)
+        self.step_lrs = _rate_lrs(self.optimizer)
         with warnings.catch_warnings():
             # fp16: the GradScaler skips the optimiser step whose gradients overflowed (the first ones, while it
             # finds its scale); the schedule still counts that step, and torch's order check would warn about it

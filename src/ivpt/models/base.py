@@ -51,9 +51,14 @@ class ModelOutput:
     tokens: Tensor
 
 
+HEAD_RATE = "head"  # a group at optim.lr x optim.head_lr_mult
+CONCEPT_RATE = "concept"  # a group at optim.lr x optim.concept_lr_mult, the rate the concept ramp scales
+
+
 class GroupRate(float):
-    """A group's learning rate that remembers which multiplier made it: ``role`` is ``"head"`` or ``"concept"``
-    (the schedule's concept ramp follows the latter). It is the float that :meth:`FrozenViT.groups` receives."""
+    """A group's learning rate that remembers which multiplier made it: ``role`` is :data:`HEAD_RATE` or
+    :data:`CONCEPT_RATE` (the schedule's concept ramp follows the latter). It is the float that
+    :meth:`FrozenViT.groups` receives."""
 
     role: str
 
@@ -76,7 +81,7 @@ def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter],
                 raise RuntimeError(f"parameter in two optimiser groups: {seen[id(p)]} and {name}")
             seen[id(p)] = name
         if params:
-            out.append({"name": name, "params": params, "lr": float(lr), "rate": getattr(lr, "role", "head")})
+            out.append({"name": name, "params": params, "lr": float(lr), "rate": getattr(lr, "role", HEAD_RATE)})
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
         raise RuntimeError(f"trainable parameters in no optimiser group: {missing}")
@@ -141,8 +146,8 @@ class FrozenViT(nn.Module):
     def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
         """Optimiser groups (dicts with ``name``, ``params``, ``lr``, ``rate``: ``"head"`` or ``"concept"``, which
         multiplier set ``lr``); every trainable parameter in exactly one."""
-        return checked_groups(self, self.groups(GroupRate(base_lr * head_mult, "head"),
-                                                GroupRate(base_lr * concept_mult, "concept")))
+        return checked_groups(self, self.groups(GroupRate(base_lr * head_mult, HEAD_RATE),
+                                                GroupRate(base_lr * concept_mult, CONCEPT_RATE)))
 
     def groups(self, head_lr: float, concept_lr: float) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, lr) of every group; :meth:`param_groups` checks them."""

@@ -29,7 +29,7 @@ import torch
 
 from ..config import Config, ConfigError, ModelConfig, OptimConfig, register_kind, unregister_kind
 from .backbone import build_backbone
-from .base import FrozenViT
+from .base import CONCEPT_RATE, FrozenViT
 
 __all__ = ["MODELS", "register_model", "unregister_model", "model_class", "create_model", "load_model", "describe"]
 
@@ -119,7 +119,7 @@ def _group_summary(group: dict, optim: OptimConfig) -> dict:
     count, and for a concept group under the concept ramp the rate it starts from and the share of the run it
     rises over (:func:`ivpt.engine.schedule.concept_factor`). Rates to 12 significant digits."""
     out = {"name": group["name"], "rate": group["rate"], "lr": float(f"{group['lr']:.12g}")}
-    if group["rate"] == "concept" and optim.concept_lr_ramp > 0:
+    if group["rate"] == CONCEPT_RATE and optim.concept_lr_ramp > 0:
         out["lr_start"] = float(f"{group['lr'] * optim.concept_lr_start:.12g}")
         out["ramp"] = optim.concept_lr_ramp
     out["params"] = sum(p.numel() for p in group["params"])
