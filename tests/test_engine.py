@@ -461,6 +461,24 @@ def test_torchrun_one_process_joins_a_group_and_finishes(world, tmp_path):
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"] == 2
 
 
+def test_a_moving_global_share_reaches_its_end_and_best_keeps_the_share_it_was_saved_at(world, tmp_path):
+    """model.global_share_end: the trainer sets the share of each step before taking it, (step + 1) / total of
+    the way from global_share to global_share_end, so last.pt ends at the end share and best/ holds the share of
+    the step it was saved at; a model loaded from best/ scores with that share."""
+    from ivpt.checkpoint import load_pretrained
+    from ivpt.models import create_model
+
+    cfg = tiny_config(world, model=dict(global_part=True, global_share=0.4, global_share_end=0.1))
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    total = metrics["steps"]
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert float(last["global_share"]) == pytest.approx(0.1, rel=1e-6)
+    best_step = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["step"]
+    model = load_pretrained(create_model(cfg.model), tmp_path / "run" / "best")
+    share = 0.4 + (0.1 - 0.4) * best_step / total
+    assert model.logit_weights() == pytest.approx(((1 - share) / 2, share), rel=1e-6)
+
+
 def test_log_rates_follow_the_group_roles_not_their_names():
     """lr_head / lr_concepts come from each group's rate role, whatever a kind names its groups; NaN for a role
     that has no group."""

@@ -297,6 +297,32 @@ def test_global_share_outside_the_open_interval_is_refused(share):
         tiny_cfg(global_part=True, global_share=share)
 
 
+def test_a_moving_global_share_weighs_the_logits_as_a_constant_share_of_its_value():
+    """model.global_share_end: follow_progress(p) sets the share to s0 + (s1 - s0)·p (p clipped to [0, 1]); the
+    logits and logit_weights are then those of a constant share of that value (same seed, same weights); the share
+    is a buffer, so it travels with the saved state. Without global_share_end there is no buffer and nothing
+    moves; without global_part the field is unread."""
+    x = torch.randn(2, 3, 56, 56)
+    moving = tiny_model(global_part=True, global_share=0.5, global_share_end=0.1).eval()
+    for progress, share in [(0.0, 0.5), (0.5, 0.3), (0.75, 0.2), (1.0, 0.1), (1.5, 0.1), (-1.0, 0.5)]:
+        moving.follow_progress(progress)
+        assert float(moving.global_share) == pytest.approx(share, rel=1e-6)
+        assert moving.logit_weights() == pytest.approx(((1 - share) / 2, share), rel=1e-6)
+    moving.follow_progress(0.5)
+    still = tiny_model(global_part=True, global_share=0.3).eval()
+    with torch.no_grad():
+        a, b = moving(x).logits, still(x).logits
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    assert "global_share" in moving.state_dict() and "global_share" not in still.state_dict()
+    still.follow_progress(0.9)
+    assert still.logit_weights() == pytest.approx((0.35, 0.3))
+    nothing = tiny_model(global_part=True, global_share=None, global_share_end=0.2)  # starts at 1/(N+1) = 1/3
+    assert float(nothing.global_share) == pytest.approx(1 / 3, rel=1e-6)
+    assert "global_share_end" in tiny_cfg(global_part=False, global_share_end=0.2).inactive_fields()
+    with pytest.raises(ConfigError, match="global_share_end"):
+        tiny_cfg(global_part=True, global_share_end=1.0)
+
+
 def test_checkpoints_from_before_global_part_load_with_the_parts_only_head(tmp_path, model):
     """config.json without model.global_part (written by an earlier ivpt) means the paper's head, whatever the
     default is now: the weights load strictly and the logits are unchanged."""

@@ -10,6 +10,7 @@ config class adds what that kind reads, and nothing else::
        ├─ PromptCAMConfig   none (its num_prompts is num_classes)                            prompt_cam
        └─ ConceptConfig     n_pro, prototype_init, prototype_init_std, global_part,          last_layer_parts
           │                 global_share
+          │                 global_share_end
           └─ VPTConceptConfig   num_prompts                                                  vpt_deep_proto
              └─ IVPTConfig      deep_prompts, gumbel_tau, train_gumbel, eval_gumbel          ivpt
 
@@ -147,6 +148,10 @@ class ConceptConfig(TunedConfig):
     # s = 1 / (N + 1). 0.25, the recipe: the N foreground parts together make three quarters of each decision.
     global_share: float | None = limited(0.25, "(0, 1)", note="the parts and the global token both need a say; "
                                                             "or null: the global part counts as one more part")
+    # NOT the paper, not in the recipe (only read with ``global_part``): the share after the last optimiser step;
+    # it moves linearly from ``global_share`` (its value before the first step) to this one over the run, and a
+    # saved model keeps the share of the step it was saved at. None: the share stays ``global_share``.
+    global_share_end: float | None = limited(None, "(0, 1)", note="or null: a constant share")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,7 +166,7 @@ class ConceptConfig(TunedConfig):
                               f"{', '.join(PROTOTYPE_INITS)}")
 
     def inactive_fields(self) -> frozenset[str]:
-        return super().inactive_fields() | ({"global_share"} if not self.global_part else set())
+        return super().inactive_fields() | ({"global_share", "global_share_end"} if not self.global_part else set())
 
     @property
     def num_stages(self) -> int:

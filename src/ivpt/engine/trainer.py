@@ -299,6 +299,7 @@ class Trainer:
         when the step is due (every ``train.sync_every`` steps, the last step of an epoch or of the run, and a
         ``train.ckpt_every_steps`` step), so that a non-finite step is never saved."""
         o = self.cfg.optim
+        self.model.follow_progress((self.step + 1) / self.total_steps)
         names: list[str] = []
         bad_terms = torch.zeros(0, dtype=torch.bool, device=self.device)  # per logged term, any micro-batch
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)

@@ -153,6 +153,10 @@ class FrozenViT(nn.Module):
         """(name, parameters, lr) of every group; :meth:`param_groups` checks them."""
         raise NotImplementedError
 
+    def follow_progress(self, progress: float) -> None:
+        """Set what changes with the share of the run done, ``progress`` = (optimiser step + 1) / total steps, for
+        the step about to be taken (the trainer calls it before each step); nothing by default."""
+
     def map_stages(self) -> list[tuple[int, int]]:
         """(stage index, channels) of each part map in an eval-mode output's ``maps``, in order; background is the
         last channel of each. Stage indices follow ``model.n_pro`` where the maps are concept stages."""
@@ -256,6 +260,20 @@ class ConceptModel(FrozenViT):
         nn.init.trunc_normal_(self.classifier.weight, std=0.02)
         # model.global_part: its own LayerNorm (D) in front of the shared classifier.
         self.global_norm = nn.LayerNorm(self.dim) if self.cfg.global_part else None
+        if self.cfg.global_part and self.cfg.global_share_end is not None:  # the share moves over the run
+            self.register_buffer("global_share", torch.tensor(self.start_share()))
+
+    def start_share(self) -> float:
+        """``model.global_share``, or 1/(N+1) when it is None: the global part's share of the logits before the
+        first step (all the time without ``model.global_share_end``)."""
+        return 1.0 / (self.cfg.num_coarse + 1) if self.cfg.global_share is None else self.cfg.global_share
+
+    def follow_progress(self, progress: float) -> None:
+        """Under ``model.global_share_end``, the share of the step about to be taken: linear from
+        :meth:`start_share` (progress 0) to ``global_share_end`` (progress 1, the last step)."""
+        if hasattr(self, "global_share"):
+            start = self.start_share()
+            self.global_share.fill_(start + (self.cfg.global_share_end - start) * min(1.0, max(0.0, progress)))
 
     def new_stage(self, n: int, *, num_coarse: int | None = None) -> ConceptStage:
         return ConceptStage(n, self.dim, self.grid, num_coarse=num_coarse, init_std=self.cfg.prototype_init_std)
@@ -356,18 +374,19 @@ class ConceptModel(FrozenViT):
             return part_logits.mean(dim=1), part_logits, modulated, counts, normed
         token = self.global_token(normed).to(self.global_norm.weight.dtype)  # (B, D)
         global_logits = self.classifier(self.global_norm(token))  # (B, C)
-        w_part, w_global = self.logit_weights()
-        logits = w_part * part_logits.sum(dim=1) + w_global * global_logits
+        # A moving share stays a 0-dim tensor on the device here (no host sync per forward).
+        share = self.global_share if hasattr(self, "global_share") else self.start_share()
+        logits = (1 - share) / self.cfg.num_coarse * part_logits.sum(dim=1) + share * global_logits
         return logits, part_logits, modulated, counts, normed
 
     def logit_weights(self) -> tuple[float, float]:
         """(w_part, w_global): logits = w_part · Σ_k part_logits_k + w_global · global_logits. The parts only
         (the paper): (1/N, 0); with ``model.global_part``: s = ``model.global_share`` (1/(N+1) when None) gives
-        ((1 - s)/N, s)."""
+        ((1 - s)/N, s); under ``model.global_share_end``, s is the share of the last step trained (or loaded)."""
         N = self.cfg.num_coarse
         if not self.cfg.global_part:
             return 1.0 / N, 0.0
-        share = 1.0 / (N + 1) if self.cfg.global_share is None else self.cfg.global_share
+        share = float(self.global_share) if hasattr(self, "global_share") else self.start_share()
         return (1.0 - share) / N, share
 
 
