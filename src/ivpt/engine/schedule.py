@@ -10,7 +10,7 @@ Every parameter group's rate at optimiser step ``s`` (0-based: the ``s``-th step
                  = (1 + cos(pi x min(1, max(0, s - W) / max(1, T - W)))) / 2   schedule = cosine
                  = 1                                        schedule = constant
 
-The groups at the concept rate (``group["rate"] == "concept"``, :meth:`ivpt.models.base.FrozenViT.param_groups`)
+The groups at the concept rate (``group["rate"] == CONCEPT_RATE``, :meth:`ivpt.models.base.FrozenViT.param_groups`)
 are further multiplied by :func:`concept_factor`, a linear rise from ``optim.concept_lr_start`` at step 0 to 1
 at step ``R = max(1, round(optim.concept_lr_ramp x T))`` (1 throughout when ``concept_lr_ramp`` is 0)::
 
@@ -96,7 +96,7 @@ def depends_on_total(cfg: Config) -> list[str]:
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoch: int,
                     optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR that sets every group to its peak rate x :func:`lr_factor` (x :func:`concept_factor` for
-    a group whose ``rate`` is ``"concept"``); step it after each optimiser step. Building it sets the rates of
+    a group whose ``rate`` is :data:`CONCEPT_RATE`); step it after each optimiser step. Building it sets the rates of
     step 0."""
     def head(step: int) -> float:
         return lr_factor(step, total, steps_per_epoch, optim)
@@ -128,7 +128,7 @@ def schedule_warning(total: int, steps_per_epoch: int, optim: OptimConfig) -> st
         return None
     ramp = (f", optim.concept_lr_start={optim.concept_lr_start} over optim.concept_lr_ramp={optim.concept_lr_ramp}"
             if optim.concept_lr_ramp > 0 else "")
-    return (f"the schedule leaves {high} of {total} optimiser steps with the concept groups above half their peak rate "
-            f"(optim.schedule={optim.schedule}{ramp}, {steps_per_epoch} steps per epoch); with fewer than "
+    return (f"the schedule leaves {high} of {total} optimiser steps with the concept groups above half their peak "
+            f"rate (optim.schedule={optim.schedule}{ramp}, {steps_per_epoch} steps per epoch); with fewer than "
             f"{FULL_RATE_MIN_STEPS} the concepts may not form: train longer"
             + (" or use optim.schedule=constant (the recipe)" if optim.schedule == "step" else ""))

@@ -51,8 +51,8 @@ class ModelOutput:
     tokens: Tensor
 
 
-HEAD_RATE = "head"  # a group at optim.lr x optim.head_lr_mult
-CONCEPT_RATE = "concept"  # a group at optim.lr x optim.concept_lr_mult, the rate the concept ramp scales
+HEAD_RATE = "head"  # a group at optim.base_lr x optim.head_lr_mult
+CONCEPT_RATE = "concept"  # a group at optim.base_lr x optim.concept_lr_mult; the concept ramp scales it
 
 
 class GroupRate(float):
@@ -70,8 +70,8 @@ class GroupRate(float):
 
 def checked_groups(model: nn.Module, groups: list[tuple[str, list[nn.Parameter], float]]) -> list[dict]:
     """Turn (name, params, lr) into optimiser groups (dicts with ``name``, ``params``, ``lr`` and ``rate``: the
-    :class:`GroupRate` role of ``lr``, ``"head"`` for a plain float), refusing a trainable parameter in no group or
-    in two."""
+    :class:`GroupRate` role of ``lr``, :data:`HEAD_RATE` for a plain float), refusing a trainable parameter in no
+    group or in two."""
     seen: dict[int, str] = {}
     out = []
     for name, params, lr in groups:
@@ -144,8 +144,8 @@ class FrozenViT(nn.Module):
             p.requires_grad_(self.tokens_trainable)
 
     def param_groups(self, base_lr: float, head_mult: float, concept_mult: float) -> list[dict]:
-        """Optimiser groups (dicts with ``name``, ``params``, ``lr``, ``rate``: ``"head"`` or ``"concept"``, which
-        multiplier set ``lr``); every trainable parameter in exactly one."""
+        """Optimiser groups (dicts with ``name``, ``params``, ``lr``, ``rate``: :data:`HEAD_RATE` or
+        :data:`CONCEPT_RATE`, which multiplier set ``lr``); every trainable parameter in exactly one."""
         return checked_groups(self, self.groups(GroupRate(base_lr * head_mult, HEAD_RATE),
                                                 GroupRate(base_lr * concept_mult, CONCEPT_RATE)))
 
