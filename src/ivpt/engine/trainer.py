@@ -299,7 +299,7 @@ class Trainer:
         when the step is due (every ``train.sync_every`` steps, the last step of an epoch or of the run, and a
         ``train.ckpt_every_steps`` step), so that a non-finite step is never saved."""
         o = self.cfg.optim
-        self.model.follow_progress((self.step + 1) / self.total_steps)
+        self.model.follow_progress(self._step_progress())
         names: list[str] = []
         bad_terms = torch.zeros(0, dtype=torch.bool, device=self.device)  # per logged term, any micro-batch
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -354,7 +354,7 @@ class Trainer:
         try:
             total, terms = compute_loss(self.net, x, y, self.cfg, self.eq_gen,
                                         health=self.health if weight else None,
-                                        progress=(self.step + 1) / self.total_steps)
+                                        progress=self._step_progress())
             self.scaler.scale(total * weight / self.cfg.optim.grad_accum).backward()
         except Exception as exc:
             if not self.compile_pending:
@@ -368,6 +368,11 @@ class Trainer:
             return self._forward_backward(x, y, weight)
         self.compile_pending = False
         return total, terms
+
+    def _step_progress(self) -> float:
+        """The share of the run done after the step being taken, (step + 1) / total steps: what the loss weights'
+        warm-up and the model's :meth:`~ivpt.models.base.FrozenViT.follow_progress` read, the same for both."""
+        return (self.step + 1) / self.total_steps
 
     def _sync_due(self) -> bool:
         """Whether the step being taken must be checked before it is applied (the same answer on every rank)."""

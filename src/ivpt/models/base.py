@@ -268,6 +268,11 @@ class ConceptModel(FrozenViT):
         first step (all the time without ``model.global_share_end``)."""
         return 1.0 / (self.cfg.num_coarse + 1) if self.cfg.global_share is None else self.cfg.global_share
 
+    def _share(self) -> Tensor | float:
+        """The global part's share now: the moving share's 0-dim buffer under ``model.global_share_end`` (kept on
+        the device: no host sync per forward), else :meth:`start_share`."""
+        return self.global_share if hasattr(self, "global_share") else self.start_share()
+
     def follow_progress(self, progress: float) -> None:
         """Under ``model.global_share_end``, the share of the step about to be taken: linear from
         :meth:`start_share` (progress 0) to ``global_share_end`` (progress 1, the last step)."""
@@ -374,8 +379,7 @@ class ConceptModel(FrozenViT):
             return part_logits.mean(dim=1), part_logits, modulated, counts, normed
         token = self.global_token(normed).to(self.global_norm.weight.dtype)  # (B, D)
         global_logits = self.classifier(self.global_norm(token))  # (B, C)
-        # A moving share stays a 0-dim tensor on the device here (no host sync per forward).
-        share = self.global_share if hasattr(self, "global_share") else self.start_share()
+        share = self._share()
         logits = (1 - share) / self.cfg.num_coarse * part_logits.sum(dim=1) + share * global_logits
         return logits, part_logits, modulated, counts, normed
 
@@ -386,7 +390,7 @@ class ConceptModel(FrozenViT):
         N = self.cfg.num_coarse
         if not self.cfg.global_part:
             return 1.0 / N, 0.0
-        share = float(self.global_share) if hasattr(self, "global_share") else self.start_share()
+        share = float(self._share())
         return (1.0 - share) / N, share
 
 
