@@ -69,7 +69,8 @@ def check_same_data(trainer, state: dict) -> None:
 
 def restore_state(trainer, state: dict) -> None:
     """Load a checked ``last.pt`` (:func:`read_resume_state`) into the set-up trainer: parameters, optimiser,
-    scheduler, scaler, position, best/ so far, this rank's generators and the epoch's concept-health counts."""
+    scheduler, scaler, position, best/ so far, this rank's generators, the epoch's concept-health counts and, with
+    ``optim.ema_decay``, the parameters' moving averages."""
     path = trainer.out / "last.pt"
     try:
         check_backbone(trainer.model, state.get("backbone"), path)
@@ -98,6 +99,13 @@ def restore_state(trainer, state: dict) -> None:
     trainer.selection.best_alive = state.get("best_alive", True)
     rng = state["rng"]
     _set_rng_state(rng[trainer.info.rank] if trainer.info.rank < len(rng) else rng[0], trainer.eq_gen)
+    if trainer.ema is not None:
+        if "ema" not in state:
+            raise TrainingError(f"cannot resume: {path} holds no parameter averages for optim.ema_decay")
+        try:
+            trainer.ema.load_state_dict(state["ema"])
+        except ValueError as exc:
+            raise TrainingError(f"cannot resume: {path}: {exc}") from None
     health = state.get("health")  # absent in a last.pt from before the counts were saved
     if health and trainer.info.rank < len(health):
         trainer.health.load_state_dict(health[trainer.info.rank], trainer.device)
@@ -119,6 +127,7 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
             "best_val": trainer.selection.best_val, "best_alive": trainer.selection.best_alive,
             "total_steps": trainer.total_steps,
             "rng": rng, "health": health, "config": trainer.cfg.to_dict(),
+            **({} if trainer.ema is None else {"ema": trainer.ema.state_dict()}),
             "backbone": backbone_identity(trainer.model),
             "data": _data_identity(trainer.data),
         }, trainer.out / "last.pt")

@@ -48,6 +48,7 @@ from ..eval import evaluate_accuracy
 from ..eval.runner import AccuracyConsumer, run_pass
 from ..models import create_model
 from .checks import _unseen_classes_warning, check_batch_shape, check_classes, check_finite
+from .ema import ParameterEma
 from .errors import TrainingError, TrainingStopped
 from .health import ConceptHealth, MapHealth, collapse_warning, weak_stages
 from .ordering import EpochBatches, SeededDataset, train_loader
@@ -147,6 +148,9 @@ class Trainer:
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # optim.ema_decay: validation, best/ and the test pass read the parameters' moving average (ivpt.engine.ema)
+        trained = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.ema = ParameterEma(trained, o.ema_decay) if o.ema_decay > 0 else None
         self.epochs = run_epochs(o, self.steps_per_epoch)  # optim.epochs, or more to reach optim.min_steps
         self.total_steps = total_steps(o, self.steps_per_epoch, cfg.train.max_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.steps_per_epoch, o)
@@ -338,6 +342,8 @@ class Trainer:
             # finds its scale); the schedule still counts that step, and torch's order check would warn about it
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()  # the rates of the next step: lr_factor(self.step + 1)
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         self.batch_in_epoch += 1
 
@@ -409,17 +415,17 @@ class Trainer:
         if warning and self.info.is_main:
             logging.getLogger("ivpt").warning(warning)
         self.revive(epoch)
-        val, val_health = None, {}
-        if self.data.val is not None:
-            val, val_health = self.validate()
-        # best/: chosen by train.selection among the epochs whose concepts are alive on the validation split (no
-        # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, among
-        # all. Without a validation split: the last epoch.
-        dead = weak_stages(val_health, self.health.num_prototypes)
-        alive = not dead
-        improved = self.selection.consider(val, alive, 0 if self.data.val is None else len(self.data.val))
-        if improved:
-            if self.info.is_main:
+        with self._evaluated_weights():
+            val, val_health = None, {}
+            if self.data.val is not None:
+                val, val_health = self.validate()
+            # best/: chosen by train.selection among the epochs whose concepts are alive on the validation split (no
+            # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, among
+            # all. Without a validation split: the last epoch.
+            dead = weak_stages(val_health, self.health.num_prototypes)
+            alive = not dead
+            improved = self.selection.consider(val, alive, 0 if self.data.val is None else len(self.data.val))
+            if improved and self.info.is_main:
                 self.model.save_pretrained(self.out / "best", data=self.cfg.data, extra={
                     "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
                     "val_health": val_health, "class_names": list(self.data.class_names)})
@@ -439,6 +445,11 @@ class Trainer:
                 msg += (", concepts alive " + "/".join(f"{self.epoch_health[f'alive_s{i}']:.2f}" for i in stages)
                         + ", map entropy " + "/".join(f"{self.epoch_health[f'entropy_s{i}']:.2f}" for i in stages))
             print(msg)
+
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """What validation and ``best/`` read: the parameters' moving average with ``optim.ema_decay``, else the
+        parameters themselves."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def revive(self, epoch: int) -> None:
         """``optim.revive_until``: revive the concepts that were dead over this epoch's training images
