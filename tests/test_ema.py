@@ -10,7 +10,7 @@ from ivpt.config import Config, ConfigError
 from ivpt.engine import train
 from ivpt.engine.ema import ParameterEma
 
-from .test_engine import _kill_after_step, _Killed, tiny_config, world  # noqa: F401  (world: a fixture)
+from .test_engine import TOTAL_FREE, _kill_after_step, _Killed, tiny_config, world  # noqa: F401  (world: a fixture)
 
 
 def _recompute(trajectory: list[torch.Tensor], decay: float) -> torch.Tensor:
@@ -139,3 +139,16 @@ def test_kill_and_resume_with_the_average_is_exact(world, tmp_path, monkeypatch)
 def test_without_the_average_last_pt_holds_none(world, tmp_path):
     train(tiny_config(world, optim=dict(epochs=1)), tmp_path / "run", progress=False)
     assert "ema" not in torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_last_pt_without_the_averages_is_refused_on_resume(world, tmp_path):
+    from ivpt.engine import TrainingError
+
+    cfg = tiny_config(world, optim=dict(ema_decay=0.9, epochs=1, **TOTAL_FREE))  # a resume may add epochs
+    train(cfg, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["ema"]
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match="holds no parameter averages for optim.ema_decay"):
+        train(cfg.with_overrides(["optim.epochs=2"]), tmp_path / "run", resume=True, progress=False)

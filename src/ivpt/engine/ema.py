@@ -1,15 +1,16 @@
 """An exponential moving average of the trained parameters (``optim.ema_decay``; not the paper).
 
 At the recipe's constant rate the last iterate of Adam is a noisy point of the trajectory; the average over the
-last few hundred steps is what a decaying rate would settle on, without giving up the steps at the full rate that the
-concepts need (benchmarks/recipe.md, "A constant rate"). After optimiser step ``n`` (1-based) each average ``a`` of
+last steps (about ``1 / (1 - optim.ema_decay)`` of them) is what a decaying rate would settle on, without giving up the
+steps at the full rate that the concepts need (benchmarks/recipe.md, "A constant rate", "A moving average of the
+parameters"). After optimiser step ``n`` (1-based) each average ``a`` of
 a parameter ``p`` moves by::
 
     a <- d_n x a + (1 - d_n) x p,   d_n = min(optim.ema_decay, (1 + n) / (10 + n))
 
 (the warm-up of ``d_n`` keeps the first steps from being pinned to the initialisation). Validation, ``best/`` and the
 test pass read the averages (:meth:`ParameterEma.applied`); training reads and updates the parameters themselves. The
-averages live in float32 beside the parameters on the device and are saved in ``last.pt``, so a resume continues
+averages live in the parameters' dtype beside them on the device and are saved in ``last.pt``, so a resume continues
 them exactly. Under torchrun every rank holds the same parameters and so the same averages.
 """
 from __future__ import annotations
