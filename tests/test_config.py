@@ -38,25 +38,25 @@ def test_speed_options():
 
 def test_saved_configs_from_before_a_field_keep_how_they_were_trained(tmp_path):
     """A run's config.yaml written before model.global_part / global_share / deep_prompts, loss.tv_reference_grid
-    and optim.min_steps existed is read as trained (parts-only head, one-more-part weighting, no free prompts, plain
-    TV, exact epochs); a user's config file missing them gets the defaults."""
+    and optim.min_steps / ema_decay existed is read as trained (parts-only head, one-more-part weighting, no free
+    prompts, plain TV, exact epochs, no parameter average); a user's config file missing them gets the defaults."""
     import yaml
 
     from ivpt.runs import run_config
 
     data = Config().to_dict()
     for section, name in (("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
-                          ("loss", "tv_reference_grid"), ("optim", "min_steps")):
+                          ("loss", "tv_reference_grid"), ("optim", "min_steps"), ("optim", "ema_decay")):
         del data[section][name]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     old, _ = run_config(tmp_path)
     m = old.model
-    assert (m.global_part, m.global_share, m.deep_prompts, old.loss.tv_reference_grid, old.optim.min_steps) == (
-        False, None, False, 0.0, 0)
+    assert (m.global_part, m.global_share, m.deep_prompts, old.loss.tv_reference_grid, old.optim.min_steps,
+            old.optim.ema_decay) == (False, None, False, 0.0, 0, 0.0)
     new = load_config(tmp_path / "config.yaml")
     m = new.model
-    assert (m.global_part, m.global_share, m.deep_prompts, new.loss.tv_reference_grid, new.optim.min_steps) == (
-        True, 0.25, True, 37.0, 1000)
+    assert (m.global_part, m.global_share, m.deep_prompts, new.loss.tv_reference_grid, new.optim.min_steps,
+            new.optim.ema_decay) == (True, 0.25, True, 37.0, 1000, 0.99)
 
 
 def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
@@ -67,7 +67,7 @@ def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
     method = [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
               ("model", "train_tokens"), ("model", "n_pro"), ("loss", "tv_reference_grid"), ("optim", "base_lr"),
               ("optim", "head_lr_mult"), ("optim", "concept_lr_mult"), ("optim", "schedule"), ("optim", "warmup"),
-              ("optim", "min_steps")]
+              ("optim", "min_steps"), ("optim", "ema_decay")]
     cpu = sorted(configs.glob("*_cpu.yaml"))
     paper = sorted(configs.glob("*_paper*.yaml"))
     assert len(cpu) == 5 and len(paper) == 8
@@ -79,4 +79,4 @@ def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
         cfg = load_config(path)
         assert (cfg.optim.base_lr * cfg.optim.head_lr_mult, cfg.optim.base_lr * cfg.optim.concept_lr_mult) == \
             pytest.approx((1e-2, 2e-4), rel=1e-12), path.name
-        assert not cfg.model.global_part and not cfg.model.deep_prompts, path.name
+        assert not cfg.model.global_part and not cfg.model.deep_prompts and cfg.optim.ema_decay == 0, path.name

@@ -147,17 +147,18 @@ def test_the_new_dataset_recipe_and_the_paper_configs():
         m = cfg.model
         assert (m.global_part, m.global_share, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid,
                 cfg.optim.min_steps, cfg.optim.schedule, cfg.optim.warmup, cfg.optim.concept_lr_mult,
-                cfg.optim.concept_lr_start, cfg.optim.concept_lr_ramp) == (
-            True, 0.25, True, "normal", 37.0, 1000, "constant", 0.05, 400.0, 0.5, 0.5)
+                cfg.optim.concept_lr_start, cfg.optim.concept_lr_ramp, cfg.optim.ema_decay) == (
+            True, 0.25, True, "normal", 37.0, 1000, "constant", 0.05, 400.0, 0.5, 0.5, 0.99)
     for p in sorted(CONFIGS.glob("*cpu*.yaml")):
         cfg = load_config(p)
         assert (cfg.model.n_pro, cfg.model.train_tokens, cfg.optim.batch_size) == ([9, 7, 5], False, 8), p.name
     for p in PAPER_CONFIGS:
         cfg = load_config(p)
         m = cfg.model
-        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, cfg.optim.min_steps,
-                cfg.optim.concept_lr_mult, cfg.optim.concept_lr_start, cfg.optim.concept_lr_ramp) == (
-            False, False, "normal", 0.0, 0, 200.0, 1.0, 0.0), p.name
+        o = cfg.optim
+        assert (m.global_part, m.deep_prompts, m.prototype_init, cfg.loss.tv_reference_grid, o.min_steps,
+                o.concept_lr_mult, o.concept_lr_start, o.concept_lr_ramp, o.ema_decay) == (
+            False, False, "normal", 0.0, 0, 200.0, 1.0, 0.0, 0.0), p.name
 
 
 def test_paper_schedule_on_a_large_dataset_does_not_warn_but_on_a_small_one_does():

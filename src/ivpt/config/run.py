@@ -152,6 +152,7 @@ _BEFORE_FIELD = {
     ("optim", "min_steps"): 0,
     ("optim", "concept_lr_start"): 1.0,
     ("optim", "concept_lr_ramp"): 0.0,
+    ("optim", "ema_decay"): 0.0,
     ("train", "selection"): "best_top1",
 }
 

@@ -133,7 +133,8 @@ class OptimConfig:
                                      note="e.g. 0.5: the concept rate reaches its peak half-way; 0: no ramp")
     # An exponential moving average of the trained parameters (not the paper, ivpt.engine.ema): validation, best/ and
     # the test pass read the average, updated after every step with this decay. 0: off, the last iterate is used.
-    ema_decay: float = limited(0.0, "[0, 1)", what="the per-step decay of the parameter average",
+    # The recipe: 0.99 (benchmarks/recipe.md, "A moving average of the parameters"); the paper configs: 0.
+    ema_decay: float = limited(0.99, "[0, 1)", what="the per-step decay of the parameter average",
                                note="e.g. 0.99: an average over about the last 100 steps; 0: off")
     step_epochs: int = limited(4, ">= 1")  # schedule=step only
     gamma: float = limited(0.5, "(0, 1]")  # schedule=step only
