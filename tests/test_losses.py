@@ -14,6 +14,7 @@ from ivpt.losses import (
     equivariance_loss,
     invert_affine,
     ivpt_losses,
+    object_peak_loss,
     orthogonality_loss,
     presence_loss,
     random_affine,
@@ -118,6 +119,54 @@ def test_combiner_weights_and_terms():
     assert "entropy" not in terms2
     expected = total - terms["entropy"] + terms["tv"]
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_object_peak_is_the_background_probability_where_each_absent_concept_lies():
+    """Known answers: concepts that win pixels cost 0 wherever their maps lie; an absent concept costs the
+    background probability where its map lies, averaged over all images × foreground concepts; random maps match a
+    float64 recomputation; through the logits, the gradient reaches the absent concepts' logits and the background's
+    only, with opposite signs."""
+    maps = torch.zeros(1, 4, 2, 2)
+    maps[0, 3] = torch.tensor([[0.9, 0.6], [0.0, 0.0]])  # background: wins the top row
+    maps[0, 0] = torch.tensor([[0.1, 0.0], [1.0, 0.0]])  # wins (1, 0): costs 0 although part of it lies on (0, 0)
+    maps[0, 1] = torch.tensor([[0.0, 0.0], [0.0, 0.7]])  # wins (1, 1)
+    maps[0, 2] = torch.tensor([[0.0, 0.4], [0.0, 0.3]])  # wins nothing: q = (0.4, 0.3) / 0.7 over bg (0.6, 0)
+    assert object_peak_loss(maps).item() == pytest.approx((0.4 / 0.7 * 0.6) / 3, rel=1e-6)
+    logits = torch.randn(3, 6, 5, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 4
+    logits[0, :2] -= 30  # concepts 0 and 1 absent from image 0
+    logits[1, 3] -= 12
+    soft = logits.softmax(1)
+    absent = torch.stack([(soft.argmax(1) == k).flatten(1).sum(1) == 0 for k in range(5)], dim=1)  # (3, 5)
+    assert 0 < int(absent.sum()) < absent.numel()
+    q = soft[:, :-1] / soft[:, :-1].sum(dim=(2, 3), keepdim=True)
+    expected = ((q * soft[:, -1:]).sum(dim=(2, 3)) * absent).sum() / absent.numel()
+    assert object_peak_loss(soft.float()).item() == pytest.approx(expected.item(), rel=1e-6)  # float32, 35 terms
+    # Through the logits: only the absent concepts' own logits and the background's move, against each other.
+    z = logits.float().requires_grad_(True)
+    object_peak_loss(z.softmax(1)).backward()
+    moved = z.grad.flatten(2).abs().amax(2)  # (3, 6)
+    scale = float(moved.max())
+    assert scale > 0
+    for b in range(3):
+        for k in range(5):
+            assert (moved[b, k] > 1e-3 * scale) == bool(absent[b, k]), (b, k)  # rounding only elsewhere
+        assert (moved[b, -1] > 1e-3 * scale) == bool(absent[b].any())
+    assert torch.allclose(z.grad[:, :-1].sum(1), -z.grad[:, -1], atol=1e-4 * scale)  # a_k up where a_bg goes down
+
+
+def test_object_peak_is_off_unless_weighted_and_adds_its_weight():
+    model = tiny_model().train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    out = model(x)
+    base, terms = ivpt_losses(out, y, LossConfig())
+    assert "object_peak" not in terms  # weight 0 (the paper, the default): not computed
+    weighted, terms2 = ivpt_losses(out, y, LossConfig(object_peak=0.5))
+    value = torch.stack([object_peak_loss(m) for m in out.maps]).mean()  # averaged over the stages
+    assert terms2["object_peak"].item() == pytest.approx(value.item(), rel=1e-6)
+    assert weighted.item() == pytest.approx((base + 0.5 * value).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss.object_peak"):
+        LossConfig(object_peak=-1.0)
 
 
 def test_entropy_warmup_ramps_only_the_entropy_weight():

@@ -25,6 +25,7 @@ __all__ = [
     "bg_presence_loss",
     "tv_loss",
     "entropy_loss",
+    "object_peak_loss",
     "random_affine",
     "warp",
     "warp_back",
@@ -100,6 +101,28 @@ def entropy_loss(maps: Tensor) -> Tensor:
     p = maps.float().clamp(1e-6, 1.0)
     p = p / p.sum(dim=1, keepdim=True)
     return -(p * p.log()).sum(dim=1).mean()
+
+
+def object_peak_loss(maps: Tensor) -> Tensor:
+    """Where the concepts that an image lacks lie: Σ over images b and foreground concepts k that win no pixel of b
+    (argmax over the channels) of Σ_l q_bk(l) · S̃_bg(b, l), q_bk = S̃[b,k] / Σ_l S̃[b,k](l), divided by B·P.
+
+    ``maps`` (B, n, H, W): softmax maps, background last; P = n - 1. q_bk is where the absent concept k is least
+    unlikely in image b — where the consistency protocol's argmax of its map falls — and the term is the background
+    probability there, in [0, 1]. A concept that wins pixels costs nothing, and the background probability is a
+    constant of the term. The gradient reaches q_bk through log(S̃_k / S̃_bg) = a_k - a_bg only (the logits' softmax
+    normalisation cancels; exact up to the maps' 1e-6 floor), so the term moves the absent concept's logit and the
+    background's against each other and never lowers the logits of the concepts that hold the pixels: moving
+    through log S̃_k alone would shrink them, since raising one channel of a softmax lowers the others. Not the
+    paper."""
+    flat = maps.float().flatten(2)  # (B, n, L)
+    absent = F.one_hot(flat.argmax(dim=1), flat.shape[1])[..., :-1].sum(dim=1) == 0  # (B, P)
+    logs = flat.clamp_min(1e-30).log()  # hand-made maps may hold zeros; the model's are floored at 1e-6
+    log_bg = logs[:, -1:]
+    log_odds = logs[:, :-1] - log_bg + log_bg.detach()  # the value of log S̃_k, the gradient of a_k - a_bg
+    where = log_odds.softmax(dim=2)
+    background = flat[:, -1:].detach()  # (B, 1, L)
+    return ((where * background).sum(dim=2) * absent).sum() / absent.numel()
 
 
 def random_affine(
@@ -218,7 +241,7 @@ def ivpt_losses(
     theta: Tensor | None = None,
     progress: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of all eight terms for an :class:`~ivpt.models.ModelOutput`.
+    """Weighted sum of the loss terms (:data:`~ivpt.config.LOSS_TERMS`) for an :class:`~ivpt.models.ModelOutput`.
 
     ``warped_out`` is the output for the batch warped by ``theta`` (see :func:`random_affine`); without it the
     equivariance term is skipped. ``progress``: the training progress the weights are taken at
@@ -244,6 +267,7 @@ def ivpt_losses(
             bg_presence=lambda: stage_mean(bg_presence_loss),
             tv=lambda: stage_mean(partial(tv_loss, reference_grid=cfg.tv_reference_grid)),
             entropy=lambda: stage_mean(entropy_loss),
+            object_peak=lambda: stage_mean(object_peak_loss),
         )
         if warped_out is not None and theta is not None:
             terms["equivariance"] = lambda: torch.stack(

@@ -20,14 +20,15 @@ from .model import (DEFAULT_KIND, MIN_GRID, MODEL_KINDS, PROTOTYPE_INITS, Concep
                     model_fields, register_kind, unregister_kind)
 from .run import SECTIONS, Config, config_changes, load_config, saved_config
 from .sections import (AFFINE_FILLS, AMP_MODES, EVAL_PROTOCOLS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
-                       LOSS_TERMS, SCHEDULES, DataConfig, EvalConfig, LossConfig, OptimConfig, TrainConfig)
+                       LOSS_TERMS, PAPER_LOSS_TERMS, SCHEDULES, DataConfig, EvalConfig, LossConfig, OptimConfig,
+                       TrainConfig)
 
 __all__ = [
     "ConfigError", "Bounds", "Limits", "check_limits", "check_number",
     "ModelConfig", "TunedConfig", "VPTConfig", "ConceptConfig", "VPTConceptConfig", "IVPTConfig", "ModelKind",
     "MODEL_KINDS", "DEFAULT_KIND", "register_kind", "unregister_kind", "config_class", "model_fields", "model_config",
     "check_img_size", "MIN_GRID", "PROTOTYPE_INITS",
-    "LossConfig", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "LOSS_TERMS", "AMP_MODES", "SCHEDULES",
-    "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN", "IMAGENET_STD",
+    "LossConfig", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "LOSS_TERMS", "PAPER_LOSS_TERMS",
+    "AMP_MODES", "SCHEDULES", "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN", "IMAGENET_STD",
     "SECTIONS", "Config", "load_config", "saved_config", "config_changes",
 ]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from ..formats import DATASET_FORMATS
 from .fields import ConfigError, check_limits, check_low_high, limited, maps_only
 
-__all__ = ["LossConfig", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "LOSS_TERMS", "AMP_MODES",
-           "SCHEDULES", "SELECTIONS", "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN",
+__all__ = ["LossConfig", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "LOSS_TERMS", "PAPER_LOSS_TERMS",
+           "AMP_MODES", "SCHEDULES", "SELECTIONS", "INTERPOLATIONS", "AFFINE_FILLS", "EVAL_PROTOCOLS", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
 AMP_MODES = ("none", "bf16", "fp16")  # fp32, bfloat16 or float16 autocast
@@ -28,7 +28,7 @@ INTERPOLATIONS = ("bilinear", "nearest")
 AFFINE_FILLS = ("mean", "zero")
 EVAL_PROTOCOLS = ("corrected", "reference")
 
-LOSS_TERMS = (
+PAPER_LOSS_TERMS = (
     "classification",
     "consistency",
     "orthogonality",
@@ -38,11 +38,14 @@ LOSS_TERMS = (
     "tv",
     "entropy",
 )
+# The paper's terms, then ours (weight 0 in the paper configs; none is any parameter's only gradient path).
+LOSS_TERMS = PAPER_LOSS_TERMS + ("object_peak",)
 
 
 @dataclass
 class LossConfig:
-    """Weights of the eight loss terms (all 1 in the paper) and the equivariance transform's ranges."""
+    """Weights of the loss terms (the paper's eight, all 1 there, and ``object_peak``, 0 there) and the equivariance
+    transform's ranges."""
 
     classification: float = limited(1.0, ">= 0", what="a weight")
     consistency: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
@@ -52,6 +55,10 @@ class LossConfig:
     bg_presence: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
     tv: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
     entropy: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
+    # NOT the paper when > 0: in every image, each foreground concept's map (normalised over the image) should lie
+    # where the background map is low, so that its peak falls on the object also where the concept wins no pixel
+    # (the consistency protocol scores every concept's peak in every image; ivpt.losses.object_peak_loss).
+    object_peak: float = limited(0.0, ">= 0", what="a weight", note="0: off, as the paper", maps_only=True)
     label_smoothing: float = limited(0.0, "[0, 1)")
     # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
     # same at any image size as on that grid (37: the paper's 518 px / patch 14, where the factor is exactly 1).

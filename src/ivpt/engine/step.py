@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import runtime as R
-from ..config import Config
+from ..config import PAPER_LOSS_TERMS, Config
 from ..losses import ivpt_losses, random_affine, warp
 from .health import ConceptHealth
 
@@ -58,8 +58,9 @@ def training_net(model: nn.Module, cfg: Config, info: R.DistInfo) -> tuple[nn.Mo
     """(net, eager_net, compile_pending): ``model`` wrapped in DDP under torchrun and compiled with
     ``train.compile`` (what the forward passes run through), the same uncompiled, and whether compilation is still
     to happen (at the first forward/backward; if it fails there, the trainer goes on with ``eager_net``)."""
-    # Every IVPT parameter receives a gradient when all loss terms are on; baselines leave some unused.
-    unused = not model.maps_only_view or any(w == 0 for w in cfg.loss.weights().values())
+    # Every IVPT parameter receives a gradient when all the paper's loss terms are on; baselines leave some unused.
+    weights = cfg.loss.weights()
+    unused = not model.maps_only_view or any(weights[t] == 0 for t in PAPER_LOSS_TERMS)
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
