@@ -34,10 +34,11 @@ class DemoPreset:
 
 # The full preset runs the method as recommended for a dataset with bounding boxes: the recipe
 # (configs/cpu_vits14_224.yaml: global part, rescaled TV, deep prompts, global share 0.25, constant rate after a
-# warm-up with the concept rate rising to twice the paper's by half-way, at least 1,000 steps) trained and tested on
-# box crops (data.bbox_crop; on full images its stage-0 concepts collapse on this world, benchmarks/recipe.md), on a
-# small part-world at 112 px, the resolution the recipe was chosen at; batch 4 keeps its 1,008 steps within 10
-# minutes on 2 CPU cores (README states the measured time).
+# warm-up with the concept rate rising to twice the paper's by half-way, at least 1,000 steps, a moving average of
+# the parameters for validation and best/) trained and tested on box crops (data.bbox_crop; on full images its
+# stage-0 concepts collapse on this world, benchmarks/recipe.md), on a small part-world at 112 px, the resolution the
+# recipe was chosen at; batch 4 keeps its 1,008 steps within 10 minutes on 2 CPU cores (README states the measured
+# time).
 # The quick preset is a smoke test of every step: 3 steps, so it warns that its schedule is short.
 PRESETS = {
     "full": DemoPreset("full", classes=8, per_class=40, img_size=112, epochs=28, batch_size=4, n_pro="9,7,5"),
