@@ -55,9 +55,9 @@ class LossConfig:
     bg_presence: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
     tv: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
     entropy: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
-    # NOT the paper when > 0: in every image, each foreground concept's map (normalised over the image) should lie
-    # where the background map is low, so that its peak falls on the object also where the concept wins no pixel
-    # (the consistency protocol scores every concept's peak in every image; ivpt.losses.object_peak_loss).
+    # NOT the paper when > 0: in every image, each foreground concept that wins no pixel is pulled, through its own
+    # logit against the background's, to where the background map is low, so that its peak falls on the object (the
+    # consistency protocol scores every concept's peak in every image; ivpt.losses.object_peak_loss).
     object_peak: float = limited(0.0, ">= 0", what="a weight", note="0: off, as the paper", maps_only=True)
     label_smoothing: float = limited(0.0, "[0, 1)")
     # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
