@@ -152,6 +152,20 @@ def test_object_peak_is_the_background_probability_where_each_absent_concept_lie
             assert (moved[b, k] > 1e-3 * scale) == bool(absent[b, k]), (b, k)  # rounding only elsewhere
         assert (moved[b, -1] > 1e-3 * scale) == bool(absent[b].any())
     assert torch.allclose(z.grad[:, :-1].sum(1), -z.grad[:, -1], atol=1e-4 * scale)  # a_k up where a_bg goes down
+    # Through the model's floored maps (renormalise: + 1e-6): the isolation holds while the absent concept's
+    # probability is well above the floor, and fails near it (the docstring's caveat).
+    from ivpt.models.prototypes import renormalise
+
+    for shift, isolated in ((-2.0, True), (-16.0, False)):
+        a = torch.zeros(1, 4, 3, 3)
+        a[0, 0] = 4.0  # concept 0 wins every pixel of the bottom rows
+        a[0, 0, 0] = -4.0
+        a[0, 3, 0] = 4.0  # the background wins the top row
+        a[0, 1] = a[0, 2] = shift  # concepts 1 and 2 are absent
+        a.requires_grad_(True)
+        object_peak_loss(renormalise(a.softmax(1))).backward()
+        reach = a.grad.flatten(2).abs().amax(2)[0]  # (4,)
+        assert (reach[0] < 1e-2 * reach[1]) == isolated, (shift, reach)
 
 
 def test_object_peak_is_off_unless_weighted_and_adds_its_weight():

@@ -110,11 +110,12 @@ def object_peak_loss(maps: Tensor) -> Tensor:
     ``maps`` (B, n, H, W): softmax maps, background last; P = n - 1. q_bk is where the absent concept k is least
     unlikely in image b — where the consistency protocol's argmax of its map falls — and the term is the background
     probability there, in [0, 1]. A concept that wins pixels costs nothing, and the background probability that
-    weighs q_bk is a constant of the term. The gradient reaches q_bk through log(S̃_k / S̃_bg) = a_k - a_bg only
-    (the logits' softmax normalisation cancels; exact up to the maps' 1e-6 floor), so the term moves the absent
-    concept's logit and the background's against each other and never lowers the logits of the concepts that hold
-    the pixels: moving through log S̃_k alone would shrink them, since raising one channel of a softmax lowers the
-    others. Not the paper."""
+    weighs q_bk is a constant of the term. The gradient reaches q_bk through log(S̃_k / S̃_bg), which is a_k - a_bg
+    while both probabilities are well above the maps' 1e-6 floor (the softmax normalisation cancels): there the
+    term moves the absent concept's logit and the background's against each other and leaves the logits of the
+    concepts that hold the pixels alone (moving through log S̃_k alone would shrink them: raising one channel of a
+    softmax lowers the others). Near the floor the cancellation fails: at S_k ≈ 6e-6 the live concepts' logits get a
+    sixth of the gradient the concept's own gets, below 1e-7 more than it (tests/test_losses.py). Not the paper."""
     flat = maps.float().flatten(2)  # (B, n, L)
     absent = F.one_hot(flat.argmax(dim=1), flat.shape[1])[..., :-1].sum(dim=1) == 0  # (B, P)
     logs = flat.clamp_min(1e-30).log()  # hand-made maps may hold zeros; the model's are floored at 1e-6
