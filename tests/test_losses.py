@@ -252,3 +252,23 @@ def test_warp_samples_by_gather_under_deterministic_algorithms(monkeypatch):
         torch.testing.assert_close(warp(maps, theta), reference, rtol=1e-5, atol=1e-6)
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_only_a_paper_term_at_zero_lets_ddp_expect_unused_parameters():
+    """DDP's find_unused_parameters: off for IVPT with the paper's terms on, whatever loss.object_peak is (every
+    trained parameter then gets a gradient, checked on one step), on when a paper term is at 0."""
+    from ivpt.config import Config
+    from ivpt.engine.step import may_leave_parameters_unused
+
+    model = tiny_model().train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
+    theta = random_affine(2, generator=torch.Generator().manual_seed(0))
+    for peak in (0.0, 1.0):
+        cfg = Config.from_dict({"loss": {"object_peak": peak}})
+        assert not may_leave_parameters_unused(model, cfg)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        total, _ = ivpt_losses(model(x), y, cfg.loss, warped_out=model(warp(x, theta)), theta=theta)
+        total.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert may_leave_parameters_unused(model, Config.from_dict({"loss": {"consistency": 0.0}}))

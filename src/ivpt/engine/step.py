@@ -13,7 +13,7 @@ from ..config import PAPER_LOSS_TERMS, Config
 from ..losses import ivpt_losses, random_affine, warp
 from .health import ConceptHealth
 
-__all__ = ["compute_loss", "training_net"]
+__all__ = ["compute_loss", "training_net", "may_leave_parameters_unused"]
 
 
 def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, eq_gen: torch.Generator,
@@ -54,13 +54,19 @@ def _split_output(out: Any, n: int) -> tuple[Any, Any]:
     return type(out)(**first), type(out)(**rest)
 
 
+def may_leave_parameters_unused(model: nn.Module, cfg: Config) -> bool:
+    """Whether a training step can leave a trained parameter without a gradient (DDP's ``find_unused_parameters``):
+    every IVPT parameter receives one when all the paper's loss terms are on (terms of ours, such as
+    ``loss.object_peak``, add no parameter); baselines and IVPT with a paper term at weight 0 may leave some unused."""
+    weights = cfg.loss.weights()
+    return not model.maps_only_view or any(weights[t] == 0 for t in PAPER_LOSS_TERMS)
+
+
 def training_net(model: nn.Module, cfg: Config, info: R.DistInfo) -> tuple[nn.Module, nn.Module, bool]:
     """(net, eager_net, compile_pending): ``model`` wrapped in DDP under torchrun and compiled with
     ``train.compile`` (what the forward passes run through), the same uncompiled, and whether compilation is still
     to happen (at the first forward/backward; if it fails there, the trainer goes on with ``eager_net``)."""
-    # Every IVPT parameter receives a gradient when all the paper's loss terms are on; baselines leave some unused.
-    weights = cfg.loss.weights()
-    unused = not model.maps_only_view or any(weights[t] == 0 for t in PAPER_LOSS_TERMS)
+    unused = may_leave_parameters_unused(model, cfg)
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
