@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LOSS_TERMS, LossConfig
+from .models.prototypes import present_concepts
 from .runtime import to_device
 
 __all__ = [
@@ -117,7 +118,7 @@ def object_peak_loss(maps: Tensor) -> Tensor:
     softmax lowers the others). Near the floor the cancellation fails: at S_k ≈ 6e-6 the live concepts' logits get a
     sixth of the gradient the concept's own gets, below 1e-7 more than it (tests/test_losses.py). Not the paper."""
     flat = maps.float().flatten(2)  # (B, n, L)
-    absent = F.one_hot(flat.argmax(dim=1), flat.shape[1])[..., :-1].sum(dim=1) == 0  # (B, P)
+    absent = ~present_concepts(maps)[:, :-1]  # (B, P)
     logs = flat.clamp_min(1e-30).log()  # hand-made maps may hold zeros; the model's are floored at 1e-6
     log_bg = logs[:, -1:]
     log_odds = logs[:, :-1] - log_bg + log_bg.detach()  # the value of log S̃_k, the gradient of a_k - a_bg

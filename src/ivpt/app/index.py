@@ -8,22 +8,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..explain.core import Hierarchy, HierarchyAccumulator, run_batches
 from ..explain.gallery import Gallery, GalleryAccumulator, batch_indices, loader_for
+from ..models.prototypes import present_concepts
 
-__all__ = ["DatasetIndex", "build_index", "present_concepts"]
+__all__ = ["DatasetIndex", "build_index"]
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
-
-
-def present_concepts(maps: Tensor) -> Tensor:
-    """(B, n) bool: concept k claims at least one patch of the (B, n, h, w) ``maps`` (argmax over channels on the
-    patch grid, as the concept models pool their regions)."""
-    n = maps.shape[1]
-    return F.one_hot(maps.argmax(dim=1), n).flatten(1, 2).amax(dim=1).bool()
 
 
 @dataclass

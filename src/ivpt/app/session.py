@@ -26,8 +26,9 @@ from ..eval.classes import align_classes
 from ..explain.charts import read_log
 from ..explain.core import Hierarchy, denormalise, explain, prototype_count, run_batches, stage_title
 from ..explain.report import read_metrics
+from ..models.prototypes import present_concepts
 from ..runs import class_names_of, load_run, open_split
-from .index import DatasetIndex, Progress, build_index, present_concepts
+from .index import DatasetIndex, Progress, build_index
 from .inputs import read_image
 from .results import ConceptInfo, ImageResult, StageMaps
 

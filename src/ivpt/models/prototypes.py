@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConceptStage", "region_pool", "renormalise"]
+__all__ = ["ConceptStage", "region_pool", "renormalise", "present_concepts"]
 
 
 def region_pool(maps: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,6 +29,13 @@ def region_pool(maps: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
     pooled = torch.bmm(weights, feats.to(weights.dtype)) / total.clamp_min(1e-12)
     # A prototype with no pixels has total == 0, so pooled is already exactly 0 there.
     return pooled, counts
+
+
+def present_concepts(maps: Tensor) -> Tensor:
+    """(B, n) bool: concept k claims at least one patch of the (B, n, h, w) ``maps`` (argmax over channels on the
+    patch grid, as :func:`region_pool` assigns the regions)."""
+    n = maps.shape[1]
+    return F.one_hot(maps.argmax(dim=1), n).flatten(1, 2).amax(dim=1).bool()
 
 
 def renormalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
