@@ -2,9 +2,9 @@
 
     python benchmarks/train_throughput.py [--img-size 224] [--batch 16] [--repeats 4]
 
-Builds the CPU config (DINOv2 ViT-S/14, n_pro 17,14,11,8,5; random weights: speed does not depend on them) and
-times full optimiser steps (both views, all eight losses, backward, clipping, Adam) through the trainer's own
-``compute_loss``, alternating two settings in one run:
+Builds the CPU config with the paper's five stages (DINOv2 ViT-S/14, n_pro 17,14,11,8,5 set here; random weights:
+speed does not depend on them) and times full optimiser steps (both views, all eight losses, backward, clipping,
+Adam) through the trainer's own ``compute_loss``, alternating two settings in one run:
 
 * ``paper``: pos/cls/reg tokens trainable — backward must run through every block down to the embeddings;
 * ``frozen_tokens``: tokens frozen — blocks before the first prompted stage run without autograd.
@@ -66,7 +66,8 @@ def main() -> None:
     make_partworld(root, classes=4, per_class=args.batch // 2, size=args.img_size, seed=0, test_fraction=0.5)
     base = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu_vits14_224.yaml",
                        [f"model.img_size={args.img_size}", "model.num_classes=4", "model.weights=random",
-                        f"data.root={root}", "model.deep_prompts=false"])  # the concept prompts alone, as docs/speed.md reports
+                        f"data.root={root}", "model.deep_prompts=false",  # the concept prompts alone,
+                        "model.n_pro=17,14,11,8,5"])  # and the paper's five stages, as docs/speed.md reports
     ds = CubDataset(root, "all", transform=build_train_transform(base.data, args.img_size))
     batch = [ds[i] for i in range(args.batch)]
     x = torch.stack([b["image"] for b in batch])

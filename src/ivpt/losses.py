@@ -1,4 +1,4 @@
-"""The eight loss terms of IVPT (SPEC section 3) and their weighted sum.
+"""The loss terms of IVPT (docs/method.md §3; the paper's eight and the `object_peak` option) and their weighted sum.
 
 Map losses take one stage's recomputed map S̃ (B, n, H, W) — foreground channels first, background last — and
 :func:`ivpt_losses` averages them over the m+1 stages. The presence, background-presence, total-variation,

@@ -189,7 +189,7 @@ class VPTConceptConfig(ConceptConfig):
 
 @dataclass
 class IVPTConfig(VPTConceptConfig):
-    """IVPT: prompted concept stages with the fine-to-coarse Gumbel assignment (SPEC section 2)."""
+    """IVPT: prompted concept stages with the fine-to-coarse Gumbel assignment (docs/method.md §2)."""
 
     kind: str = "ivpt"
     # NOT the paper (false in its configs): IVPT also gets VPT-deep's free prompts — ``num_prompts`` learned tokens

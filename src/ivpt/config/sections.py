@@ -263,7 +263,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Constants of the interpretability protocols (SPEC section 4).
+    """Constants of the interpretability protocols (docs/method.md §4).
 
     ``protocol`` picks how consistency/stability, NMI/ARI, keypoint regression and foreground IoU are measured:
     ``corrected`` (ours, the default) or ``reference`` (exactly as the authors' evaluation code, bugs included);

@@ -33,7 +33,7 @@ from ..models.base import CONCEPT_RATE
 __all__ = ["run_epochs", "total_steps", "warmup_steps", "lr_factor", "concept_factor", "depends_on_total",
            "build_scheduler", "steps_above_half_peak", "schedule_warning", "FULL_RATE_MIN_STEPS"]
 
-# Fewer optimiser steps than this above half the peak rate: concepts rarely form (SPEC section 6), so warn.
+# Fewer optimiser steps than this above half the peak rate: concepts rarely form (docs/training.md), so warn.
 FULL_RATE_MIN_STEPS = 500
 
 

@@ -1,4 +1,4 @@
-"""Dataset-level evaluation (SPEC section 4): :func:`evaluate` (:mod:`.evaluator`), the metric table
+"""Dataset-level evaluation (docs/method.md §4): :func:`evaluate` (:mod:`.evaluator`), the metric table
 (:mod:`.registry`, the built-in metrics in :mod:`.builtin`), the pass runner (:mod:`.runner`), the
 interpretability protocols (:mod:`.protocols`) and the ``ivpt eval`` table (:mod:`.table`)."""
 from __future__ import annotations

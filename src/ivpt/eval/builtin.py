@@ -95,7 +95,7 @@ def _part_head(model_class: type, reader: type) -> str | None:
 # ------------------------------------------------------------------------------------------------- the table
 
 register_metric(Metric(
-    "acc", consumer=accuracy, description="classification accuracy (SPEC §4)", scores=(
+    "acc", consumer=accuracy, description="classification accuracy (docs/method.md §4)", scores=(
         Score("top1", "top-1", "%", "↑", "share of images whose highest logit is their label", compare=3),
         Score("top5", "top-5", "%", "↑", "share of images whose label is among the five highest logits",
               compare=None),

@@ -1,4 +1,4 @@
-"""Dataset-level evaluation (SPEC section 4): accuracy and the interpretability metrics of every stage.
+"""Dataset-level evaluation (docs/method.md §4): accuracy and the interpretability metrics of every stage.
 
 The metrics are the entries of :mod:`ivpt.eval.registry`; each names the pass it consumes and builds its consumer.
 Two passes at most (:func:`ivpt.eval.runner.run_pass`), each shared by every metric and every stage that needs it,

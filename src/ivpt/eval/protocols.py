@@ -1,4 +1,4 @@
-"""The interpretability protocols of SPEC section 4 as consumers of :func:`ivpt.eval.runner.run_pass`.
+"""The interpretability protocols of docs/method.md §4 as consumers of :func:`ivpt.eval.runner.run_pass`.
 
 * :class:`KeypointFit` — on the training split: fits one keypoint regressor per stage (``kpr``).
 * :class:`Discovery` — on the evaluated split: NMI/ARI at keypoints (or over part masks), keypoint regression

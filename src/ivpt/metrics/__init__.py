@@ -1,4 +1,4 @@
-"""Evaluation metrics of SPEC section 4 as pure functions on tensors plus streaming, DDP-summable meters.
+"""Evaluation metrics of docs/method.md §4 as pure functions on tensors plus streaming, DDP-summable meters.
 
 Every meter has ``update(..., valid=None)`` per batch, ``compute()`` (or ``fit()``) at the end, and a state made
 of fixed-shape tensors that add up: ``merge`` combines two meters, ``all_reduce`` sums them over processes

@@ -1,4 +1,4 @@
-"""Classification accuracy (SPEC section 4): top-1, top-5 and class-balanced top-1, in percent.
+"""Classification accuracy (docs/method.md §4): top-1, top-5 and class-balanced top-1, in percent.
 
 The meter keeps per-class integer counts, so the result is exact whatever the batch size, the number of
 processes or the order of the data; padded duplicates are excluded with ``valid``.

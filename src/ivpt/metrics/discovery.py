@@ -1,4 +1,4 @@
-"""Part-discovery metrics (PDiscoFormer protocol, SPEC section 4): NMI / ARI between keypoint ids and the
+"""Part-discovery metrics (PDiscoFormer protocol, docs/method.md §4): NMI / ARI between keypoint ids and the
 concept found at each keypoint, and foreground IoU; keypoint regression from concept centroids is
 :mod:`ivpt.metrics.keypoints`.
 

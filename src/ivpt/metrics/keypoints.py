@@ -1,4 +1,4 @@
-"""Keypoint regression from concept centroids (PDiscoFormer protocol, SPEC section 4): the network-input images the
+"""Keypoint regression from concept centroids (PDiscoFormer protocol, docs/method.md §4): the network-input images the
 protocol scores, soft centroids of each concept in the bbox-normalised frame, a least-squares regressor from
 centroids to landmarks fitted on the training split, and its error on the test split (in bbox units × 100).
 

@@ -1,4 +1,4 @@
-"""Part consistency and stability (Huang et al., ICCV 2023), as SPEC section 4 states them.
+"""Part consistency and stability (Huang et al., ICCV 2023), as docs/method.md §4 states them.
 
 Geometry lives in a ``frame``×``frame`` pixel frame (224 in the protocol) laid over the bounding-box crop that
 the model sees. Keypoints are (x, y) = (column, row) in that frame's pixel units, compared as given with the

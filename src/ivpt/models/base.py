@@ -231,7 +231,7 @@ class FrozenViT(nn.Module):
 
 
 class ConceptModel(FrozenViT):
-    """A frozen ViT with concept stages (``stages``) and the part-pooled classification head (SPEC §2 step 5):
+    """A frozen ViT with concept stages (``stages``) and the part-pooled classification head (docs/method.md §2 step 5):
     the final map pools the last tokens into N+1 part features, one LayerNorm with a (D, N+1) affine
     ("modulation") normalises them, and a bias-free Linear(D, C) shared by the parts scores each foreground part.
     """

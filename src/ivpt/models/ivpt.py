@@ -1,4 +1,4 @@
-"""IVPT: Interpretable Visual Prompt Tuning on any timm VisionTransformer (SPEC section 2).
+"""IVPT: Interpretable Visual Prompt Tuning on any timm VisionTransformer (docs/method.md §2).
 
 Read top to bottom: the backbone is embedded as timm does it; blocks before the first prompted stage run
 unchanged; before each prompted block, a :class:`~ivpt.models.prototypes.ConceptStage` carves the (detached) tokens

@@ -1,5 +1,5 @@
 """Concept stages: prototypes + spatial prior → soft part maps, argmax region pooling, and (for prompted stages)
-the fine→coarse assignment and the prompt tokens built from it. SPEC section 2, steps 3.2–3.9.
+the fine→coarse assignment and the prompt tokens built from it. docs/method.md §2, steps 3.2–3.9.
 
 Shapes: B batch, D width, H×W patch grid, L = H·W, n prototypes (P = n-1 foreground + background last),
 N coarse concepts.
