@@ -23,7 +23,9 @@ from ivpt.metrics import (
     fg_iou,
     fit_keypoint_regressor,
     keypoint_hits,
+    keypoint_prototypes,
     keypoint_regression_error,
+    nearest_prototype_maps,
     nmi_ari,
     nmi_ari_from_contingency,
     soft_centroids,
@@ -427,3 +429,82 @@ def test_fg_iou_hand_made():
     # Bilinear upsampling of a 2×2 map to the 4×4 mask keeps the left/right split.
     small = F.avg_pool2d(maps, 2)
     assert fg_iou(small, mask)[0].tolist() == [4]
+
+
+# ------------------------------------------------------------------------------- keypoint prototypes
+
+
+def test_keypoint_prototypes_are_the_mean_features_under_the_visible_keypoints():
+    g = torch.Generator().manual_seed(0)
+    b, d, side, size = 3, 5, 4, 56  # 14-px patches
+    feats = torch.randn(b, d, side, side, generator=g)
+    # (x, y) pixels: keypoint 0 in patch (row 1, col 2) of every image, keypoint 1 at (3, 0) but hidden in image 2,
+    # and one on the far edge (x = y = 56) that must clip into the last patch
+    kp = torch.tensor([[[30.0, 15.0], [5.0, 50.0]], [[41.9, 27.9], [13.9, 42.0]], [[28.0, 14.0], [56.0, 56.0]]])
+    vis = torch.tensor([[True, True], [True, True], [True, False]])
+    background = torch.zeros(b, side, side, dtype=torch.bool)
+    background[:, 0, 0] = True
+    background[1, 3, 3] = True
+    protos = keypoint_prototypes(feats, kp, vis, background, image_size=size)
+    f = feats.double()
+    expected = torch.stack([
+        (f[0, :, 1, 2] + f[1, :, 1, 2] + f[2, :, 1, 2]) / 3,
+        (f[0, :, 3, 0] + f[1, :, 3, 0]) / 2,
+        (f[0, :, 0, 0] + f[1, :, 0, 0] + f[2, :, 0, 0] + f[1, :, 3, 3]) / 4,
+    ]).float()
+    assert protos.dtype == torch.float32 and protos.shape == (3, d)
+    torch.testing.assert_close(protos, expected, rtol=1e-6, atol=1e-7)
+    # the hidden keypoint may sit anywhere: moving it changes nothing; the edge keypoint lands in the last patch
+    kp2 = kp.clone()
+    kp2[2, 1] = torch.tensor([0.0, 0.0])
+    torch.testing.assert_close(keypoint_prototypes(feats, kp2, vis, background, image_size=size), protos)
+    vis3 = vis.clone()
+    vis3[2, 1] = True
+    edge = keypoint_prototypes(feats, kp, vis3, background, image_size=size)[1]
+    torch.testing.assert_close(edge, ((f[0, :, 3, 0] + f[1, :, 3, 0] + f[2, :, 3, 3]) / 3).float(),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_keypoint_prototypes_refuse_what_gives_no_prototype():
+    feats = torch.zeros(2, 3, 4, 4)
+    kp = torch.full((2, 2, 2), 10.0)
+    background = torch.ones(2, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"keypoint\(s\) \[1\] are visible in none"):
+        keypoint_prototypes(feats, kp, torch.tensor([[True, False], [True, False]]), background, image_size=56)
+    with pytest.raises(ValueError, match="no background patch"):
+        keypoint_prototypes(feats, kp, torch.ones(2, 2, dtype=torch.bool), torch.zeros_like(background),
+                            image_size=56)
+    with pytest.raises(ValueError, match="do not match"):
+        keypoint_prototypes(feats, kp[:1], torch.ones(1, 2, dtype=torch.bool), background, image_size=56)
+
+
+def test_nearest_prototype_maps_are_the_softmax_of_minus_squared_distances():
+    g = torch.Generator().manual_seed(1)
+    feats, protos = torch.randn(2, 6, 3, 3, generator=g), torch.randn(4, 6, generator=g)
+    maps = nearest_prototype_maps(feats, protos)
+    dist = ((feats.double().permute(0, 2, 3, 1)[..., None, :] - protos.double()) ** 2).sum(-1)  # (B, H, W, K)
+    reference = (-dist).softmax(-1).permute(0, 3, 1, 2)
+    # logits of size ~|f|·|p| ≈ 10 in float32: absolute error ~1e-6 in each logit, so in each probability
+    torch.testing.assert_close(maps.double(), reference, rtol=0, atol=2e-5)
+
+
+def test_prototypes_of_keypoint_features_are_consistent_by_construction():
+    """Features that are e_j under keypoint j and 0 elsewhere: each keypoint prototype's map peaks on its keypoint
+    in every image, so every (class, prototype) unit is consistent."""
+    b, parts, side, size = 6, 3, 8, 112
+    g = torch.Generator().manual_seed(2)
+    cells = torch.randint(0, side, (b, parts, 2), generator=g)  # (col, row) of each keypoint's patch
+    kp = (cells.float() + 0.5) * (size / side)  # patch centres, input pixels
+    feats = torch.zeros(b, parts, side, side)
+    for i in range(b):
+        for j in range(parts):
+            feats[i, j, cells[i, j, 1], cells[i, j, 0]] = 1.0
+    feats[:, 0] += 1e-3 * torch.rand(b, side, side, generator=g)  # no exact ties off the keypoints
+    vis = torch.ones(b, parts, dtype=torch.bool)
+    occupied = feats.sum(1) > 0.5
+    protos = keypoint_prototypes(feats, kp, vis, ~occupied, image_size=size)
+    torch.testing.assert_close(protos[:parts], torch.eye(parts), rtol=0, atol=2e-3)
+    maps = nearest_prototype_maps(feats, protos)
+    hits = keypoint_hits(maps[:, :-1], kp * 224 / size, vis, frame=224, half_size=36)
+    assert bool(hits[:, torch.arange(parts), torch.arange(parts)].all())
+    assert consistency_score(hits, vis, torch.tensor([0, 0, 0, 1, 1, 1])) == 100.0

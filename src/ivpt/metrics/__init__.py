@@ -40,6 +40,8 @@ from .parts import (
     consistency_score,
     check_protocol,
     keypoint_hits,
+    keypoint_prototypes,
+    nearest_prototype_maps,
     part_counts,
     part_frame_keypoints,
     stability_from_counts,

@@ -32,6 +32,8 @@ __all__ = [
     "stability_from_counts",
     "consistency_score",
     "stability_score",
+    "keypoint_prototypes",
+    "nearest_prototype_maps",
     "PartMeter",
 ]
 
@@ -180,6 +182,47 @@ def stability_score(hits_clean: Tensor, hits_noisy: Tensor, labels: Tensor) -> f
         raise ValueError(f"clean {tuple(hits_clean.shape)} and noisy {tuple(hits_noisy.shape)} hits differ")
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     return stability_from_counts(*_unchanged_counts(hits_clean, hits_noisy, labels, num_classes))
+
+
+def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, background: Tensor, *,
+                        image_size: int) -> Tensor:
+    """Prototypes that the keypoint annotation gives a stage's features: a reference for what concepts could score.
+
+    features (B, D, H, W): the features a concept stage reads; keypoints (B, P, 2): (x, y) in the pixels of the
+    image_size × image_size model input; visible (B, P) bool; background (B, H, W) bool: the patches that count as
+    background → prototypes (P + 1, D) float32: row j the mean feature of the patch under keypoint j over the
+    images where j is visible, the last row the mean feature of the background patches (accumulated in float64).
+    The patch under (x, y) is (floor(y · H / image_size), floor(x · W / image_size)), clipped to the grid.
+    """
+    b, d, h, w = features.shape
+    if keypoints.shape[:1] != (b,) or keypoints.shape[-1] != 2 or visible.shape != keypoints.shape[:2]:
+        raise ValueError(f"keypoints {tuple(keypoints.shape)} / visible {tuple(visible.shape)} do not match "
+                         f"features {tuple(features.shape)} as (B, P, 2) / (B, P)")
+    if background.shape != (b, h, w):
+        raise ValueError(f"background {tuple(background.shape)} is not (B, H, W) = {(b, h, w)}")
+    vis = visible.bool()
+    if not bool(vis.any(dim=0).all()):
+        missing = [j for j in range(vis.shape[1]) if not bool(vis[:, j].any())]
+        raise ValueError(f"keypoint(s) {missing} are visible in none of the {b} images: no prototype for them")
+    if not bool(background.any()):
+        raise ValueError("no background patch in any image: no background prototype")
+    f = features.detach().double().flatten(2).transpose(1, 2)  # (B, L, D)
+    col = (keypoints[..., 0].double() * w / image_size).floor().clamp(0, w - 1).long()
+    row = (keypoints[..., 1].double() * h / image_size).floor().clamp(0, h - 1).long()
+    at = f.gather(1, (row * w + col).unsqueeze(-1).expand(-1, -1, d))  # (B, P, D): the feature under each keypoint
+    weight = vis.double().unsqueeze(-1)
+    parts = (at * weight).sum(0) / weight.sum(0)
+    bg = f[background.reshape(b, -1).bool()].mean(0, keepdim=True)
+    return torch.cat([parts, bg]).float()
+
+
+def nearest_prototype_maps(features: Tensor, prototypes: Tensor) -> Tensor:
+    """The maps a concept stage computes from its features without a spatial bias: softmax over the K prototypes
+    of −‖f − π_k‖² (docs/method.md §2, step 3.3). features (B, D, H, W), prototypes (K, D) → maps (B, K, H, W)."""
+    f = features.float()
+    p = prototypes.to(f.device, torch.float32)
+    logits = 2.0 * torch.einsum("bdhw,kd->bkhw", f, p) - (p * p).sum(-1)[None, :, None, None]
+    return logits.softmax(dim=1)  # −‖f‖² is the same for every k and cancels in the softmax
 
 
 class PartMeter(SumState):
