@@ -43,12 +43,15 @@ def load_crops(cfg, split: str) -> dict:
     return out
 
 
-def stage_features(model, images: torch.Tensor, stage: int, batch: int = 32) -> torch.Tensor:
-    """(B, D, H, W) features that ``stage`` reads."""
+def stage_features(model, images: torch.Tensor, batch: int = 32) -> list[torch.Tensor]:
+    """(B, D, H, W) features that each stage reads, in stage order, from one pass over ``images``."""
     with torch.no_grad():
-        f = torch.cat([model.concept_features(images[i:i + batch])[stage] for i in range(0, len(images), batch)])
-    side = int(round(f.shape[1] ** 0.5))
-    return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], side, side)
+        per_batch = [model.concept_features(images[i:i + batch]) for i in range(0, len(images), batch)]
+    out = []
+    for f in (torch.cat(stage) for stage in zip(*per_batch)):
+        side = int(round(f.shape[1] ** 0.5))
+        out.append(f.transpose(1, 2).reshape(f.shape[0], f.shape[2], side, side))
+    return out
 
 
 def background_patches(crops: dict, grid: int) -> torch.Tensor:
@@ -92,13 +95,14 @@ def main() -> None:
     wanted = stages if args.stages is None else [int(s) for s in args.stages.split(",")]
     out = {"checkpoint": args.checkpoint, "protocol": cfg.eval.protocol, "test_images": len(test["image"]),
            "stages": []}
+    train_features, test_features = stage_features(model, train["image"]), stage_features(model, test["image"])
     for position, stage in enumerate(stages):
         if stage not in wanted:
             continue
-        f_train = stage_features(model, train["image"], position)
+        f_train = train_features[position]
         protos = keypoint_prototypes(f_train, train["keypoints"], train["visible"],
                                      background_patches(train, f_train.shape[-1]), image_size=train["image"].shape[-1])
-        reference = nearest_prototype_maps(stage_features(model, test["image"], position), protos)
+        reference = nearest_prototype_maps(test_features[position], protos)
         out["stages"].append({"stage": stage,
                               "trained": round(consistency_of(trained_maps[position], test, cfg), 1),
                               "trained_prototypes": trained_maps[position].shape[1] - 1,
