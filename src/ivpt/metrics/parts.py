@@ -191,8 +191,9 @@ def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, ba
     features (B, D, H, W): the features a concept stage reads; keypoints (B, P, 2): (x, y) in the pixels of the
     image_size × image_size model input; visible (B, P) bool; background (B, H, W) bool: the patches that count as
     background → prototypes (P + 1, D) float32: row j the mean feature of the patch under keypoint j over the
-    images where j is visible, the last row the mean feature of the background patches (accumulated in float64).
-    The patch under (x, y) is (floor(y · H / image_size), floor(x · W / image_size)), clipped to the grid.
+    images where j is visible (a hidden keypoint's coordinates are ignored, NaN included), the last row the mean
+    feature of the background patches (accumulated in float64). The patch under (x, y) is
+    (floor(y · H / image_size), floor(x · W / image_size)), clipped to the grid.
     """
     b, d, h, w = features.shape
     if keypoints.shape[:1] != (b,) or keypoints.shape[-1] != 2 or visible.shape != keypoints.shape[:2]:
@@ -207,8 +208,9 @@ def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, ba
     if not bool(background.any()):
         raise ValueError("no background patch in any image: no background prototype")
     f = features.detach().double().flatten(2).transpose(1, 2)  # (B, L, D)
-    col = (keypoints[..., 0].double() * w / image_size).floor().clamp(0, w - 1).long()
-    row = (keypoints[..., 1].double() * h / image_size).floor().clamp(0, h - 1).long()
+    kp = keypoints.double().masked_fill(~vis.unsqueeze(-1), 0.0)  # a hidden keypoint's coordinates may be anything
+    col = (kp[..., 0] * w / image_size).floor().clamp(0, w - 1).long()
+    row = (kp[..., 1] * h / image_size).floor().clamp(0, h - 1).long()
     at = f.gather(1, (row * w + col).unsqueeze(-1).expand(-1, -1, d))  # (B, P, D): the feature under each keypoint
     weight = vis.double().unsqueeze(-1)
     parts = (at * weight).sum(0) / weight.sum(0)
