@@ -454,7 +454,7 @@ def test_keypoint_prototypes_are_the_mean_features_under_the_visible_keypoints()
     ]).float()
     assert protos.dtype == torch.float32 and protos.shape == (3, d)
     torch.testing.assert_close(protos, expected, rtol=1e-6, atol=1e-7)
-    # the hidden keypoint may sit anywhere, NaN included: that changes nothing; the edge keypoint lands in the last patch
+    # the hidden keypoint may sit anywhere, NaN included, and change nothing; the edge keypoint lands in the last patch
     kp2 = kp.clone()
     kp2[2, 1] = torch.tensor([float("nan"), -1e9])
     torch.testing.assert_close(keypoint_prototypes(feats, kp2, vis, background, image_size=size), protos)
