@@ -48,9 +48,17 @@ def test_info_rejects_bad_override(capsys):
         main(["--debug", "info", "--config", "configs/cpu_vits14_224.yaml", "--weights", "random", "model.n_pro=5"])
 
 
-def test_unknown_argument_is_an_error():
+def test_unknown_argument_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["info", "--bogus"])
+    # the message names exactly the arguments argparse could not place: a dotted override is one only where the
+    # command takes overrides
+    with pytest.raises(SystemExit):
+        main(["eval", "somewhere", "--bogus", "a.b=1"])
+    assert "unrecognized arguments: --bogus (" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["synth", "somewhere", "a.b=1"])
+    assert "unrecognized arguments: a.b=1 (" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -151,7 +151,8 @@ def test_validation_errors():
 
 
 def test_config_round_trip_and_overrides(tmp_path):
-    cfg = load_config("configs/cub_vitb14_reg4_paper.yaml", ["model.n_pro=9,7,5", "optim.amp=fp16", "train.tensorboard=true"])
+    cfg = load_config("configs/cub_vitb14_reg4_paper.yaml",
+                      ["model.n_pro=9,7,5", "optim.amp=fp16", "train.tensorboard=true"])
     assert cfg.model.n_pro == [9, 7, 5] and cfg.optim.amp == "fp16" and cfg.train.tensorboard is True
     from ivpt.config import Config
 
@@ -202,7 +203,8 @@ def test_other_backbone_weights_are_refused_unless_allowed(tmp_path, model):
     model.save_pretrained(tmp_path / "ckpt")
     other = tmp_path / "other.safetensors"
     save_file({k: v + 0.01 for k, v in model.backbone.state_dict().items()}, str(other))
-    with pytest.raises(CheckpointError, match=r"other backbone weights: .* from 'random' .*came from '.*other.safetensors'"):
+    with pytest.raises(CheckpointError,
+                       match=r"other backbone weights: .* from 'random' .*came from '.*other.safetensors'"):
         IVPT.from_pretrained(tmp_path / "ckpt", weights=str(other))
     with pytest.warns(UserWarning, match="mismatch was allowed"):
         loaded = IVPT.from_pretrained(tmp_path / "ckpt", weights=str(other), allow_backbone_mismatch=True)

@@ -103,8 +103,9 @@ def _loader_lines(loader: dict | None, projection: dict | None) -> list[str]:
     lines = []
     if loader:
         st = loader["settings"]
-        lines += ["", (f"## Training DataLoader ({st['workers']} workers, batch {st['batch']}, {st['img_size']} px crops "
-                       f"from {st['image_size']} px JPEGs, paper augmentation, to the device)"), ""]
+        lines += ["", (f"## Training DataLoader ({st['workers']} workers, batch {st['batch']}, "
+                       f"{st['img_size']} px crops from {st['image_size']} px JPEGs, paper augmentation, "
+                       "to the device)"), ""]
         lines += [f"- {path}: {loader[path]['images_per_s']:.0f} images/s ({loader[path]['images']} images in "
                   f"{loader[path]['seconds']:.2f} s)" for path in loader if path != "settings"]
     if projection:

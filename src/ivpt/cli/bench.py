@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, quick=args.quick, backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
         batch=args.batch, img_size=args.img_size, n_pro=args.n_pro, num_classes=args.num_classes,
         train_tokens=not args.frozen_tokens, sizes=args.sizes, stage_counts=args.stages, repeats=args.repeats,
-        device=args.device, threads=args.threads, memory=not args.no_memory, variants=args.variants, profile=args.profile,
-        compile=args.compile,
+        device=args.device, threads=args.threads, memory=not args.no_memory, variants=args.variants,
+        profile=args.profile, compile=args.compile,
         amp=args.amp, loader=not args.no_loader, workers=args.workers, loader_images=args.loader_images,
         loader_image_size=args.loader_image_size,
     )

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     # argparse cannot take positional overrides after options (``CKPT --out D a.b=1``); collect them here.
     dotted = [a for a in extra if "=" in a and not a.startswith("-") and "." in a.split("=", 1)[0]]
     if len(dotted) != len(extra) or (dotted and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in dotted or not hasattr(args, 'overrides'))}")
+        unknown = [a for a in extra if a not in dotted or not hasattr(args, "overrides")]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if dotted:
         args.overrides = list(args.overrides or []) + dotted
     if args.command is None:

@@ -50,8 +50,9 @@ def _copy_row(param: nn.Parameter, optimizer: torch.optim.Optimizer | None, dst:
 def revive_dead_concepts(stages: Sequence[nn.Module], wins: Sequence[Sequence[float]],
                          optimizer: torch.optim.Optimizer | None, *, noise_std: float,
                          generator: torch.Generator) -> list[tuple[int, int, int]]:
-    """Revive the dead foreground prototypes of each stage (``stages[i]`` a :class:`~ivpt.models.prototypes.ConceptStage`
-    whose maps gave the pixel counts ``wins[i]``) as described in the module docstring, in place.
+    """Revive the dead foreground prototypes of each stage (``stages[i]`` a
+    :class:`~ivpt.models.prototypes.ConceptStage` whose maps gave the pixel counts ``wins[i]``) as described in the
+    module docstring, in place.
 
     Returns (stage, revived prototype, donor) for every revival, in the order they were made.
     """

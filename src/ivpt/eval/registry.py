@@ -22,7 +22,8 @@ registration, e.g. a whole-model score on the evaluated split::
         def scores(self, stage):                        # eval.json keys; stage is None for whole-model metrics
             return self.meter.compute()
 
-(tests/test_registry.py registers exactly this one.) The built-in metrics are registered in :mod:`ivpt.eval.builtin` (imported with :mod:`ivpt.eval`).
+(tests/test_registry.py registers exactly this one.) The built-in metrics are registered in
+:mod:`ivpt.eval.builtin` (imported with :mod:`ivpt.eval`).
 
 A consumer (see :class:`MetricConsumer`) receives each batch of its pass with a shared
 :class:`~ivpt.eval.runner.Forward`; metrics whose ``consumer`` is the same factory share one instance (NMI/ARI,

@@ -25,7 +25,8 @@ Every model here returns a :class:`~ivpt.models.ModelOutput`, so :func:`ivpt.eng
 Part maps for the interpretability protocols: concept models (``last_layer_parts``, ``vpt_deep_proto``) use their
 concept map; VPT-shallow/deep, in eval mode only, the last block's attention from their prompt tokens to the
 patches (heads averaged, each prompt's map divided by its maximum, background = 1 − the largest, normalised per
-patch; :func:`attention_part_maps`), their one map stage (index 0). The linear probe has no part maps: it is scored on accuracy only.
+patch; :func:`attention_part_maps`), their one map stage (index 0). The linear probe has no part maps: it is
+scored on accuracy only.
 
 Learning rates (``param_groups``): classifiers and the modulation LayerNorm at the head rate; prompts, prototypes,
 spatial biases and backbone tokens at the concept rate. VPT prompts live in the token-embedding space, like the
