@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ivpt.data import build_eval_transform, open_dataset
-from ivpt.metrics import consistency_score, keypoint_hits, keypoint_prototypes, nearest_prototype_maps, \
-    part_frame_keypoints
+from ivpt.metrics import consistency_score, keypoint_hits, keypoint_patches, keypoint_prototypes, part_frame_keypoints
+from ivpt.models.prototypes import nearest_prototype_maps
 from ivpt.runs import load_run
 
 
@@ -62,8 +62,8 @@ def background_patches(crops: dict, grid: int) -> torch.Tensor:
         on = F.adaptive_avg_pool2d(crops["mask"].reshape(b, 1, side, side), (grid, grid)).squeeze(1)
         return on < 0.5
     free = torch.ones(b, grid * grid, dtype=torch.bool)
-    cell = (crops["keypoints"] * grid / side).floor().clamp(0, grid - 1).long()
-    index, vis = cell[..., 1] * grid + cell[..., 0], crops["visible"]
+    vis = crops["visible"]
+    index = keypoint_patches(crops["keypoints"], vis, (grid, grid), image_size=side)
     free[torch.arange(b).unsqueeze(1).expand_as(index)[vis], index[vis]] = False
     return free.reshape(b, grid, grid)
 

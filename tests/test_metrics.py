@@ -23,15 +23,16 @@ from ivpt.metrics import (
     fg_iou,
     fit_keypoint_regressor,
     keypoint_hits,
+    keypoint_patches,
     keypoint_prototypes,
     keypoint_regression_error,
-    nearest_prototype_maps,
     nmi_ari,
     nmi_ari_from_contingency,
     soft_centroids,
     stability_score,
     topk_correct,
 )
+from ivpt.models.prototypes import nearest_prototype_maps
 
 # ----------------------------------------------------------------------------------------------- NMI / ARI
 
@@ -446,6 +447,7 @@ def test_keypoint_prototypes_are_the_mean_features_under_the_visible_keypoints()
     background[:, 0, 0] = True
     background[1, 3, 3] = True
     protos = keypoint_prototypes(feats, kp, vis, background, image_size=size)
+    assert keypoint_patches(kp, vis, (side, side), image_size=size).tolist() == [[6, 12], [6, 12], [6, 0]]
     f = feats.double()
     expected = torch.stack([
         (f[0, :, 1, 2] + f[1, :, 1, 2] + f[2, :, 1, 2]) / 3,

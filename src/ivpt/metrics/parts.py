@@ -33,7 +33,7 @@ __all__ = [
     "consistency_score",
     "stability_score",
     "keypoint_prototypes",
-    "nearest_prototype_maps",
+    "keypoint_patches",
     "PartMeter",
 ]
 
@@ -184,6 +184,18 @@ def stability_score(hits_clean: Tensor, hits_noisy: Tensor, labels: Tensor) -> f
     return stability_from_counts(*_unchanged_counts(hits_clean, hits_noisy, labels, num_classes))
 
 
+def keypoint_patches(keypoints: Tensor, visible: Tensor, grid: tuple[int, int], *, image_size: int) -> Tensor:
+    """(B, P) long: the row-major index on the H×W patch ``grid`` of the patch under each keypoint (x, y) of
+    ``keypoints`` (B, P, 2), in the pixels of the image_size × image_size model input: (floor(y · H / image_size),
+    floor(x · W / image_size)), clipped to the grid. A hidden keypoint (``visible`` (B, P) False) gets patch 0
+    whatever its coordinates, NaN included."""
+    h, w = grid
+    kp = keypoints.double().masked_fill(~visible.bool().unsqueeze(-1), 0.0)
+    col = (kp[..., 0] * w / image_size).floor().clamp(0, w - 1).long()
+    row = (kp[..., 1] * h / image_size).floor().clamp(0, h - 1).long()
+    return row * w + col
+
+
 def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, background: Tensor, *,
                         image_size: int) -> Tensor:
     """Prototypes that the keypoint annotation gives a stage's features: a reference for what concepts could score.
@@ -192,8 +204,8 @@ def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, ba
     image_size × image_size model input; visible (B, P) bool; background (B, H, W) bool: the patches that count as
     background → prototypes (P + 1, D) float32: row j the mean feature of the patch under keypoint j over the
     images where j is visible (a hidden keypoint's coordinates are ignored, NaN included), the last row the mean
-    feature of the background patches (accumulated in float64). The patch under (x, y) is
-    (floor(y · H / image_size), floor(x · W / image_size)), clipped to the grid.
+    feature of the background patches (accumulated in float64). The patch under a keypoint is
+    :func:`keypoint_patches`.
     """
     b, d, h, w = features.shape
     if keypoints.shape[:1] != (b,) or keypoints.shape[-1] != 2 or visible.shape != keypoints.shape[:2]:
@@ -208,23 +220,12 @@ def keypoint_prototypes(features: Tensor, keypoints: Tensor, visible: Tensor, ba
     if not bool(background.any()):
         raise ValueError("no background patch in any image: no background prototype")
     f = features.detach().double().flatten(2).transpose(1, 2)  # (B, L, D)
-    kp = keypoints.double().masked_fill(~vis.unsqueeze(-1), 0.0)  # a hidden keypoint's coordinates may be anything
-    col = (kp[..., 0] * w / image_size).floor().clamp(0, w - 1).long()
-    row = (kp[..., 1] * h / image_size).floor().clamp(0, h - 1).long()
-    at = f.gather(1, (row * w + col).unsqueeze(-1).expand(-1, -1, d))  # (B, P, D): the feature under each keypoint
+    patch = keypoint_patches(keypoints, vis, (h, w), image_size=image_size)
+    at = f.gather(1, patch.unsqueeze(-1).expand(-1, -1, d))  # (B, P, D): the feature under each keypoint
     weight = vis.double().unsqueeze(-1)
     parts = (at * weight).sum(0) / weight.sum(0)
     bg = f[background.reshape(b, -1).bool()].mean(0, keepdim=True)
     return torch.cat([parts, bg]).float()
-
-
-def nearest_prototype_maps(features: Tensor, prototypes: Tensor) -> Tensor:
-    """The maps a concept stage computes from its features without a spatial bias: softmax over the K prototypes
-    of −‖f − π_k‖² (docs/method.md §2, step 3.3). features (B, D, H, W), prototypes (K, D) → maps (B, K, H, W)."""
-    f = features.float()
-    p = prototypes.to(f.device, torch.float32)
-    logits = 2.0 * torch.einsum("bdhw,kd->bkhw", f, p) - (p * p).sum(-1)[None, :, None, None]
-    return logits.softmax(dim=1)  # −‖f‖² is the same for every k and cancels in the softmax
 
 
 class PartMeter(SumState):

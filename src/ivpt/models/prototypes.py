@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConceptStage", "region_pool", "renormalise", "present_concepts"]
+__all__ = ["ConceptStage", "region_pool", "renormalise", "present_concepts", "prototype_logits",
+           "nearest_prototype_maps"]
 
 
 def region_pool(maps: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,6 +37,25 @@ def present_concepts(maps: Tensor) -> Tensor:
     patch grid, as :func:`region_pool` assigns the regions)."""
     n = maps.shape[1]
     return F.one_hot(maps.argmax(dim=1), n).flatten(1, 2).amax(dim=1).bool()
+
+
+def prototype_logits(feats: Tensor, prototypes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """-||f - π_k||² + ||f||² (B, n, H, W) of features (B, L, D) against prototypes (n, D), in float32.
+
+    ||f||² is the same for every prototype, so it cancels in the softmax over k and is not computed. The factor 2
+    scales the (n, D) prototypes, not the (B, L, D) features (exact either way: a power of two).
+    """
+    f = feats.float()
+    protos = prototypes.float()
+    logits = f @ (2.0 * protos).t() - (protos * protos).sum(-1)  # (B, L, n)
+    return logits.transpose(1, 2).reshape(f.shape[0], -1, *grid)
+
+
+def nearest_prototype_maps(features: Tensor, prototypes: Tensor) -> Tensor:
+    """The maps a concept stage computes without its spatial bias: softmax over the K prototypes of −‖f − π_k‖²
+    (docs/method.md §2, step 3.3). features (B, D, H, W), prototypes (K, D) → maps (B, K, H, W)."""
+    grid = tuple(features.shape[-2:])
+    return prototype_logits(features.flatten(2).transpose(1, 2), prototypes.to(features.device), grid).softmax(dim=1)
 
 
 def renormalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
@@ -89,17 +109,11 @@ class ConceptStage(nn.Module):
         return bias
 
     def maps(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Soft part maps S (B, n, H, W) from features (B, L, D): softmax_k(-||f - π_k||² + β_k).
-
-        ||f||² is the same for every prototype, so it cancels in the softmax and is not computed; the maps are
-        evaluated in float32 even under autocast because squared distances lose too much in bf16. The factor 2
-        scales the (n, D) prototypes, not the (B, L, D) features (exact either way: a power of two).
-        """
+        """Soft part maps S (B, n, H, W) from features (B, L, D): softmax_k(-||f - π_k||² + β_k)
+        (:func:`prototype_logits`), evaluated in float32 even under autocast because squared distances lose too
+        much in bf16."""
         with torch.autocast(device_type=feats.device.type, enabled=False):
-            f = feats.float()
-            protos = self.prototypes.float()
-            logits = f @ (2.0 * protos).t() - (protos * protos).sum(-1)  # (B, L, n)
-            logits = logits.transpose(1, 2).reshape(f.shape[0], -1, *grid) + self.bias_for(grid).float()
+            logits = prototype_logits(feats, self.prototypes, grid) + self.bias_for(grid).float()
             return logits.softmax(dim=1)
 
     def assign(self, regions: Tensor, counts: Tensor, *, tau: float, sample: bool) -> Tensor:
