@@ -112,7 +112,8 @@ def test_full_demo_runs_the_recipe_on_box_crops_without_a_schedule_warning(tmp_p
     recipe = load_config("configs/cpu_vits14_224.yaml")
     for section, name in [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
                           ("model", "train_tokens"), ("model", "n_pro"), ("loss", "tv_reference_grid"),
-                          ("optim", "schedule"), ("optim", "warmup"), ("optim", "min_steps"), ("optim", "amp")]:
+                          ("optim", "schedule"), ("optim", "warmup"), ("optim", "min_steps"), ("optim", "amp"),
+                          ("train", "starts"), ("train", "start_epochs")]:
         assert getattr(getattr(cfg, section), name) == getattr(getattr(recipe, section), name), (section, name)
     assert cfg.data.bbox_crop and cfg.model.img_size == 112 and cfg.optim.batch_size == 4
     steps_per_epoch = len(build_datasets(cfg).train) // cfg.optim.batch_size  # 144 images after the validation split

@@ -67,7 +67,7 @@ def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
     method = [("model", "global_part"), ("model", "global_share"), ("model", "deep_prompts"),
               ("model", "train_tokens"), ("model", "n_pro"), ("loss", "tv_reference_grid"), ("optim", "base_lr"),
               ("optim", "head_lr_mult"), ("optim", "concept_lr_mult"), ("optim", "schedule"), ("optim", "warmup"),
-              ("optim", "min_steps"), ("optim", "ema_decay")]
+              ("optim", "min_steps"), ("optim", "ema_decay"), ("train", "starts"), ("train", "start_epochs")]
     cpu = sorted(configs.glob("*_cpu.yaml"))
     paper = sorted(configs.glob("*_paper*.yaml"))
     assert len(cpu) == 5 and len(paper) == 8
@@ -80,3 +80,4 @@ def test_cpu_configs_train_the_recipe_and_paper_configs_the_paper():
         assert (cfg.optim.base_lr * cfg.optim.head_lr_mult, cfg.optim.base_lr * cfg.optim.concept_lr_mult) == \
             pytest.approx((1e-2, 2e-4), rel=1e-12), path.name
         assert not cfg.model.global_part and not cfg.model.deep_prompts and cfg.optim.ema_decay == 0, path.name
+        assert cfg.train.starts == 1, path.name

@@ -360,19 +360,21 @@ def test_training_figure_plots_validation_and_concept_health(tmp_path):
     log = tmp_path / "log.csv"
     with open(log, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["epoch", "step", "total", "classification", "val_top1", "alive_s0", "entropy_s0", "alive_s1",
-                         "entropy_s1"])
+        writer.writerow(["epoch", "step", "total", "classification", "val_top1", "val_parts_only_top1",
+                         "val_part_share", "alive_s0", "entropy_s0", "alive_s1", "entropy_s1"])
         for step in range(1, 7):  # health and validation are filled in the last row of each epoch only
             end = step % 3 == 0
             writer.writerow([1 + (step - 1) // 3, step, 3.0 / step, 2.0 / step] +
-                            ([40 + step, 0.75, 0.3, 1.0, 0.2] if end else [""] * 5))
+                            ([40 + step, 30 + step, 0.1 * step, 0.75, 0.3, 1.0, 0.2] if end else [""] * 7))
     fig = training_figure(read_log(log))
     lines = {ax.get_title(loc="left"): [line.get_label().split()[0] for line in ax.get_lines()
                                         if not line.get_label().startswith("_")] for ax in fig.axes}  # not epoch marks
     alive = next(t for t in lines if t.startswith("concepts alive"))
     entropy = next(t for t in lines if t.startswith("map entropy"))
     assert lines[alive] == ["alive_s0", "alive_s1"] and lines[entropy] == ["entropy_s0", "entropy_s1"]
-    assert lines["validation accuracy (%) · last 46"] == ["val_top1"] and lines["total loss · last 0.5"] == ["total"]
+    assert lines["validation accuracy (%)"] == ["val_top1", "val_parts_only_top1"]
+    assert lines["validation part share · last 0.6"] == ["val_part_share"]
+    assert lines["total loss · last 0.5"] == ["total"]
     (val, *_) = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("validation")).get_lines()
     assert list(val.get_xdata()) == [3, 6] and list(val.get_ydata()) == [43, 46]  # the epochs' points, joined
     without = training_figure({k: v for k, v in read_log(log).items() if not k.startswith(("alive", "entropy_s"))})

@@ -322,3 +322,25 @@ def test_collapse_warning_threshold():
         "loss.entropy and loss.tv empty the stages when the object covers few patches (data.bbox_crop=true trains "
         "on box crops where the dataset has boxes)")
     assert collapse_warning({}, [], epoch=1) is None
+
+
+@pytest.mark.parametrize("global_part", [True, False])
+def test_validation_logs_how_much_the_parts_decide(world, tmp_path, global_part):
+    from ivpt.engine.trainer import Trainer
+    from ivpt.eval.builtin import DecisionConsumer
+    from ivpt.eval.runner import AccuracyConsumer, run_pass
+
+    cfg = tiny_config(world, optim=dict(epochs=1), model=dict(global_part=global_part))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    try:
+        trainer.fit()  # one epoch: best/ (loaded by the test pass) is the validated state
+        acc, decision = AccuracyConsumer(3), DecisionConsumer(*trainer.model.logit_weights())
+        run_pass(trainer.model, trainer.data.val, cfg, trainer.info, [acc, decision])
+    finally:
+        trainer.close()
+    (row,) = [r for r in csv.DictReader((tmp_path / "run" / "log.csv").open()) if r["val_top1"]]
+    expected = {"val_top1": acc.meter.compute()["top1"], **{f"val_{k}": v for k, v in decision.meter.compute().items()
+                                                            if k != "parts_agree"}}
+    assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-5)  # the log's 6 digits
+    if not global_part:  # the logits are the parts' own: 100 % agreement by construction
+        assert float(row["val_parts_only_top1"]) == float(row["val_top1"]) and float(row["val_part_share"]) == 1.0

@@ -22,10 +22,15 @@ ALIVE = {**DEAD, "alive_s0": 0.75}
 BEST_TOP1 = dict(selection="best_top1")
 
 
+def _scores(top1: float, health: dict) -> tuple[dict, dict]:
+    """What Trainer.validate returns: the validation scores and the map health."""
+    return {"val_top1": top1}, health
+
+
 def test_best_is_the_best_top1_among_epochs_whose_concepts_are_alive(world, tmp_path, monkeypatch):
     # (val top-1, validation health) per epoch: a dead epoch never displaces an alive one, however accurate.
     script = iter([(90.0, DEAD), (50.0, ALIVE), (95.0, DEAD), (70.0, ALIVE), (65.0, ALIVE)])
-    monkeypatch.setattr(Trainer, "validate", lambda self: next(script))
+    monkeypatch.setattr(Trainer, "validate", lambda self: _scores(*next(script)))
     metrics = train(tiny_config(world, optim=dict(epochs=5), train=BEST_TOP1), tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert meta["epoch"] == 4 and meta["val_top1"] == 70.0 and meta["concepts_alive"] is True
@@ -35,7 +40,7 @@ def test_best_is_the_best_top1_among_epochs_whose_concepts_are_alive(world, tmp_
 
 def test_until_an_epoch_is_alive_best_is_the_best_top1_and_says_so(world, tmp_path, monkeypatch):
     script = iter([(40.0, DEAD), (60.0, DEAD), (50.0, DEAD)])
-    monkeypatch.setattr(Trainer, "validate", lambda self: next(script))
+    monkeypatch.setattr(Trainer, "validate", lambda self: _scores(*next(script)))
     metrics = train(tiny_config(world, optim=dict(epochs=3), train=BEST_TOP1), tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert meta["epoch"] == 2 and meta["concepts_alive"] is False and metrics["best_concepts_alive"] is False
@@ -70,7 +75,7 @@ def test_the_default_rule_keeps_a_later_epoch_the_validation_split_cannot_tell_a
     se = top1_standard_error(80.0, n)
     assert se > 1.0
     script = iter([(80.0, ALIVE), (80.0 - 0.5 * se, ALIVE), (80.0 - 1.5 * se, ALIVE), (95.0, DEAD)])
-    monkeypatch.setattr(Trainer, "validate", lambda self: next(script))
+    monkeypatch.setattr(Trainer, "validate", lambda self: _scores(*next(script)))
     metrics = train(cfg, tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert meta["epoch"] == 2 and meta["val_top1"] == pytest.approx(80.0 - 0.5 * se)

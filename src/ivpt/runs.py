@@ -64,7 +64,8 @@ def load_run(checkpoint: str | Path, *, weights: str | None = None, device: str 
 
 def reuse_state(run_dir: str | Path, cfg: Config, *, may_differ: frozenset[str] | set[str] = frozenset()) -> str:
     """What a job that wants a run of ``cfg`` in ``run_dir`` does with what is there: ``"new"`` (no run yet, or one
-    killed before its first checkpoint: train), ``"started"`` (``last.pt`` without ``metrics.json``: resume),
+    killed before its first checkpoint: train), ``"started"`` (``last.pt``, or the ``starts/`` of a run with
+    ``train.starts``, without ``metrics.json``: resume),
     ``"finished"`` (``metrics.json``: reuse).
 
     A run whose config differs from ``cfg`` in a key that matters to its model kind
@@ -79,7 +80,8 @@ def reuse_state(run_dir: str | Path, cfg: Config, *, may_differ: frozenset[str] 
                               f"or delete {run_dir} to train it again")
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    return "started" if (run_dir / "last.pt").is_file() else "new"
+    started = (run_dir / "last.pt").is_file() or (run_dir / "starts").is_dir()  # train.starts: some start began
+    return "started" if started else "new"
 
 
 def class_names_of(meta: dict, num_classes: int) -> list[str] | None:

@@ -251,6 +251,15 @@ class TrainConfig:
     # latest_within_se, the latest epoch whose validation top-1 is within one standard error of the best so far
     # (a split of a few dozen images cannot tell them apart; later concepts have trained longer), or best_top1.
     selection: str = "latest_within_se"
+    # NOT the paper: train this many starts of the run for ``start_epochs`` epochs each, then only the start whose
+    # parts decide the most on the validation split (ivpt.engine.starts) to the end. Start k is the plain run of seed
+    # ``seed * starts + k`` (its split too), so 1 is the plain run of ``seed``.
+    starts: int = limited(1, "[1, 64]", note="1: one plain run")
+    start_epochs: int = limited(4, ">= 1", note="epochs each start trains before the choice (with train.starts > 1)")
+
+    def start_seed(self, start: int) -> int:
+        """The seed of start ``start`` (0-based) of ``starts``: ``seed * starts + start``."""
+        return self.seed * self.starts + start
 
     def __post_init__(self) -> None:
         check_limits(self)

@@ -23,8 +23,10 @@ __all__ = ["LOG_FIELDS", "read_back"]
 
 
 # The columns of every run's log.csv; runs with concept maps add alive_s<i>, entropy_s<i> per map stage
-# (ivpt.engine.health). The last row of each epoch also holds the health and the validation top-1 (val_top1).
-LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s", "val_top1"]
+# (ivpt.engine.health). The last row of each epoch also holds the health and the validation scores: top-1 and, for
+# models with a part-pooled head, parts-only top-1 and part share (ivpt.metrics.decision).
+LOG_FIELDS = ["epoch", "step", "lr_head", "lr_concepts", "total", *LOSS_TERMS, "img_per_s", "elapsed_s", "val_top1",
+              "val_parts_only_top1", "val_part_share"]
 
 
 @dataclass

@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = frozenset({
 
 
 # What a run writes into its folder: a folder holding any of them holds a run (started or finished).
-RUN_FILES = ("last.pt", "metrics.json", "best", "config.yaml", "log.csv", "eval.json", "tensorboard")
+RUN_FILES = ("last.pt", "metrics.json", "best", "config.yaml", "log.csv", "eval.json", "tensorboard", "starts",
+             "starts.json")
 
 
 def check_resumable(out: str | Path) -> Path:

@@ -45,6 +45,7 @@ from ..checkpoint import (RunLock, atomic_write_text, check_output_folder_all_ra
                           read_pretrained_config, remove_stale_temporaries)
 from ..config import Config
 from ..eval import evaluate_accuracy
+from ..eval.builtin import DecisionConsumer
 from ..eval.runner import AccuracyConsumer, run_pass
 from ..models import create_model
 from .checks import _unseen_classes_warning, check_batch_shape, check_classes, check_finite
@@ -62,35 +63,17 @@ from .state import _StopOnSignal, stopped
 # compute_loss is called by this module's name for it (tests patch ivpt.engine.trainer.compute_loss)
 from .step import _split_output, compute_loss, training_net  # noqa: F401  (_split_output: re-exported)
 
-__all__ = ["TrainingError", "TrainingStopped", "Trainer", "train", "check_resumable", "check_new_run_folder",
+__all__ = ["TrainingError", "TrainingStopped", "Trainer", "check_resumable", "check_new_run_folder",
            "RESUMABLE_CHANGES", "RUN_FILES"]
-
-
-def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-          new_run: bool = False) -> dict:
-    """Train ``cfg`` into folder ``out``; with ``resume`` continue from ``out/last.pt``.
-
-    Writes ``config.yaml``, ``log.csv``, ``last.pt`` (full training state), ``best/`` (pretrained folder chosen
-    on the validation split, or the last epoch without one) and ``metrics.json`` (test accuracy of ``best``).
-    Returns the content of ``metrics.json``. ``new_run`` (``ivpt train --out``) refuses a folder that already holds
-    a run (:func:`check_new_run_folder`); without it a folder that holds no ``last.pt`` is trained afresh.
-    """
-    trainer = None
-    try:
-        trainer = Trainer(cfg, out, resume=resume, progress=progress, new_run=new_run)
-        return trainer.fit()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        R.teardown()  # leaves the torchrun process group, also when set-up failed
 
 
 class Trainer:
     """One training run in ``out``; see the module docstring for the order of its parts."""
 
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-                 new_run: bool = False) -> None:
+                 new_run: bool = False, start: int = 0) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.start = start  # which of train.starts this run trains (ivpt.engine.starts); a resume reads last.pt's
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
         self.lock = RunLock(self.out)  # held by rank 0 from here to close()
@@ -124,12 +107,20 @@ class Trainer:
 
         cfg = self.cfg
         state = read_resume_state(self) if resume else None
+        if state is not None:
+            self.start = state.get("start", 0)
+            if not isinstance(self.start, int) or not 0 <= self.start < cfg.train.starts:
+                raise TrainingError(f"cannot resume: {self.out / 'last.pt'} names start {self.start!r}, not one of the "
+                                    f"run's train.starts={cfg.train.starts}")
+        # the seed of everything this run draws, its training/validation split too: train.seed, or a start's own
+        self.seed = cfg.train.start_seed(self.start)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)  # an op without a deterministic implementation raises
 
-        self.data = build_datasets(cfg)
+        self.data = build_datasets(cfg if self.seed == cfg.train.seed else
+                                   cfg.with_overrides([f"train.seed={self.seed}"]))
         check_classes(cfg, self.data)
-        self.train_set = SeededDataset(self.data.train, cfg.train.seed)
+        self.train_set = SeededDataset(self.data.train, self.seed)
         if state is not None:
             check_same_data(self, state)
         warning = _unseen_classes_warning(self.data, cfg.data.root)
@@ -142,7 +133,7 @@ class Trainer:
         self.micro_global = o.batch_size // o.grad_accum
         self.steps_per_epoch = len(self.train_set) // o.batch_size
 
-        self.model = create_model(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.model = create_model(cfg.model, seed=self.seed).to(self.device)
         if state is None and self.model.has_concept_maps and cfg.model.prototype_init != "normal":
             self._init_prototypes(cfg.model.prototype_init)
         groups = self.model.param_groups(o.base_lr, o.head_lr_mult, o.concept_lr_mult)
@@ -156,16 +147,17 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.steps_per_epoch, o)
         self.step_lrs = _rate_lrs(self.optimizer)  # the rates of the last optimiser step, for the log
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.amp == "fp16")
-        # Every training random number comes from train.seed (and the rank): the global generator drives the
+        # Every training random number comes from the seed (and the rank): the global generator drives the
         # Gumbel noise, eq_gen (identical on every rank) the one equivariance transform per step.
-        torch.manual_seed(cfg.train.seed + self.info.rank)
-        random.seed(cfg.train.seed + self.info.rank)
-        np.random.seed(cfg.train.seed + self.info.rank)
-        self.eq_gen = torch.Generator().manual_seed(cfg.train.seed)
+        torch.manual_seed(self.seed + self.info.rank)
+        random.seed(self.seed + self.info.rank)
+        np.random.seed(self.seed + self.info.rank)
+        self.eq_gen = torch.Generator().manual_seed(self.seed)
 
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.selection = Selection(cfg.train.selection)  # which epoch best/ holds (ivpt.engine.selection)
         self.health = ConceptHealth()  # this epoch's concept health so far (restored with the rest on resume)
+        self.val_scores: dict[str, float] = {}  # the last epoch's validation scores (validate())
         if state is not None:
             restore_state(self, state)
         if self.info.is_main:
@@ -186,7 +178,7 @@ class Trainer:
         self.closing_row: _Row | None = None  # the epoch's last row, until validation has scored the epoch
         self.bar = None  # the epoch's progress bar
         self.batches = EpochBatches(len(self.train_set), self.micro_global, rank=self.info.rank,
-                                    world_size=self.info.world_size, seed=cfg.train.seed,
+                                    world_size=self.info.world_size, seed=self.seed,
                                     num_batches=self.steps_per_epoch * o.grad_accum)
         self.loader = train_loader(self.train_set, self.batches, cfg.data.num_workers,
                                    pin_memory=self.device.type == "cuda")
@@ -218,7 +210,7 @@ class Trainer:
         if how == "feature_mean":
             self.model.centre_prototypes(x, batch_size=size)
         else:
-            self.model.cluster_prototypes(x, seed=self.cfg.train.seed, batch_size=size)
+            self.model.cluster_prototypes(x, seed=self.seed, batch_size=size)
 
     def _images(self, batch: dict) -> torch.Tensor:
         """A collated batch's images on the device, finished by :attr:`augment` when ``data.gpu_augment``."""
@@ -229,11 +221,17 @@ class Trainer:
     def fit(self) -> dict:
         """Every remaining epoch, then the test pass; returns ``metrics.json``'s content. A run resumed after it
         reached ``train.max_steps`` (e.g. killed during its test pass) goes straight to the test pass."""
+        self.train_until(self.epochs)
+        return self.finish()
+
+    def train_until(self, epochs: int) -> None:
+        """The remaining epochs of the first ``epochs`` (fewer when ``train.max_steps`` ends the run first); each
+        ends with validation, ``best/`` and ``last.pt`` (:meth:`end_epoch`)."""
         max_steps = self.cfg.train.max_steps
         first = self.epochs if max_steps and self.step >= max_steps else self.epoch
         try:
             with _StopOnSignal(self):
-                for epoch in range(first, self.epochs):
+                for epoch in range(first, min(epochs, self.epochs)):
                     done = self.train_epoch(epoch)
                     self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
                     if self._stop_due():
@@ -242,9 +240,8 @@ class Trainer:
                         break
         finally:
             self.loader = None  # its persistent workers exit (before the test pass starts its own)
-        self.log.close()
-        self.tb.close()
-        return self.finish()
+            self.log.close()
+            self.tb.close()
 
     def train_epoch(self, epoch: int) -> bool:
         """Optimiser steps of ``epoch`` from ``self.batch_in_epoch`` on; True when ``train.max_steps`` is reached."""
@@ -416,9 +413,10 @@ class Trainer:
             logging.getLogger("ivpt").warning(warning)
         self.revive(epoch)
         with self._evaluated_weights():
-            val, val_health = None, {}
+            val, val_health, self.val_scores = None, {}, {}
             if self.data.val is not None:
-                val, val_health = self.validate()
+                self.val_scores, val_health = self.validate()
+                val = self.val_scores["val_top1"]
             # best/: chosen by train.selection among the epochs whose concepts are alive on the validation split (no
             # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, among
             # all. Without a validation split: the last epoch.
@@ -430,7 +428,7 @@ class Trainer:
                     "epoch": epoch + 1, "step": self.step, "val_top1": val, "concepts_alive": alive,
                     "val_health": val_health, "class_names": list(self.data.class_names)})
         if self.closing_row is not None:
-            self.closing_row.row.update({} if val is None else {"val_top1": val})
+            self.closing_row.row.update(self.val_scores)
             self.rows.append(self.closing_row)
             self.closing_row = None
         self.save_last(epoch + 1 if finished else epoch, 0 if finished else self.batch_in_epoch)
@@ -458,7 +456,7 @@ class Trainer:
         wins = self.health.last_wins
         if not (o.revive_until and wins and self.step <= o.revive_until * self.total_steps):
             return
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         revived = revive_dead_concepts(self.model.stages, wins, self.optimizer,
                                        noise_std=self.cfg.model.prototype_init_std, generator=gen)
         self.health.last_wins = []
@@ -467,14 +465,20 @@ class Trainer:
                 f"epoch {epoch + 1}: revived dead concepts (stage:prototype<-donor) "
                 + ", ".join(f"{i}:{k}<-{d}" for i, k, d in revived))
 
-    def validate(self) -> tuple[float, dict[str, float]]:
-        """Top-1 on the validation split and, for models with concept maps, the health of its eval-mode maps
-        (``alive_s*``/``entropy_s*``, :mod:`ivpt.engine.health`)."""
+    def validate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The validation split's scores for the log — ``val_top1`` and, for models with a part-pooled head,
+        ``val_parts_top1`` and ``val_part_share`` (:mod:`ivpt.metrics.decision`) — and, for models with concept
+        maps, the health of its eval-mode maps (``alive_s*``/``entropy_s*``, :mod:`ivpt.engine.health`)."""
         acc = AccuracyConsumer(self.cfg.model.num_classes)
+        decision = DecisionConsumer(*self.model.logit_weights()) if self.model.has_part_head else None
         maps = MapHealth() if self.model.has_concept_maps else None
-        run_pass(self.model, self.data.val, self.cfg, self.info, [acc] + ([maps] if maps else []))
+        run_pass(self.model, self.data.val, self.cfg, self.info, [c for c in (acc, decision, maps) if c])
         health = maps.health.flush(R.all_reduce_sum) if maps else {}
-        return self._top1("validation", acc.meter.compute()), health
+        scores = {"val_top1": self._top1("validation", acc.meter.compute())}
+        if decision is not None:
+            parts = decision.meter.compute()
+            scores.update({f"val_{k}": parts[k] for k in ("parts_only_top1", "part_share") if k in parts})
+        return scores, health
 
     def finish(self) -> dict:
         """Test accuracy of ``best/``, written to ``metrics.json`` by rank 0."""

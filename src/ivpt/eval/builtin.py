@@ -11,13 +11,17 @@ from .protocols import Discovery, KeypointFit, PartHits
 from .registry import EvalContext, Metric, Score, register_metric
 from .runner import AccuracyConsumer, Forward
 
-__all__ = ["DecisionConsumer", "discovery", "part_hits", "accuracy"]
+__all__ = ["DecisionConsumer", "decision", "discovery", "part_hits", "accuracy"]
 
 
 # -------------------------------------------------------------------------------------------- consumer factories
 
 def accuracy(ctx: EvalContext) -> AccuracyConsumer:
     return AccuracyConsumer(ctx.cfg.model.num_classes)
+
+
+def decision(ctx: EvalContext) -> DecisionConsumer:
+    return DecisionConsumer(*ctx.model.logit_weights())
 
 
 def part_hits(ctx: EvalContext) -> PartHits:
@@ -43,10 +47,11 @@ def discovery(ctx: EvalContext) -> Discovery:
 
 class DecisionConsumer:
     """How much of a part-head model's decisions its parts make (:mod:`ivpt.metrics.decision`), from the same
-    forward as accuracy (``logits``, ``part_logits``) and the head's weights (``model.logit_weights()``)."""
+    forward as accuracy (``logits``, ``part_logits``) and the head's weights ``w_part``, ``w_global``
+    (``model.logit_weights()``)."""
 
-    def __init__(self, ctx: EvalContext) -> None:
-        self.w_part, self.w_global = ctx.model.logit_weights()
+    def __init__(self, w_part: float, w_global: float) -> None:
+        self.w_part, self.w_global = w_part, w_global
         self.meter = DecisionMeter()
 
     def update(self, batch: dict, forward: Forward) -> None:
@@ -143,7 +148,7 @@ register_metric(Metric(
               "IoU of the non-background concepts' area with the foreground mask", compare=None),)))
 
 register_metric(Metric(
-    "decision", consumer=DecisionConsumer, supports=_part_head,
+    "decision", consumer=decision, supports=_part_head,
     description="how much of the decision the parts make (part-pooled heads; model.global_part adds a global "
                 "term)", scores=(
         Score("parts_only_top1", "parts-only top-1", "%", "↑",

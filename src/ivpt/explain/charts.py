@@ -41,7 +41,9 @@ def _matching(log: dict[str, np.ndarray], pattern: str) -> tuple[str, ...]:
 def chart_panels(log: dict[str, np.ndarray]) -> list[tuple[str, tuple[str, ...], str]]:
     """(title, columns, y scale) of every panel ``log`` can fill, in display order: total loss, validation
     accuracy and concept health first, then each loss term, the learning rates and throughput."""
-    panels = [("total loss", ("total",), "linear"), ("validation accuracy (%)", _matching(log, r"val_\w+"), "linear"),
+    panels = [("total loss", ("total",), "linear"),
+              ("validation accuracy (%)", _matching(log, r"val_(\w+_)?top1"), "linear"),
+              ("validation part share", ("val_part_share",), "linear"),
               ("concepts alive", _matching(log, r"alive_s\d+"), "linear"),
               ("map entropy", _matching(log, r"entropy_s\d+"), "linear")]
     panels += [(f"loss: {t.replace('_', ' ')}", (t,), "linear") for t in LOSS_TERMS]

@@ -1,0 +1,97 @@
+"""train.starts (ivpt.engine.starts): the starts, the choice, the kept start to the end, resume."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from ivpt.config import ConfigError
+from ivpt.engine import TrainingError, train
+from ivpt.engine.starts import start_score
+
+from .test_engine import _Killed, _params, tiny_config, world  # noqa: F401  (fixture)
+
+TIMING = ("img_per_s", "elapsed_s")
+
+
+def _rows(run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader((run / "log.csv").open())]
+
+
+def _starts_config(world, **train_extra):
+    # 3 steps per epoch, 3 epochs; each of the 3 starts trains 1 epoch before the choice
+    return tiny_config(world, optim=dict(epochs=3), train=dict(seed=2, starts=3, start_epochs=1, **train_extra))
+
+
+def test_start_seeds_and_the_score():
+    cfg = tiny_config(".", train=dict(seed=2, starts=3))
+    assert [cfg.train.start_seed(k) for k in range(3)] == [6, 7, 8]
+    assert tiny_config(".", train=dict(seed=5)).train.start_seed(0) == 5  # one start: the plain run of the seed
+    assert start_score({"val_top1": 50.0, "val_parts_only_top1": 40.0, "val_part_share": 0.5}) == (40.0, 50.0, 0.5)
+    assert start_score({"val_top1": 50.0}) == (50.0,)
+    with pytest.raises(ConfigError, match="train.starts"):
+        tiny_config(".", train=dict(starts=0))
+
+
+def test_starts_keep_the_best_start_and_continue_it_as_the_plain_run_of_its_seed(world, tmp_path):
+    cfg = _starts_config(world)
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    record = json.loads((run / "starts.json").read_text())
+    starts = record["starts"]
+    assert [starts[str(k)]["seed"] for k in range(3)] == [6, 7, 8] and all(s["steps"] == 3 for s in starts.values())
+    kept = max(range(3), key=lambda k: tuple(starts[str(k)][f"val_{n}"] for n in ("parts_only_top1", "top1", "part_share")))
+    assert record["kept"] == kept == 2  # starts 0 and 2 tie on both top-1s; 2 has the larger part share
+    for k in range(3):  # each start's score is its log's first validation row
+        (row,) = [r for r in _rows(run / "starts" / str(k)) if r["val_top1"]]
+        assert float(row["val_parts_only_top1"]) == pytest.approx(starts[str(k)]["val_parts_only_top1"], rel=1e-5)
+        assert not (run / "starts" / str(k) / "last.pt").exists()  # the training states went after the choice
+    # the run from the choice on is the plain run of the kept start's seed: the same steps, parameters, best/
+    plain = train(tiny_config(world, optim=dict(epochs=3), train=dict(seed=6 + kept)), tmp_path / "plain",
+                  progress=False)
+    assert _rows(run) == _rows(tmp_path / "plain")
+    a, b = _params(run), _params(tmp_path / "plain")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["test_top1"] == plain["test_top1"] and metrics["best_epoch"] == plain["best_epoch"]
+    saved = (run / "config.yaml").read_text()  # the run's own config: its seed and starts
+    assert "starts: 3" in saved and "seed: 2" in saved
+
+
+def test_a_run_killed_during_the_starts_resumes_exactly(world, tmp_path, monkeypatch):
+    from ivpt.engine.trainer import Trainer
+
+    cfg = _starts_config(world, ckpt_every_steps=1)
+    train(cfg, tmp_path / "full", progress=False)
+    original = Trainer.optimizer_step
+
+    def die_in_start_1(self, epoch, micro_batches):
+        original(self, epoch, micro_batches)
+        if self.start == 1 and self.step == 2:
+            self.save_last(epoch, self.batch_in_epoch)
+            raise _Killed("killed in start 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "optimizer_step", die_in_start_1)
+        with pytest.raises(_Killed):
+            train(cfg, tmp_path / "killed", progress=False)
+    assert list(json.loads((tmp_path / "killed" / "starts.json").read_text())["starts"]) == ["0"]
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg, tmp_path / "killed", progress=False, new_run=True)
+    train(cfg, tmp_path / "killed", resume=True, progress=False)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    records = [json.loads((run / "starts.json").read_text()) for run in (full, killed)]
+    for record in records:  # all but the time each start took
+        for start in record["starts"].values():
+            assert start.pop("seconds") > 0
+    assert records[0] == records[1]
+    a, b = _params(full), _params(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(full) == _rows(killed)
+
+
+def test_starts_need_a_validation_split(world, tmp_path):
+    cfg = tiny_config(world, data=dict(val_fraction=0.0), train=dict(starts=2, start_epochs=1))
+    with pytest.raises(TrainingError, match="train.starts chooses a start on the validation split"):
+        train(cfg, tmp_path / "run", progress=False)
