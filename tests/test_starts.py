@@ -42,7 +42,8 @@ def test_starts_keep_the_best_start_and_continue_it_as_the_plain_run_of_its_seed
     record = json.loads((run / "starts.json").read_text())
     starts = record["starts"]
     assert [starts[str(k)]["seed"] for k in range(3)] == [6, 7, 8] and all(s["steps"] == 3 for s in starts.values())
-    kept = max(range(3), key=lambda k: tuple(starts[str(k)][f"val_{n}"] for n in ("parts_only_top1", "top1", "part_share")))
+    order = ("parts_only_top1", "top1", "part_share")
+    kept = max(range(3), key=lambda k: tuple(starts[str(k)][f"val_{n}"] for n in order))
     assert record["kept"] == kept == 2  # starts 0 and 2 tie on both top-1s; 2 has the larger part share
     for k in range(3):  # each start's score is its log's first validation row
         (row,) = [r for r in _rows(run / "starts" / str(k)) if r["val_top1"]]

@@ -1,19 +1,19 @@
 """``train.starts``: several starts of one run, only the most promising trained to the end (NOT the paper).
 
-Where a run's concepts settle is decided early and differs from seed to seed (benchmarks/recipe.md, "Several
-starts"): some seeds' concepts follow the parts, others carve the background while the [CLS] part carries the
-decision. With ``train.starts = K > 1`` a run trains K starts for ``train.start_epochs`` epochs each, start ``k`` the
-plain run of seed ``train.seed * K + k`` (its model, data order and training/validation split), and continues only the
-start whose parts decide the most on its validation split: the highest ``val_parts_only_top1``
-(:mod:`ivpt.metrics.decision`), ties broken by ``val_top1``, then ``val_part_share``, then the lower ``k``; a kind
-without a part-pooled head is chosen by ``val_top1``. The kept start then trains to the end exactly as the plain run of its seed would, so a run
+Where a run's concepts settle is decided early and differs from seed to seed (benchmarks/recipe.md, "Two starts"):
+some seeds' concepts follow the parts, others carve the background while the [CLS] part carries the decision. With
+``train.starts = K > 1`` a run trains K starts for ``train.start_epochs`` epochs each, start ``k`` the plain run of
+seed ``train.seed * K + k`` (its model, data order and training/validation split), and continues only the start whose
+parts decide the most on its validation split: the highest ``val_parts_only_top1`` (:mod:`ivpt.metrics.decision`),
+ties broken by ``val_top1``, then ``val_part_share``, then the lower ``k``; a kind without a part-pooled head is
+chosen by ``val_top1``. The kept start then trains to the end exactly as the plain run of its seed would, so a run
 with starts costs ``(K - 1) * start_epochs`` epochs more than one without.
 
 The run folder ``out`` holds each start in ``out/starts/<k>/`` (its ``log.csv`` and ``config.yaml``; its ``last.pt``
-and ``best/`` until the choice), ``out/starts.json`` (each start's seed, steps, seconds and validation scores, and which was kept),
-and from the choice on the kept start's run: its ``log.csv``, ``last.pt``, ``best/``, ``metrics.json``.
-``config.yaml`` is the run's own (``train.seed``, ``train.starts``), so ``--resume`` and ``ivpt compare`` continue it
-like any run: a run killed during the starts resumes the unfinished start.
+and ``best/`` until the choice), ``out/starts.json`` (each start's seed, steps, seconds and validation scores, and
+which was kept), and from the choice on the kept start's run: its ``log.csv``, ``last.pt``, ``best/``,
+``metrics.json``. ``config.yaml`` is the run's own (``train.seed``, ``train.starts``), so ``--resume`` and
+``ivpt compare`` continue it like any run: a run killed during the starts resumes the unfinished start.
 """
 from __future__ import annotations
 
