@@ -96,3 +96,31 @@ def test_starts_need_a_validation_split(world, tmp_path):
     cfg = tiny_config(world, data=dict(val_fraction=0.0), train=dict(starts=2, start_epochs=1))
     with pytest.raises(TrainingError, match="train.starts chooses a start on the validation split"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_starts_under_torchrun_finish_with_one_kept_start(world, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    cfg = tiny_config(world, optim=dict(epochs=2), train=dict(starts=2, start_epochs=1))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "ivpt.cli", "train", "--config",
+                           str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    record = json.loads((run / "starts.json").read_text())
+    assert sorted(record["starts"]) == ["0", "1"] and record["kept"] in (0, 1)
+    assert proc.stdout.count("kept start") == 1  # rank 0 reports the choice; both ranks made it
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6 and (run / "best" / "config.json").is_file()
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["start"] == record["kept"] and state["step"] == 6
