@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,11 +74,14 @@ def test_a_run_killed_during_the_starts_resumes_exactly(world, tmp_path, monkeyp
             self.save_last(epoch, self.batch_in_epoch)
             raise _Killed("killed in start 1")
 
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")  # a fresh run into a folder holding a finished one
     with monkeypatch.context() as m:
         m.setattr(Trainer, "optimizer_step", die_in_start_1)
         with pytest.raises(_Killed):
             train(cfg, tmp_path / "killed", progress=False)
     assert list(json.loads((tmp_path / "killed" / "starts.json").read_text())["starts"]) == ["0"]
+    # the earlier run's state went: a resume continues the starts, not the old run
+    assert not (tmp_path / "killed" / "last.pt").exists() and not (tmp_path / "killed" / "metrics.json").exists()
     with pytest.raises(TrainingError, match="already holds a run"):
         train(cfg, tmp_path / "killed", progress=False, new_run=True)
     train(cfg, tmp_path / "killed", resume=True, progress=False)
@@ -101,7 +105,6 @@ def test_starts_need_a_validation_split(world, tmp_path):
 @pytest.mark.slow
 def test_starts_under_torchrun_finish_with_one_kept_start(world, tmp_path):
     import os
-    import shutil
     import subprocess
     import sys
 

@@ -73,9 +73,13 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             agree_on_rank0(info, out, lambda: check_new_run_folder(out))
         if resume and not (out / "starts").is_dir():
             raise TrainingError(f"cannot resume: {out} holds neither last.pt nor started starts; nothing to resume")
-        if not resume and info.is_main:  # a fresh run: whatever a killed one left goes
+        if cfg.data.val_fraction == 0:
+            raise TrainingError("train.starts chooses a start on the validation split, and this run has none: set "
+                                "data.val_fraction > 0 (or train.starts=1)")
+        if not resume and info.is_main:  # a fresh run: whatever an earlier run left goes
             shutil.rmtree(out / "starts", ignore_errors=True)
-            (out / STARTS_FILE).unlink(missing_ok=True)
+            for name in (STARTS_FILE, "last.pt", "metrics.json", "log.csv"):
+                (out / name).unlink(missing_ok=True)
         R.barrier()
         record = _record(out) if resume else {"starts": {}}
         if info.is_main:
@@ -95,8 +99,8 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             finally:
                 trainer.close()
             if not scores:
-                raise TrainingError("train.starts chooses a start on the validation split, and this run has none: "
-                                    "set data.val_fraction > 0 (or train.starts=1)")
+                raise TrainingError(f"start {k + 1} has no validation score: no image of its validation split could "
+                                    "be read (see the warnings above)")
             record["starts"][str(k)] = {"seed": t.start_seed(k), "steps": trainer.step, "seconds": seconds, **scores}
             if info.is_main:
                 atomic_write_text(out / STARTS_FILE, json.dumps(record, indent=2))
