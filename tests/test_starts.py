@@ -30,7 +30,7 @@ def test_start_seeds_and_the_score():
     cfg = tiny_config(".", train=dict(seed=2, starts=3))
     assert [cfg.train.start_seed(k) for k in range(3)] == [6, 7, 8]
     assert tiny_config(".", train=dict(seed=5)).train.start_seed(0) == 5  # one start: the plain run of the seed
-    assert start_score({"val_top1": 50.0, "val_parts_only_top1": 40.0, "val_part_share": 0.5}) == (40.0, 50.0, 0.5)
+    assert start_score({"val_top1": 50.0, "val_parts_only_top1": 40.0, "val_part_share": 0.5}) == (40.0, 0.5)
     assert start_score({"val_top1": 50.0}) == (50.0,)
     with pytest.raises(ConfigError, match="train.starts"):
         tiny_config(".", train=dict(starts=0))
@@ -43,9 +43,9 @@ def test_starts_keep_the_best_start_and_continue_it_as_the_plain_run_of_its_seed
     record = json.loads((run / "starts.json").read_text())
     starts = record["starts"]
     assert [starts[str(k)]["seed"] for k in range(3)] == [6, 7, 8] and all(s["steps"] == 3 for s in starts.values())
-    order = ("parts_only_top1", "top1", "part_share")
+    order = ("parts_only_top1", "part_share")
     kept = max(range(3), key=lambda k: tuple(starts[str(k)][f"val_{n}"] for n in order))
-    assert record["kept"] == kept == 2  # starts 0 and 2 tie on both top-1s; 2 has the larger part share
+    assert record["kept"] == kept == 2  # starts 0 and 2 tie on parts-only top-1; 2 has the larger part share
     for k in range(3):  # each start's score is its log's first validation row
         (row,) = [r for r in _rows(run / "starts" / str(k)) if r["val_top1"]]
         assert float(row["val_parts_only_top1"]) == pytest.approx(starts[str(k)]["val_parts_only_top1"], rel=1e-5)

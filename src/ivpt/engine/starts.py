@@ -5,8 +5,8 @@ some seeds' concepts follow the parts, others carve the background while the [CL
 ``train.starts = K > 1`` a run trains K starts for ``train.start_epochs`` epochs each, start ``k`` the plain run of
 seed ``train.seed * K + k`` (its model, data order and training/validation split), and continues only the start whose
 parts decide the most on its validation split: the highest ``val_parts_only_top1`` (:mod:`ivpt.metrics.decision`),
-ties broken by ``val_top1``, then ``val_part_share``, then the lower ``k``; a kind without a part-pooled head is
-chosen by ``val_top1``. The kept start then trains to the end exactly as the plain run of its seed would, so a run
+ties broken by ``val_part_share``, then the lower ``k`` — both measure the parts, never the whole model's top-1,
+which the [CLS] part can carry; a kind without a part-pooled head is chosen by ``val_top1``. The kept start then trains to the end exactly as the plain run of its seed would, so a run
 with starts costs ``(K - 1) * start_epochs`` epochs more than one without.
 
 The run folder ``out`` holds each start in ``out/starts/<k>/`` (its ``log.csv`` and ``config.yaml``; its ``last.pt``
@@ -35,11 +35,11 @@ STARTS_FILE = "starts.json"
 
 
 def start_score(scores: dict[str, float]) -> tuple[float, ...]:
-    """What a start is chosen by, to be maximised: (validation parts-only top-1, validation top-1, validation part
-    share), or (validation top-1,) for a kind without a part-pooled head (``scores``: a run's ``val_*`` scores of
-    its last epoch). The top-1s of a validation split of a few dozen images tie often; the part share rarely."""
+    """What a start is chosen by, to be maximised: (validation parts-only top-1, validation part share), or
+    (validation top-1,) for a kind without a part-pooled head (``scores``: a run's ``val_*`` scores of its last
+    epoch). The parts-only top-1 of a validation split of a few dozen images ties often; the part share rarely."""
     if "val_parts_only_top1" in scores:
-        return scores["val_parts_only_top1"], scores["val_top1"], scores.get("val_part_share", 0.0)
+        return scores["val_parts_only_top1"], scores.get("val_part_share", 0.0)
     return (scores["val_top1"],)
 
 
