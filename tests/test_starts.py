@@ -127,3 +127,17 @@ def test_starts_under_torchrun_finish_with_one_kept_start(world, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 6 and (run / "best" / "config.json").is_file()
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["start"] == record["kept"] and state["step"] == 6
+
+
+def test_compare_json_says_which_start_each_run_kept(world, tmp_path):
+    import ivpt.compare as C
+
+    cfg = tiny_config(world, optim=dict(epochs=2), train=dict(starts=2, start_epochs=1))
+    result = C.compare(cfg, tmp_path / "cmp", kinds=["ivpt", "vpt_deep"], seeds=[1], progress=False,
+                       say=lambda line: None)
+    for record in result["runs"]:
+        starts = json.loads((tmp_path / "cmp" / "runs" / f"{record['kind']}-seed1" / "starts.json").read_text())
+        assert record["starts"] == starts and [s["seed"] for s in starts["starts"].values()] == [2, 3]
+        kept = starts["starts"][str(starts["kept"])]
+        # VPT-deep has no part head: its starts are chosen by validation top-1 and carry no parts-only score
+        assert ("val_parts_only_top1" in kept) == (record["kind"] == "ivpt")

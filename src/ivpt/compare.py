@@ -208,7 +208,8 @@ def _run_one(cfg: Config, run_dir: Path, tag: str, progress: bool, say: Callable
 
 
 def _read_run(run_dir: Path) -> dict:
-    """One run folder as a compare.json entry: kind, seed, folder, config, metrics.json and eval.json."""
+    """One run folder as a compare.json entry: kind, seed, folder, config, metrics.json, eval.json and, for a run
+    with ``train.starts``, its ``starts.json`` (each start's seed and validation scores, which was kept)."""
     missing = [n for n in ("config.yaml", "eval.json") if not (run_dir / n).is_file()]
     if missing:
         raise CompareError(f"{run_dir} has no {' or '.join(missing)}; train it (`ivpt train`) and evaluate it "
@@ -217,11 +218,12 @@ def _read_run(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.json"
     return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
             "metrics": _read_json(metrics, run_dir) if metrics.is_file() else None,
-            "eval": _read_json(run_dir / "eval.json", run_dir), "config": cfg.to_dict()}
+            "eval": _read_json(run_dir / "eval.json", run_dir), "config": cfg.to_dict(),
+            "starts": _read_json(run_dir / "starts.json", run_dir) if (run_dir / "starts.json").is_file() else None}
 
 
 def _read_json(path: Path, run_dir: Path) -> dict:
-    """A run's eval.json or metrics.json as a dict; a file that is not one (truncated, damaged, an eval.json
+    """A run's eval.json, metrics.json or starts.json as a dict; a file that is not one (truncated, damaged, an eval.json
     without the dataset it measured) is a :class:`CompareError` naming it and how to write it again."""
     fix = (f"evaluate the run again (`ivpt eval {run_dir / 'best'}`)" if path.name == "eval.json"
            else f"train the run again (`ivpt train --resume {run_dir}`)")
