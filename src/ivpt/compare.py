@@ -219,7 +219,8 @@ def _read_run(run_dir: Path) -> dict:
     return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
             "metrics": _read_json(metrics, run_dir) if metrics.is_file() else None,
             "eval": _read_json(run_dir / "eval.json", run_dir), "config": cfg.to_dict(),
-            "starts": _read_json(run_dir / "starts.json", run_dir) if (run_dir / "starts.json").is_file() else None}
+            "starts": (_read_json(run_dir / "starts.json", run_dir) if (run_dir / "starts.json").is_file()
+                       else None)}
 
 
 def _read_json(path: Path, run_dir: Path) -> dict:
