@@ -224,8 +224,8 @@ def _read_run(run_dir: Path) -> dict:
 
 
 def _read_json(path: Path, run_dir: Path) -> dict:
-    """A run's eval.json, metrics.json or starts.json as a dict; a file that is not one (truncated, damaged, an eval.json
-    without the dataset it measured) is a :class:`CompareError` naming it and how to write it again."""
+    """A run's eval.json, metrics.json or starts.json as a dict; a file that is not one (truncated, damaged, an
+    eval.json without the dataset it measured) is a :class:`CompareError` naming it and how to write it again."""
     fix = (f"evaluate the run again (`ivpt eval {run_dir / 'best'}`)" if path.name == "eval.json"
            else f"train the run again (`ivpt train --resume {run_dir}`)")
     try:

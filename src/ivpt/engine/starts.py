@@ -6,8 +6,9 @@ some seeds' concepts follow the parts, others carve the background while the [CL
 seed ``train.seed * K + k`` (its model, data order and training/validation split), and continues only the start whose
 parts decide the most on its validation split: the highest ``val_parts_only_top1`` (:mod:`ivpt.metrics.decision`),
 ties broken by ``val_part_share``, then the lower ``k`` — both measure the parts, never the whole model's top-1,
-which the [CLS] part can carry; a kind without a part-pooled head is chosen by ``val_top1``. The kept start then trains to the end exactly as the plain run of its seed would, so a run
-with starts costs ``(K - 1) * start_epochs`` epochs more than one without.
+which the [CLS] part can carry; a kind without a part-pooled head is chosen by ``val_top1``. The kept start then
+trains to the end exactly as the plain run of its seed would, so a run with starts costs ``(K - 1) * start_epochs``
+epochs more than one without.
 
 The run folder ``out`` holds each start in ``out/starts/<k>/`` (its ``log.csv`` and ``config.yaml``; its ``last.pt``
 and ``best/`` until the choice), ``out/starts.json`` (each start's seed, steps, seconds and validation scores, and
