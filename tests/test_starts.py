@@ -141,3 +141,59 @@ def test_compare_json_says_which_start_each_run_kept(world, tmp_path):
         kept = starts["starts"][str(starts["kept"])]
         # VPT-deep has no part head: its starts are chosen by validation top-1 and carry no parts-only score
         assert ("val_parts_only_top1" in kept) == (record["kind"] == "ivpt")
+
+
+def test_resume_from_the_command_line_and_with_another_config(world, tmp_path, monkeypatch):
+    import yaml
+
+    from ivpt.cli import main
+    from ivpt.engine.trainer import Trainer
+
+    cfg = _starts_config(world, ckpt_every_steps=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    original = Trainer.optimizer_step
+
+    def die_in_start_1(self, epoch, micro_batches):
+        original(self, epoch, micro_batches)
+        if self.start == 1 and self.step == 1:
+            raise _Killed("killed in start 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "optimizer_step", die_in_start_1)
+        with pytest.raises(_Killed):
+            main(["train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--no-progress"])
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    # start 1 had no checkpoint yet: nothing else checks a changed config, so the starts do, before writing
+    with pytest.raises(TrainingError, match="differs from the run's .* in optim.base_lr"):
+        train(cfg.with_overrides(["optim.base_lr=0.5"]), tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "starts.json").read_text())["kept"] in (0, 1, 2)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_start_killed_after_max_steps_before_its_validation_is_scored_as_an_uninterrupted_one(world, tmp_path,
+                                                                                                monkeypatch):
+    from ivpt.engine.trainer import Trainer
+
+    # max_steps 5 ends every start inside its second epoch; each start is scored after step 5
+    cfg = tiny_config(world, optim=dict(epochs=3), train=dict(seed=2, starts=2, start_epochs=2, max_steps=5,
+                                                               ckpt_every_steps=1))
+    train(cfg, tmp_path / "full", progress=False)
+    original = Trainer.validate
+
+    def die_validating_start_1(self):
+        if self.start == 1 and self.step == 5:
+            raise _Killed("killed in start 1's last validation")
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "validate", die_validating_start_1)
+        with pytest.raises(_Killed):
+            train(cfg, tmp_path / "killed", progress=False)
+    train(cfg, tmp_path / "killed", resume=True, progress=False)
+    records = [json.loads((run / "starts.json").read_text()) for run in (tmp_path / "full", tmp_path / "killed")]
+    for record in records:
+        for start in record["starts"].values():
+            start.pop("seconds")
+    assert records[0] == records[1]

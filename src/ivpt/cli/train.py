@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         if args.out and Path(args.out).resolve() != out.resolve():
             raise TrainingError(f"--resume {out} continues the run in {out} (a run stays in its folder), but --out "
                                 f"{args.out} names another folder; drop --out")
-        check_resumable(out)
+        if not (out / "starts").is_dir():  # a run with train.starts resumes its starts before it has a last.pt
+            check_resumable(out)
         cfg, _ = run_config(out, args.overrides)  # e.g. more epochs; the trainer refuses inexact changes
         if args.config:
             changed = config_changes(cfg, config_from_args(args))

@@ -97,7 +97,8 @@ def restore_state(trainer, state: dict) -> None:
     trainer.selection.best_val = state["best_val"]
     # A last.pt from before the selection rule chose best/ by top-1 alone: its best/ counts as alive.
     trainer.selection.best_alive = state.get("best_alive", True)
-    trainer.val_scores = dict(state.get("val_scores", {}))  # the scores of the epoch last.pt ends (or is in)
+    trainer.val_scores = dict(state.get("val_scores", {}))  # the scores of the last validated epoch
+    trainer.val_step = state.get("val_step", -1)
     rng = state["rng"]
     _set_rng_state(rng[trainer.info.rank] if trainer.info.rank < len(rng) else rng[0], trainer.eq_gen)
     if trainer.ema is not None:
@@ -127,6 +128,7 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": trainer.step,
             "best_val": trainer.selection.best_val, "best_alive": trainer.selection.best_alive,
             "total_steps": trainer.total_steps, "start": trainer.start, "val_scores": dict(trainer.val_scores),
+            "val_step": trainer.val_step,
             "rng": rng, "health": health, "config": trainer.cfg.to_dict(),
             **({} if trainer.ema is None else {"ema": trainer.ema.state_dict()}),
             "backbone": backbone_identity(trainer.model),

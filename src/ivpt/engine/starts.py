@@ -25,9 +25,9 @@ from pathlib import Path
 
 from .. import runtime as R
 from ..checkpoint import RunLock, atomic_write_text, check_output_folder_all_ranks
-from ..config import Config
+from ..config import Config, config_changes, load_config
 from .errors import TrainingError
-from .runfolder import _save_config, agree_on_rank0, check_new_run_folder
+from .runfolder import RESUMABLE_CHANGES, _save_config, agree_on_rank0, check_new_run_folder
 from .trainer import Trainer
 
 __all__ = ["STARTS_FILE", "start_score", "train_starts"]
@@ -82,29 +82,17 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             for name in (STARTS_FILE, "last.pt", "metrics.json", "log.csv"):
                 (out / name).unlink(missing_ok=True)
         R.barrier()
-        record = _record(out) if resume else {"starts": {}}
+        record = {"starts": {}}
+        if resume:
+            _check_same_config(cfg, out)
+            record = _record(out)
         if info.is_main:
             _save_config(cfg, out)
         for k in range(t.starts):
-            if str(k) in record["starts"]:
-                continue
-            folder = out / "starts" / str(k)
-            trainer = Trainer(cfg, folder, resume=resume and (folder / "last.pt").is_file(), progress=progress,
-                              start=k)
-            try:
+            if str(k) not in record["starts"]:
+                record["starts"][str(k)] = _train_start(cfg, out / "starts" / str(k), k, resume, progress)
                 if info.is_main:
-                    print(f"start {k + 1} of {t.starts} (seed {t.start_seed(k)}): {t.start_epochs} epochs")
-                began = time.perf_counter()
-                trainer.train_until(t.start_epochs)
-                scores, seconds = dict(trainer.val_scores), time.perf_counter() - began
-            finally:
-                trainer.close()
-            if not scores:
-                raise TrainingError(f"start {k + 1} has no validation score: no image of its validation split could "
-                                    "be read (see the warnings above)")
-            record["starts"][str(k)] = {"seed": t.start_seed(k), "steps": trainer.step, "seconds": seconds, **scores}
-            if info.is_main:
-                atomic_write_text(out / STARTS_FILE, json.dumps(record, indent=2))
+                    atomic_write_text(out / STARTS_FILE, json.dumps(record, indent=2))
         kept = max(range(t.starts), key=lambda k: (start_score(record["starts"][str(k)]), -k))
         record["kept"] = kept
         if info.is_main:
@@ -115,6 +103,38 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
     finally:
         lock.release()
     return _continue(cfg, out, progress)
+
+
+def _check_same_config(cfg: Config, out: Path) -> None:
+    """A resume of the starts continues them with the config they began with (the rule of ``--resume``: only the
+    :data:`~.runfolder.RESUMABLE_CHANGES` may differ); checked before anything in ``out`` is written."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    changed = [k for k in config_changes(load_config(path, saved=True), cfg) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise TrainingError(
+            f"cannot resume {out}: the config differs from the run's ({path}) in {', '.join(changed)}, so its starts "
+            "would not be compared alike; start a new run with --out")
+
+
+def _train_start(cfg: Config, folder: Path, k: int, resume: bool, progress: bool) -> dict:
+    """Train start ``k`` in ``folder`` to ``train.start_epochs`` epochs (resuming its ``last.pt`` when ``resume``);
+    its ``starts.json`` entry: seed, steps, seconds and the validation scores it ends with."""
+    t = cfg.train
+    trainer = Trainer(cfg, folder, resume=resume and (folder / "last.pt").is_file(), progress=progress, start=k)
+    try:
+        if trainer.info.is_main:
+            print(f"start {k + 1} of {t.starts} (seed {t.start_seed(k)}): {t.start_epochs} epochs")
+        began = time.perf_counter()
+        trainer.train_until(t.start_epochs)
+        scores, seconds = trainer.current_val_scores(), time.perf_counter() - began
+    finally:
+        trainer.close()
+    if not scores:
+        raise TrainingError(f"start {k + 1} has no validation score: no image of its validation split could be read "
+                            "(see the warnings above)")
+    return {"seed": t.start_seed(k), "steps": trainer.step, "seconds": seconds, **scores}
 
 
 def _keep(out: Path, kept: int, record: dict) -> None:

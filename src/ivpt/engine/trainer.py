@@ -158,6 +158,7 @@ class Trainer:
         self.selection = Selection(cfg.train.selection)  # which epoch best/ holds (ivpt.engine.selection)
         self.health = ConceptHealth()  # this epoch's concept health so far (restored with the rest on resume)
         self.val_scores: dict[str, float] = {}  # the last epoch's validation scores (validate())
+        self.val_step = -1  # the optimiser step val_scores were measured after
         if state is not None:
             restore_state(self, state)
         if self.info.is_main:
@@ -417,6 +418,7 @@ class Trainer:
             if self.data.val is not None:
                 self.val_scores, val_health = self.validate()
                 val = self.val_scores["val_top1"]
+            self.val_step = self.step
             # best/: chosen by train.selection among the epochs whose concepts are alive on the validation split (no
             # stage with fewer than half of its foreground prototypes winning 1 % of the pixels); until one is, among
             # all. Without a validation split: the last epoch.
@@ -464,6 +466,16 @@ class Trainer:
             logging.getLogger("ivpt").info(
                 f"epoch {epoch + 1}: revived dead concepts (stage:prototype<-donor) "
                 + ", ".join(f"{i}:{k}<-{d}" for i, k, d in revived))
+
+    def current_val_scores(self) -> dict[str, float]:
+        """The validation scores of the state the run is in: its last epoch's, or measured now when that epoch was
+        never validated (a run killed after ``train.max_steps`` was reached, before its end of epoch). Empty without
+        a validation split."""
+        if self.val_step != self.step and self.data.val is not None:
+            with self._evaluated_weights():
+                self.val_scores, _ = self.validate()
+            self.val_step = self.step
+        return dict(self.val_scores)
 
     def validate(self) -> tuple[dict[str, float], dict[str, float]]:
         """The validation split's scores for the log — ``val_top1`` and, for models with a part-pooled head,
