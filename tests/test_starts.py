@@ -106,7 +106,6 @@ def test_starts_need_a_validation_split(world, tmp_path):
 def test_starts_under_torchrun_finish_with_one_kept_start(world, tmp_path):
     import os
     import subprocess
-    import sys
 
     import yaml
 
