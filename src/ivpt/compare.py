@@ -35,7 +35,7 @@ import numpy as np
 
 from .checkpoint import atomic_write, atomic_write_text
 from .config import MODEL_KINDS, Config, ConfigError
-from .engine import train
+from .engine import STARTS_FILE, train
 from .eval import DEFAULT_METRICS, evaluate_checkpoint
 from .eval.registry import LiveView, compare_columns, score_of
 from .runs import RunConflict, reuse_state, run_config
@@ -219,8 +219,7 @@ def _read_run(run_dir: Path) -> dict:
     return {"kind": cfg.model.kind, "seed": cfg.train.seed, "run": str(run_dir.resolve()),
             "metrics": _read_json(metrics, run_dir) if metrics.is_file() else None,
             "eval": _read_json(run_dir / "eval.json", run_dir), "config": cfg.to_dict(),
-            "starts": (_read_json(run_dir / "starts.json", run_dir) if (run_dir / "starts.json").is_file()
-                       else None)}
+            "starts": _read_json(run_dir / STARTS_FILE, run_dir) if (run_dir / STARTS_FILE).is_file() else None}
 
 
 def _read_json(path: Path, run_dir: Path) -> dict:

@@ -72,6 +72,8 @@ def reuse_state(run_dir: str | Path, cfg: Config, *, may_differ: frozenset[str] 
     (:func:`ivpt.config.config_changes`: e.g. not an IVPT-only switch for a VPT run), other than ``may_differ``, is
     a :class:`RunConflict` naming the keys; nothing is written. ``ivpt train --resume`` refuses by the same rule, so
     a run that passes here also resumes."""
+    from .engine import has_started_starts
+
     run_dir = Path(run_dir)
     if (run_dir / "config.yaml").is_file():
         changed = [k for k in config_changes(run_config(run_dir)[0], cfg) if k not in may_differ]
@@ -80,7 +82,7 @@ def reuse_state(run_dir: str | Path, cfg: Config, *, may_differ: frozenset[str] 
                               f"or delete {run_dir} to train it again")
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    started = (run_dir / "last.pt").is_file() or (run_dir / "starts").is_dir()  # train.starts: some start began
+    started = (run_dir / "last.pt").is_file() or has_started_starts(run_dir)
     return "started" if started else "new"
 
 

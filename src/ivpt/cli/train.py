@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import config_changes
-    from ..engine import TrainingError, TrainingStopped, check_resumable, train
+    from ..engine import TrainingError, TrainingStopped, check_resumable, has_started_starts, train
     from ..runs import run_config
 
     if args.resume:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out and Path(args.out).resolve() != out.resolve():
             raise TrainingError(f"--resume {out} continues the run in {out} (a run stays in its folder), but --out "
                                 f"{args.out} names another folder; drop --out")
-        if not (out / "starts").is_dir():  # a run with train.starts resumes its starts before it has a last.pt
+        if not has_started_starts(out):
             check_resumable(out)
         cfg, _ = run_config(out, args.overrides)  # e.g. more epochs; the trainer refuses inexact changes
         if args.config:

@@ -13,7 +13,8 @@ from ..checkpoint import OutputError, atomic_write_text
 from ..config import Config, EvalConfig
 from .errors import TrainingError
 
-__all__ = ["RUN_FILES", "RESUMABLE_CHANGES", "check_resumable", "check_new_run_folder", "agree_on_rank0"]
+__all__ = ["RUN_FILES", "RESUMABLE_CHANGES", "STARTS_DIR", "STARTS_FILE", "check_resumable", "check_new_run_folder",
+           "has_started_starts", "agree_on_rank0"]
 
 
 # Config keys that may differ between a run and its resume without changing what the resumed run computes
@@ -27,9 +28,17 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
+# A run with train.starts (ivpt.engine.starts) keeps each start in STARTS_DIR/<k>/ and their scores in STARTS_FILE.
+STARTS_DIR, STARTS_FILE = "starts", "starts.json"
+
 # What a run writes into its folder: a folder holding any of them holds a run (started or finished).
-RUN_FILES = ("last.pt", "metrics.json", "best", "config.yaml", "log.csv", "eval.json", "tensorboard", "starts",
-             "starts.json")
+RUN_FILES = ("last.pt", "metrics.json", "best", "config.yaml", "log.csv", "eval.json", "tensorboard", STARTS_DIR,
+             STARTS_FILE)
+
+
+def has_started_starts(out: str | Path) -> bool:
+    """Whether ``out`` holds a run with ``train.starts`` whose starts began: it resumes before it has a last.pt."""
+    return (Path(out) / STARTS_DIR).is_dir()
 
 
 def check_resumable(out: str | Path) -> Path:

@@ -27,12 +27,11 @@ from .. import runtime as R
 from ..checkpoint import RunLock, atomic_write_text, check_output_folder_all_ranks
 from ..config import Config, config_changes, load_config
 from .errors import TrainingError
-from .runfolder import RESUMABLE_CHANGES, _save_config, agree_on_rank0, check_new_run_folder
+from .runfolder import (RESUMABLE_CHANGES, STARTS_DIR, STARTS_FILE, _save_config, agree_on_rank0,
+                        check_new_run_folder, has_started_starts)
 from .trainer import Trainer
 
-__all__ = ["STARTS_FILE", "start_score", "train_starts"]
-
-STARTS_FILE = "starts.json"
+__all__ = ["start_score", "train_starts"]
 
 
 def start_score(scores: dict[str, float]) -> tuple[float, ...]:
@@ -72,13 +71,13 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
         agree_on_rank0(info, out, lock.acquire)
         if new_run:
             agree_on_rank0(info, out, lambda: check_new_run_folder(out))
-        if resume and not (out / "starts").is_dir():
+        if resume and not has_started_starts(out):
             raise TrainingError(f"cannot resume: {out} holds neither last.pt nor started starts; nothing to resume")
         if cfg.data.val_fraction == 0:
             raise TrainingError("train.starts chooses a start on the validation split, and this run has none: set "
                                 "data.val_fraction > 0 (or train.starts=1)")
         if not resume and info.is_main:  # a fresh run: whatever an earlier run left goes
-            shutil.rmtree(out / "starts", ignore_errors=True)
+            shutil.rmtree(out / STARTS_DIR, ignore_errors=True)
             for name in (STARTS_FILE, "last.pt", "metrics.json", "log.csv"):
                 (out / name).unlink(missing_ok=True)
         R.barrier()
@@ -90,7 +89,7 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             _save_config(cfg, out)
         for k in range(t.starts):
             if str(k) not in record["starts"]:
-                record["starts"][str(k)] = _train_start(cfg, out / "starts" / str(k), k, resume, progress)
+                record["starts"][str(k)] = _train_start(cfg, out / STARTS_DIR / str(k), k, resume, progress)
                 if info.is_main:
                     atomic_write_text(out / STARTS_FILE, json.dumps(record, indent=2))
         kept = max(range(t.starts), key=lambda k: (start_score(record["starts"][str(k)]), -k))
@@ -140,7 +139,7 @@ def _train_start(cfg: Config, folder: Path, k: int, resume: bool, progress: bool
 def _keep(out: Path, kept: int, record: dict) -> None:
     """Make the kept start's run the run in ``out`` (rank 0): its ``best/``, ``log.csv`` and, last, ``last.pt`` (whose
     presence marks the choice made); the other starts' training states go."""
-    folder = out / "starts" / str(kept)
+    folder = out / STARTS_DIR / str(kept)
     atomic_write_text(out / STARTS_FILE, json.dumps(record, indent=2))
     staged = out / ".best.kept"
     shutil.rmtree(staged, ignore_errors=True)
@@ -151,7 +150,7 @@ def _keep(out: Path, kept: int, record: dict) -> None:
     (out / ".log.csv.kept").replace(out / "log.csv")
     shutil.copyfile(folder / "last.pt", out / ".last.pt.kept")
     (out / ".last.pt.kept").replace(out / "last.pt")
-    for start in (out / "starts").iterdir():
+    for start in (out / STARTS_DIR).iterdir():
         (start / "last.pt").unlink(missing_ok=True)
         shutil.rmtree(start / "best", ignore_errors=True)
 

@@ -479,7 +479,7 @@ class Trainer:
 
     def validate(self) -> tuple[dict[str, float], dict[str, float]]:
         """The validation split's scores for the log — ``val_top1`` and, for models with a part-pooled head,
-        ``val_parts_top1`` and ``val_part_share`` (:mod:`ivpt.metrics.decision`) — and, for models with concept
+        ``val_parts_only_top1`` and ``val_part_share`` (:mod:`ivpt.metrics.decision`) — and, for models with concept
         maps, the health of its eval-mode maps (``alive_s*``/``entropy_s*``, :mod:`ivpt.engine.health`)."""
         acc = AccuracyConsumer(self.cfg.model.num_classes)
         decision = DecisionConsumer(*self.model.logit_weights()) if self.model.has_part_head else None
