@@ -103,6 +103,26 @@ def test_kill_and_resume_is_exact(world, tmp_path, monkeypatch):
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_a_run_killed_after_its_last_step_before_validation_ends_that_epoch_on_resume(world, tmp_path, monkeypatch):
+    # max_steps 5 ends the run inside epoch 2 (3 steps per epoch); the kill falls between step 5's checkpoint and
+    # that epoch's validation, so the resumed run must still validate epoch 2 and let best/ consider it
+    cfg = tiny_config(world, train=dict(max_steps=5, ckpt_every_steps=1))
+    full_metrics = train(cfg, tmp_path / "full", progress=False)
+    assert full_metrics["best_epoch"] == 2  # the uninterrupted run keeps its last epoch: the case can fail
+    with monkeypatch.context() as m:
+        _kill_after_step(m, 5)
+        with pytest.raises(_Killed):
+            train(cfg, tmp_path / "killed", progress=False)
+    resumed_metrics = train(cfg, tmp_path / "killed", resume=True, progress=False)
+    for metrics in (full_metrics, resumed_metrics):
+        metrics.pop("seconds")
+    assert resumed_metrics == full_metrics
+    states = [torch.load(tmp_path / run / "last.pt", map_location="cpu", weights_only=False)
+              for run in ("full", "killed")]
+    assert [(s["step"], s["val_step"], s["val_scores"]) for s in states[1:]] == [
+        (s["step"], s["val_step"], s["val_scores"]) for s in states[:1]]
+
+
 def test_non_finite_loss_stops_with_named_term(world, tmp_path):
     cfg = tiny_config(world, optim=dict(head_lr_mult=1e30, base_lr=1.0), train=dict(ckpt_every_steps=1))
     with pytest.raises(TrainingError, match="non-finite loss .* term"):

@@ -227,12 +227,16 @@ class Trainer:
 
     def train_until(self, epochs: int) -> None:
         """The remaining epochs of the first ``epochs`` (fewer when ``train.max_steps`` ends the run first); each
-        ends with validation, ``best/`` and ``last.pt`` (:meth:`end_epoch`)."""
+        ends with validation, ``best/`` and ``last.pt`` (:meth:`end_epoch`). A run resumed after its last step but
+        before that epoch's end (killed after ``train.ckpt_every_steps`` saved it) ends that epoch first, so
+        ``best/`` considers it as in the uninterrupted run."""
         max_steps = self.cfg.train.max_steps
-        first = self.epochs if max_steps and self.step >= max_steps else self.epoch
+        reached = bool(max_steps and self.step >= max_steps)
         try:
             with _StopOnSignal(self):
-                for epoch in range(first, min(epochs, self.epochs)):
+                if reached and self.val_step != self.step:
+                    self.end_epoch(self.epoch, finished=self.batch_in_epoch >= self.steps_per_epoch)
+                for epoch in range(self.epochs if reached else self.epoch, min(epochs, self.epochs)):
                     done = self.train_epoch(epoch)
                     self.end_epoch(epoch, finished=not done or self.batch_in_epoch >= self.steps_per_epoch)
                     if self._stop_due():
