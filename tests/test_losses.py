@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivpt.config import ConfigError, LossConfig
+from ivpt.config import Config, ConfigError, LossConfig
+from ivpt.engine.schedule import depends_on_total
 from ivpt.losses import (
     bg_presence_loss,
     classification_loss,
@@ -16,6 +17,7 @@ from ivpt.losses import (
     ivpt_losses,
     object_peak_loss,
     orthogonality_loss,
+    parts_only_loss,
     presence_loss,
     random_affine,
     sample_by_gather,
@@ -181,6 +183,50 @@ def test_object_peak_is_off_unless_weighted_and_adds_its_weight():
     assert weighted.item() == pytest.approx((base + 0.5 * value).item(), rel=1e-5)
     with pytest.raises(ConfigError, match="loss.object_peak"):
         LossConfig(object_peak=-1.0)
+
+
+def test_parts_only_is_the_cross_entropy_of_the_mean_part_logits_in_float64():
+    g = torch.Generator().manual_seed(3)
+    part_logits, labels = torch.randn(4, 3, 5, generator=g) * 3, torch.tensor([0, 4, 2, 2])
+    mean = part_logits.double().mean(dim=1)  # (4, 5)
+    expected = (mean.logsumexp(dim=1) - mean[torch.arange(4), labels]).mean()
+    assert parts_only_loss(part_logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    smooth = (mean.logsumexp(dim=1, keepdim=True) - mean)  # -log p, (4, 5)
+    expected_smooth = (0.9 * smooth[torch.arange(4), labels] + 0.1 * smooth.mean(dim=1)).mean()
+    assert parts_only_loss(part_logits, labels, label_smoothing=0.1).item() == pytest.approx(expected_smooth.item(),
+                                                                                             rel=1e-6)
+
+
+@pytest.mark.parametrize("global_part", [False, True])
+def test_parts_only_adds_its_weight_and_without_the_global_part_repeats_the_classification(global_part):
+    model = tiny_model(global_part=global_part, global_share=0.25).train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    out = model(x)
+    base, terms = ivpt_losses(out, y, LossConfig())
+    assert "parts_only" not in terms  # weight 0 (the paper, the default): not computed
+    weighted, terms2 = ivpt_losses(out, y, LossConfig(parts_only=0.5))
+    value = parts_only_loss(out.part_logits, y)
+    assert terms2["parts_only"].item() == pytest.approx(value.item(), rel=1e-6)
+    assert weighted.item() == pytest.approx((base + 0.5 * value).item(), rel=1e-5)
+    # the head without its global part scores the parts' mean: the term is then the classification term itself
+    assert (terms2["parts_only"].item() == pytest.approx(terms2["classification"].item(), rel=1e-5)) != global_part
+    with pytest.raises(ConfigError, match="loss.parts_only"):
+        LossConfig(parts_only=-1.0)
+
+
+def test_parts_only_warmup_ramps_only_its_weight():
+    cfg = LossConfig(parts_only=0.5, parts_only_warmup=0.25, entropy_warmup=0.5)
+    assert [cfg.weights(p)["parts_only"] for p in (0.05, 0.125, 0.25, 0.6, 1.0)] == pytest.approx(
+        [0.1, 0.25, 0.5, 0.5, 0.5])
+    assert [cfg.weights(p)["entropy"] for p in (0.05, 0.25, 1.0)] == pytest.approx([0.1, 0.5, 1.0])  # its own ramp
+    assert LossConfig(parts_only=0.5).weights(0.01)["parts_only"] == 0.5  # 0: the full weight from the first step
+    run = Config.from_dict({"optim": {"schedule": "constant", "warmup": 0.0, "concept_lr_ramp": 0.0,
+                                      "concept_lr_start": 1.0}, "loss": {"parts_only": 0.5}})
+    assert depends_on_total(run) == []
+    assert depends_on_total(run.with_overrides(["loss.parts_only_warmup=0.25"])) == ["loss.parts_only_warmup=0.25"]
+    with pytest.raises(ConfigError, match="parts_only_warmup"):
+        LossConfig(parts_only_warmup=-0.1)
 
 
 def test_entropy_warmup_ramps_only_the_entropy_weight():

@@ -1,4 +1,5 @@
-"""The loss terms of IVPT (docs/method.md §3; the paper's eight and the `object_peak` option) and their weighted sum.
+"""The loss terms of IVPT (docs/method.md §3; the paper's eight, the `object_peak` and `parts_only` options) and their
+weighted sum.
 
 Map losses take one stage's recomputed map S̃ (B, n, H, W) — foreground channels first, background last — and
 :func:`ivpt_losses` averages them over the m+1 stages. The presence, background-presence, total-variation,
@@ -27,6 +28,7 @@ __all__ = [
     "tv_loss",
     "entropy_loss",
     "object_peak_loss",
+    "parts_only_loss",
     "random_affine",
     "warp",
     "warp_back",
@@ -37,6 +39,12 @@ __all__ = [
 def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of part-averaged logits (B, C) against labels (B,)."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def parts_only_loss(part_logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of the parts-only logits — the mean over the N parts of part_logits (B, N, C), the head without
+    its global part (:mod:`ivpt.metrics.decision`) — against labels (B,). Not the paper."""
+    return F.cross_entropy(part_logits.float().mean(dim=1), labels, label_smoothing=label_smoothing)
 
 
 def consistency_loss(final_map: Tensor, grouped_maps: list[Tensor], *, eps: float = 1e-10) -> Tensor:
@@ -259,6 +267,8 @@ def ivpt_losses(
     terms: dict[str, callable] = {
         "classification": lambda: classification_loss(out.logits, labels, label_smoothing=cfg.label_smoothing),
     }
+    if out.maps:
+        terms["parts_only"] = lambda: parts_only_loss(out.part_logits, labels, label_smoothing=cfg.label_smoothing)
     if out.grouped_maps:
         terms["consistency"] = lambda: consistency_loss(maps[-1], out.grouped_maps)
     if out.modulated is not None:

@@ -39,13 +39,13 @@ PAPER_LOSS_TERMS = (
     "entropy",
 )
 # The paper's terms, then ours (weight 0 in the paper configs; none is any parameter's only gradient path).
-LOSS_TERMS = PAPER_LOSS_TERMS + ("object_peak",)
+LOSS_TERMS = PAPER_LOSS_TERMS + ("object_peak", "parts_only")
 
 
 @dataclass
 class LossConfig:
-    """Weights of the loss terms (the paper's eight, all 1 there, and ``object_peak``, 0 there) and the equivariance
-    transform's ranges."""
+    """Weights of the loss terms (the paper's eight, all 1 there, and ``object_peak`` and ``parts_only``, 0 there)
+    and the equivariance transform's ranges."""
 
     classification: float = limited(1.0, ">= 0", what="a weight")
     consistency: float = limited(1.0, ">= 0", what="a weight", maps_only=True)
@@ -59,6 +59,15 @@ class LossConfig:
     # logit against the background's, to where the background map is low, so that its peak falls on the object (the
     # consistency protocol scores every concept's peak in every image; ivpt.losses.object_peak_loss).
     object_peak: float = limited(0.0, ">= 0", what="a weight", note="0: off, as the paper", maps_only=True)
+    # NOT the paper when > 0: the cross-entropy of the parts-only logits (the mean of the N part logits, the head
+    # without its global part) is added, so the parts must classify by themselves and not only beside the global
+    # token (ivpt.losses.parts_only_loss; without model.global_part those logits are the head's own).
+    parts_only: float = limited(0.0, ">= 0", what="a weight", note="0: off, as the paper", maps_only=True)
+    # The parts-only weight rises linearly from 0 to loss.parts_only over this fraction of the run's optimiser steps:
+    # while the classifier is still random, classification through the parts alone can empty the stages
+    # (benchmarks/recipe.md, "A smaller global share").
+    parts_only_warmup: float = limited(0.0, "[0, 1]", what="a fraction of the total optimiser steps",
+                                       note="0: the full weight from the first step", maps_only=True)
     label_smoothing: float = limited(0.0, "[0, 1)")
     # NOT the paper when > 0: the TV term is multiplied by sqrt(grid H·W) / tv_reference_grid, so a shape costs the
     # same at any image size as on that grid (37: the paper's 518 px / patch 14, where the factor is exactly 1).
@@ -89,10 +98,12 @@ class LossConfig:
 
     def weights(self, progress: float = 1.0) -> dict[str, float]:
         """Each term's weight at ``progress`` = (optimiser step + 1) / total steps of the run (1: the full weights,
-        also those of evaluation); only the entropy weight depends on it, through ``entropy_warmup``."""
+        also those of evaluation); the entropy and parts-only weights depend on it, through ``entropy_warmup`` and
+        ``parts_only_warmup``."""
         weights = {name: float(getattr(self, name)) for name in LOSS_TERMS}
-        if self.entropy_warmup > 0:
-            weights["entropy"] *= min(1.0, progress / self.entropy_warmup)
+        for name, warmup in (("entropy", self.entropy_warmup), ("parts_only", self.parts_only_warmup)):
+            if warmup > 0:
+                weights[name] *= min(1.0, progress / warmup)
         return weights
 
 
