@@ -196,3 +196,27 @@ def test_a_start_killed_after_max_steps_before_its_validation_is_scored_as_an_un
         for start in record["starts"].values():
             start.pop("seconds")
     assert records[0] == records[1]
+
+
+def test_the_run_folder_is_held_from_the_first_start_to_the_end_without_a_gap(world, tmp_path, monkeypatch):
+    from ivpt.checkpoint import RunLock
+
+    events = []
+    acquire, release = RunLock.acquire, RunLock.release
+
+    def recording_acquire(self):
+        events.append(("acquire", self.folder.name))
+        return acquire(self)
+
+    def recording_release(self):
+        if self.held:
+            events.append(("release", self.folder.name))
+        release(self)
+
+    monkeypatch.setattr(RunLock, "acquire", recording_acquire)
+    monkeypatch.setattr(RunLock, "release", recording_release)
+    train(_starts_config(world), tmp_path / "run", progress=False)
+    # the run folder: one hold over the starts, the choice and the continuation; each start's folder its own
+    assert [e for e in events if e[1] == "run"] == [("acquire", "run"), ("release", "run")]
+    assert [e for e in events if e[1] != "run"] == [(what, k) for k in "012" for what in ("acquire", "release")]
+    assert events[0] == ("acquire", "run") and events[-1] == ("release", "run")

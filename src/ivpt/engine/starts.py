@@ -99,9 +99,10 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             print(f"kept start {kept + 1} of {t.starts} (seed {t.start_seed(kept)}): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in record["starts"][str(kept)].items() if k.startswith("val_")))
         R.barrier()
-    finally:
+    except BaseException:
         lock.release()
-    return _continue(cfg, out, progress)
+        raise
+    return _continue(cfg, out, progress, lock)  # the folder stays held from the starts into the continuation
 
 
 def _check_same_config(cfg: Config, out: Path) -> None:
@@ -155,9 +156,10 @@ def _keep(out: Path, kept: int, record: dict) -> None:
         shutil.rmtree(start / "best", ignore_errors=True)
 
 
-def _continue(cfg: Config, out: Path, progress: bool) -> dict:
-    """The kept start from its ``last.pt`` in ``out`` to the end of the run."""
-    trainer = Trainer(cfg, out, resume=True, progress=progress)
+def _continue(cfg: Config, out: Path, progress: bool, lock: RunLock | None = None) -> dict:
+    """The kept start from its ``last.pt`` in ``out`` to the end of the run; ``lock``: ``out``'s, when the caller
+    holds it (the continuation takes it over and releases it)."""
+    trainer = Trainer(cfg, out, resume=True, progress=progress, lock=lock)
     try:
         return trainer.fit()
     finally:

@@ -71,12 +71,13 @@ class Trainer:
     """One training run in ``out``; see the module docstring for the order of its parts."""
 
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-                 new_run: bool = False, start: int = 0) -> None:
+                 new_run: bool = False, start: int = 0, lock: RunLock | None = None) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.start = start  # which of train.starts this run trains (ivpt.engine.starts); a resume reads last.pt's
         self.info = R.setup(cfg.train.device)
         self.device = self.info.device
-        self.lock = RunLock(self.out)  # held by rank 0 from here to close()
+        # held by rank 0 from here to close(); ``lock``: the caller's, already held on ``out``, handed over
+        self.lock = lock if lock is not None else RunLock(self.out)
         self.stop_signal: int | None = None  # SIGTERM / SIGINT received during the training loop
         self.stop_agreed = False  # under torchrun: whether some rank had a stop_signal at the last flag read
         self._determinism_before = (torch.are_deterministic_algorithms_enabled(),
@@ -85,7 +86,7 @@ class Trainer:
             check_resumable(self.out)
         check_output_folder_all_ranks(self.out, self.info)
         try:
-            agree_on_rank0(self.info, self.out, self.lock.acquire)
+            agree_on_rank0(self.info, self.out, lambda: self.lock.held or self.lock.acquire())
             if new_run:
                 agree_on_rank0(self.info, self.out, lambda: check_new_run_folder(self.out))
             self._set_up(resume)
