@@ -128,7 +128,7 @@ def _train_start(cfg: Config, folder: Path, k: int, resume: bool, progress: bool
             print(f"start {k + 1} of {t.starts} (seed {t.start_seed(k)}): {t.start_epochs} epochs")
         began = time.perf_counter()
         trainer.train_until(t.start_epochs)
-        scores, seconds = trainer.current_val_scores(), time.perf_counter() - began
+        scores, seconds = dict(trainer.val_scores), time.perf_counter() - began
     finally:
         trainer.close()
     if not scores:

@@ -472,16 +472,6 @@ class Trainer:
                 f"epoch {epoch + 1}: revived dead concepts (stage:prototype<-donor) "
                 + ", ".join(f"{i}:{k}<-{d}" for i, k, d in revived))
 
-    def current_val_scores(self) -> dict[str, float]:
-        """The validation scores of the state the run is in: its last epoch's, or measured now when that epoch was
-        never validated (a run killed after ``train.max_steps`` was reached, before its end of epoch). Empty without
-        a validation split."""
-        if self.val_step != self.step and self.data.val is not None:
-            with self._evaluated_weights():
-                self.val_scores, _ = self.validate()
-            self.val_step = self.step
-        return dict(self.val_scores)
-
     def validate(self) -> tuple[dict[str, float], dict[str, float]]:
         """The validation split's scores for the log — ``val_top1`` and, for models with a part-pooled head,
         ``val_parts_only_top1`` and ``val_part_share`` (:mod:`ivpt.metrics.decision`) — and, for models with concept
