@@ -225,6 +225,7 @@ def test_parts_only_warmup_ramps_only_its_weight():
                                       "concept_lr_start": 1.0}, "loss": {"parts_only": 0.5}})
     assert depends_on_total(run) == []
     assert depends_on_total(run.with_overrides(["loss.parts_only_warmup=0.25"])) == ["loss.parts_only_warmup=0.25"]
+    assert depends_on_total(run.with_overrides(["loss.parts_only_warmup=0.25", "loss.parts_only=0"])) == []  # off
     with pytest.raises(ConfigError, match="parts_only_warmup"):
         LossConfig(parts_only_warmup=-0.1)
 

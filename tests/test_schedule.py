@@ -344,3 +344,21 @@ def test_validation_logs_how_much_the_parts_decide(world, tmp_path, global_part)
     assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-5)  # the log's 6 digits
     if not global_part:  # the logits are the parts' own: 100 % agreement by construction
         assert float(row["val_parts_only_top1"]) == float(row["val_top1"]) and float(row["val_part_share"]) == 1.0
+
+
+def test_a_run_with_the_parts_only_term_weighs_it_by_its_ramp_and_resume_keeps_its_total(world, tmp_path):
+    from ivpt.config import LOSS_TERMS
+
+    cfg = tiny_config(world, optim=dict(TOTAL_FREE, schedule="constant"),
+                      loss=dict(parts_only=0.5, parts_only_warmup=0.5))
+    train(cfg, tmp_path / "run", progress=False)  # 6 steps, one micro-batch each, one log row per step
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    for r in rows:
+        weight = 0.5 * min(1.0, int(r["step"]) / 6 / 0.5)  # progress (step + 1) / total, 0-based step
+        values = {t: float(r[t]) for t in LOSS_TERMS if r[t]}
+        assert values["parts_only"] > 0
+        expected = sum(v for t, v in values.items() if t != "parts_only") + weight * values["parts_only"]
+        assert float(r["total"]) == pytest.approx(expected, rel=1e-4)  # the log's 6 significant digits
+    with pytest.raises(TrainingError, match=r"loss.parts_only_warmup=0.5 follows the run's total steps"):
+        train(cfg.with_overrides(["optim.epochs=3"]), tmp_path / "run", resume=True, progress=False)

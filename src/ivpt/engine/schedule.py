@@ -84,13 +84,14 @@ def concept_factor(step: int, total: int, optim: OptimConfig) -> float:
 def depends_on_total(cfg: Config) -> list[str]:
     """The settings whose curves follow the run's total steps, as ``section.field=value`` (empty: none does), so a
     resume must keep epochs and max_steps: the rate's cosine decay and warm-up, the concept rate's ramp, the entropy
-    and parts-only weights' warm-ups."""
+    and (when it is on) the parts-only weights' warm-ups."""
     optim, loss = cfg.optim, cfg.loss
     settings = [(optim.schedule == "cosine", f"optim.schedule={optim.schedule}"),
                 (optim.warmup > 0, f"optim.warmup={optim.warmup}"),
                 (optim.concept_lr_ramp > 0, f"optim.concept_lr_ramp={optim.concept_lr_ramp}"),
                 (loss.entropy_warmup > 0, f"loss.entropy_warmup={loss.entropy_warmup}"),
-                (loss.parts_only_warmup > 0, f"loss.parts_only_warmup={loss.parts_only_warmup}")]
+                (loss.parts_only > 0 and loss.parts_only_warmup > 0,
+                 f"loss.parts_only_warmup={loss.parts_only_warmup}")]
     return [setting for follows, setting in settings if follows]
 
 
