@@ -215,39 +215,34 @@ def test_parts_only_adds_its_weight_and_without_the_global_part_repeats_the_clas
         LossConfig(parts_only=-1.0)
 
 
-def test_parts_only_warmup_ramps_only_its_weight():
-    cfg = LossConfig(parts_only=0.5, parts_only_warmup=0.25, entropy_warmup=0.5)
-    assert [cfg.weights(p)["parts_only"] for p in (0.05, 0.125, 0.25, 0.6, 1.0)] == pytest.approx(
-        [0.1, 0.25, 0.5, 0.5, 0.5])
-    assert [cfg.weights(p)["entropy"] for p in (0.05, 0.25, 1.0)] == pytest.approx([0.1, 0.5, 1.0])  # its own ramp
-    assert LossConfig(parts_only=0.5).weights(0.01)["parts_only"] == 0.5  # 0: the full weight from the first step
+def test_the_parts_only_warmup_follows_the_total_only_when_the_term_is_on():
     run = Config.from_dict({"optim": {"schedule": "constant", "warmup": 0.0, "concept_lr_ramp": 0.0,
                                       "concept_lr_start": 1.0}, "loss": {"parts_only": 0.5}})
     assert depends_on_total(run) == []
     assert depends_on_total(run.with_overrides(["loss.parts_only_warmup=0.25"])) == ["loss.parts_only_warmup=0.25"]
     assert depends_on_total(run.with_overrides(["loss.parts_only_warmup=0.25", "loss.parts_only=0"])) == []  # off
-    with pytest.raises(ConfigError, match="parts_only_warmup"):
-        LossConfig(parts_only_warmup=-0.1)
 
 
-def test_entropy_warmup_ramps_only_the_entropy_weight():
-    cfg = LossConfig(entropy=0.5, tv=2.0, entropy_warmup=0.25)
+@pytest.mark.parametrize("term", ["entropy", "parts_only"])
+def test_a_warmup_ramps_only_its_own_weight(term):
+    cfg = LossConfig(**{term: 0.5, f"{term}_warmup": 0.25, "tv": 2.0})
     # progress p = (step + 1) / total: the weight is 0.5 * min(1, p / 0.25)
-    assert [cfg.weights(p)["entropy"] for p in (0.05, 0.125, 0.25, 0.6, 1.0)] == pytest.approx(
+    assert [cfg.weights(p)[term] for p in (0.05, 0.125, 0.25, 0.6, 1.0)] == pytest.approx(
         [0.1, 0.25, 0.5, 0.5, 0.5])
     for p in (0.05, 0.5, 1.0):
-        assert {k: v for k, v in cfg.weights(p).items() if k != "entropy"} == {
-            k: v for k, v in LossConfig(entropy=0.5, tv=2.0).weights().items() if k != "entropy"}
-    assert LossConfig(entropy=0.5).weights(0.01)["entropy"] == 0.5  # 0: the full weight from the first step
+        assert {k: v for k, v in cfg.weights(p).items() if k != term} == {
+            k: v for k, v in LossConfig(**{term: 0.5, "tv": 2.0}).weights().items() if k != term}
+    assert LossConfig(**{term: 0.5}).weights(0.01)[term] == 0.5  # 0: the full weight from the first step
     model = tiny_model().train()
     x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
     torch.manual_seed(0)
     out = model(x)
-    full, terms = ivpt_losses(out, y, LossConfig(entropy_warmup=0.5))
-    early, _ = ivpt_losses(out, y, LossConfig(entropy_warmup=0.5), progress=0.1)  # entropy weight 0.2
-    assert early.item() == pytest.approx((full - 0.8 * terms["entropy"]).item(), rel=1e-5)
-    with pytest.raises(ConfigError, match="entropy_warmup"):
-        LossConfig(entropy_warmup=1.5)
+    warm = LossConfig(**{term: 1.0, f"{term}_warmup": 0.5})
+    full, terms = ivpt_losses(out, y, warm)
+    early, _ = ivpt_losses(out, y, warm, progress=0.1)  # the weight is 0.2
+    assert early.item() == pytest.approx((full - 0.8 * terms[term]).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match=f"{term}_warmup"):
+        LossConfig(**{f"{term}_warmup": 1.5})
 
 
 @pytest.mark.parametrize("side", [8, 16, 37])
