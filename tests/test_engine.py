@@ -121,6 +121,33 @@ def test_a_run_killed_after_its_last_step_before_validation_ends_that_epoch_on_r
               for run in ("full", "killed")]
     assert [(s["step"], s["val_step"], s["val_scores"]) for s in states[1:]] == [
         (s["step"], s["val_step"], s["val_scores"]) for s in states[:1]]
+    # the epoch's closing log row: its validation scores and the concept health of the epoch's training batches
+    closing = [[r for r in csv.DictReader((tmp_path / run / "log.csv").open()) if r["step"] == "5" and r["val_top1"]]
+               for run in ("full", "killed")]
+    columns = ["epoch", "val_top1", "val_parts_only_top1", "alive_s0", "entropy_s0", "alive_s2"]
+    assert [{k: r[k] for k in columns} for r in closing[1]] == [{k: r[k] for k in columns} for r in closing[0]]
+    assert len(closing[0]) == 1 and closing[0][0]["alive_s0"]
+
+
+def test_a_finished_last_pt_from_before_val_step_resumes_straight_to_the_test_pass(world, tmp_path, monkeypatch):
+    from ivpt.engine.trainer import Trainer
+
+    cfg = tiny_config(world, train=dict(max_steps=5))
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    del state["val_step"]  # as written before the key existed: at the end of a validated epoch
+    torch.save(state, path)
+    rows = (tmp_path / "run" / "log.csv").read_text()
+    best = (tmp_path / "run" / "best" / "model.safetensors").read_bytes()
+    validated = []
+    original = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self: validated.append(self.step) or original(self))
+    again = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert validated == []  # no epoch validated twice
+    assert (tmp_path / "run" / "log.csv").read_text() == rows
+    assert (tmp_path / "run" / "best" / "model.safetensors").read_bytes() == best
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in metrics.items() if k != "seconds"}
 
 
 def test_non_finite_loss_stops_with_named_term(world, tmp_path):

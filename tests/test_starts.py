@@ -220,3 +220,18 @@ def test_the_run_folder_is_held_from_the_first_start_to_the_end_without_a_gap(wo
     assert [e for e in events if e[1] == "run"] == [("acquire", "run"), ("release", "run")]
     assert [e for e in events if e[1] != "run"] == [(what, k) for k in "012" for what in ("acquire", "release")]
     assert events[0] == ("acquire", "run") and events[-1] == ("release", "run")
+
+
+def test_a_continuation_that_fails_before_taking_the_lock_over_still_releases_the_folder(world, tmp_path,
+                                                                                         monkeypatch):
+    import ivpt.engine.trainer as trainer_module
+    from ivpt.checkpoint import RunLock
+
+    def refuse(out):
+        raise TrainingError(f"refused {out}")
+
+    monkeypatch.setattr(trainer_module, "check_resumable", refuse)  # the continuation's first check
+    with pytest.raises(TrainingError, match="refused") as failed:
+        train(_starts_config(world), tmp_path / "run", progress=False)
+    assert failed.value is not None  # the traceback, and whatever it references, is still alive here
+    RunLock(tmp_path / "run").acquire().release()  # the run folder is free

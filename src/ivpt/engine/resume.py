@@ -98,7 +98,9 @@ def restore_state(trainer, state: dict) -> None:
     # A last.pt from before the selection rule chose best/ by top-1 alone: its best/ counts as alive.
     trainer.selection.best_alive = state.get("best_alive", True)
     trainer.val_scores = dict(state.get("val_scores", {}))  # the scores of the last validated epoch
-    trainer.val_step = state.get("val_step", -1)
+    # the step those scores were measured after; a last.pt from before the key was saved at the end of a validated
+    # epoch (or after the test pass began), as every last.pt was then but a periodic mid-epoch checkpoint
+    trainer.val_step = state.get("val_step", state["step"])
     rng = state["rng"]
     _set_rng_state(rng[trainer.info.rank] if trainer.info.rank < len(rng) else rng[0], trainer.eq_gen)
     if trainer.ema is not None:

@@ -102,7 +102,10 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
     except BaseException:
         lock.release()
         raise
-    return _continue(cfg, out, progress, lock)  # the folder stays held from the starts into the continuation
+    try:  # the folder stays held from the starts into the continuation, which releases it
+        return _continue(cfg, out, progress, lock)
+    finally:
+        lock.release()  # idempotent: also when the continuation failed before taking the lock over
 
 
 def _check_same_config(cfg: Config, out: Path) -> None:

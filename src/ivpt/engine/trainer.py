@@ -236,6 +236,7 @@ class Trainer:
         try:
             with _StopOnSignal(self):
                 if reached and self.val_step != self.step:
+                    self.close_epoch(self.epoch)
                     self.end_epoch(self.epoch, finished=self.batch_in_epoch >= self.steps_per_epoch)
                 for epoch in range(self.epochs if reached else self.epoch, min(epochs, self.epochs)):
                     done = self.train_epoch(epoch)
@@ -289,14 +290,18 @@ class Trainer:
                 raise stopped(self)
             if done:
                 break
+        bar.close()
+        self.bar = None
+        self.close_epoch(epoch)
+        return done
+
+    def close_epoch(self, epoch: int) -> None:
+        """The epoch's concept health (summed over processes) and its last log row, which :meth:`end_epoch`
+        completes with the validation scores and writes; pending finite flags are read."""
         self.epoch_health = self.health.flush(R.all_reduce_sum)  # every rank: the counts are summed
-        # The epoch's last row: end_epoch adds the validation top-1 and writes it.
         self.closing_row = (self.window.snapshot(epoch, self.step, self.step_lrs, self.t_start, self.epoch_health)
                             if self.window.n or self.epoch_health else None)
         self.sync()
-        bar.close()
-        self.bar = None
-        return done
 
     def optimizer_step(self, epoch: int, micro_batches: list[dict | None]) -> None:
         """Forward/backward every micro-batch, clip and step, without reading anything back from the device.
