@@ -108,6 +108,16 @@ def test_a_second_train_on_a_locked_run_folder_is_refused(world, tmp_path, capsy
     assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
 
 
+def test_a_held_lock_acquired_again_by_its_holder_stays_held_and_refuses_any_other(tmp_path):
+    lock = RunLock(tmp_path).acquire()
+    assert lock.acquire() is lock and lock.held  # the holder hands it on: no second lock, no error
+    with pytest.raises(OutputError, match="in use by another ivpt process"):
+        RunLock(tmp_path).acquire()  # another lock object, even in this process
+    lock.release()
+    assert not lock.held and not (tmp_path / RunLock.NAME).exists()
+    RunLock(tmp_path).acquire().release()
+
+
 def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
     # DataLoader workers are forked from the trainer and inherit its descriptors; a flock lives while any copy is
     # open, so after kill -9 of the trainer its orphaned workers kept the folder "in use" for a resume.

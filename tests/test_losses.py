@@ -170,19 +170,30 @@ def test_object_peak_is_the_background_probability_where_each_absent_concept_lie
         assert (reach[0] < 1e-2 * reach[1]) == isolated, (shift, reach)
 
 
-def test_object_peak_is_off_unless_weighted_and_adds_its_weight():
-    model = tiny_model().train()
+def _object_peak_value(out, labels):
+    return torch.stack([object_peak_loss(m) for m in out.maps]).mean()  # averaged over the stages
+
+
+def _parts_only_value(out, labels):
+    return parts_only_loss(out.part_logits, labels)
+
+
+@pytest.mark.parametrize("term, value_of, global_part", [("object_peak", _object_peak_value, False),
+                                                         ("parts_only", _parts_only_value, False),
+                                                         ("parts_only", _parts_only_value, True)])
+def test_an_optional_term_is_off_unless_weighted_and_adds_its_weight(term, value_of, global_part):
+    model = tiny_model(global_part=global_part, global_share=0.25).train()
     x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
     torch.manual_seed(0)
     out = model(x)
     base, terms = ivpt_losses(out, y, LossConfig())
-    assert "object_peak" not in terms  # weight 0 (the paper, the default): not computed
-    weighted, terms2 = ivpt_losses(out, y, LossConfig(object_peak=0.5))
-    value = torch.stack([object_peak_loss(m) for m in out.maps]).mean()  # averaged over the stages
-    assert terms2["object_peak"].item() == pytest.approx(value.item(), rel=1e-6)
+    assert term not in terms  # weight 0 (the paper, the default): not computed
+    weighted, terms2 = ivpt_losses(out, y, LossConfig(**{term: 0.5}))
+    value = value_of(out, y)
+    assert terms2[term].item() == pytest.approx(value.item(), rel=1e-6)
     assert weighted.item() == pytest.approx((base + 0.5 * value).item(), rel=1e-5)
-    with pytest.raises(ConfigError, match="loss.object_peak"):
-        LossConfig(object_peak=-1.0)
+    with pytest.raises(ConfigError, match=f"loss.{term}"):
+        LossConfig(**{term: -1.0})
 
 
 def test_parts_only_is_the_cross_entropy_of_the_mean_part_logits_in_float64():
@@ -198,21 +209,13 @@ def test_parts_only_is_the_cross_entropy_of_the_mean_part_logits_in_float64():
 
 
 @pytest.mark.parametrize("global_part", [False, True])
-def test_parts_only_adds_its_weight_and_without_the_global_part_repeats_the_classification(global_part):
+def test_without_the_global_part_the_parts_only_term_repeats_the_classification(global_part):
     model = tiny_model(global_part=global_part, global_share=0.25).train()
     x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 2])
     torch.manual_seed(0)
-    out = model(x)
-    base, terms = ivpt_losses(out, y, LossConfig())
-    assert "parts_only" not in terms  # weight 0 (the paper, the default): not computed
-    weighted, terms2 = ivpt_losses(out, y, LossConfig(parts_only=0.5))
-    value = parts_only_loss(out.part_logits, y)
-    assert terms2["parts_only"].item() == pytest.approx(value.item(), rel=1e-6)
-    assert weighted.item() == pytest.approx((base + 0.5 * value).item(), rel=1e-5)
+    _, terms = ivpt_losses(model(x), y, LossConfig(parts_only=0.5))
     # the head without its global part scores the parts' mean: the term is then the classification term itself
-    assert (terms2["parts_only"].item() == pytest.approx(terms2["classification"].item(), rel=1e-5)) != global_part
-    with pytest.raises(ConfigError, match="loss.parts_only"):
-        LossConfig(parts_only=-1.0)
+    assert (terms["parts_only"].item() == pytest.approx(terms["classification"].item(), rel=1e-5)) != global_part
 
 
 def test_the_parts_only_warmup_follows_the_total_only_when_the_term_is_on():

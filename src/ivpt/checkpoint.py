@@ -131,7 +131,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        """Take the lock or raise :class:`OutputError` naming the folder and its holder; the folder must exist."""
+        """Take the lock or raise :class:`OutputError` naming the folder and its holder; the folder must exist. A lock
+        this object already holds stays held (so a holder can hand it to code that acquires it)."""
+        if self._fd is not None:
+            return self
         try:
             import fcntl
         except ImportError:  # not POSIX

@@ -99,13 +99,9 @@ def train_starts(cfg: Config, out: str | Path, *, resume: bool = False, progress
             print(f"kept start {kept + 1} of {t.starts} (seed {t.start_seed(kept)}): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in record["starts"][str(kept)].items() if k.startswith("val_")))
         R.barrier()
-    except BaseException:
-        lock.release()
-        raise
-    try:  # the folder stays held from the starts into the continuation, which releases it
-        return _continue(cfg, out, progress, lock)
+        return _continue(cfg, out, progress, lock)  # the folder stays held from the starts into the continuation
     finally:
-        lock.release()  # idempotent: also when the continuation failed before taking the lock over
+        lock.release()  # idempotent: the continuation released it, or failed before taking it over
 
 
 def _check_same_config(cfg: Config, out: Path) -> None:

@@ -86,7 +86,7 @@ class Trainer:
             check_resumable(self.out)
         check_output_folder_all_ranks(self.out, self.info)
         try:
-            agree_on_rank0(self.info, self.out, lambda: self.lock.held or self.lock.acquire())
+            agree_on_rank0(self.info, self.out, self.lock.acquire)
             if new_run:
                 agree_on_rank0(self.info, self.out, lambda: check_new_run_folder(self.out))
             self._set_up(resume)
