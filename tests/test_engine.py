@@ -87,20 +87,48 @@ def _kill_after_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(Trainer, "optimizer_step", step_then_die)
 
 
+def _kill_at_checkpoint(monkeypatch, n: int) -> None:
+    """Make the trainer die right after ``last.pt`` of optimiser step ``n`` is written (``train.ckpt_every_steps``
+    checkpoints are written after the step's log row is taken)."""
+    from ivpt.engine.trainer import Trainer
+
+    original = Trainer.save_last
+
+    def save_then_die(self, epoch, batch_in_epoch):
+        original(self, epoch, batch_in_epoch)
+        if self.step == n:
+            raise _Killed(f"killed after the checkpoint of step {n}")
+
+    monkeypatch.setattr(Trainer, "save_last", save_then_die)
+
+
 def test_kill_and_resume_is_exact(world, tmp_path, monkeypatch):
-    cfg = tiny_config(world, train=dict(ckpt_every_steps=1))
+    # rows every 2 steps, 3 steps per epoch: step 5's loss is in no row yet when the run dies after its checkpoint
+    cfg = tiny_config(world, train=dict(ckpt_every_steps=1, log_every=2))
     train(cfg, tmp_path / "full", progress=False)
     with monkeypatch.context() as m:
-        _kill_after_step(m, 4)
+        _kill_at_checkpoint(m, 5)
         with pytest.raises(_Killed):
-            train(cfg, tmp_path / "killed", progress=False)  # mid-epoch 2 (3 steps per epoch)
+            train(cfg, tmp_path / "killed", progress=False)  # mid-epoch 2
     state = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=False)
-    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 4)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 5)
+    assert state["window"][0]["n"] == 1 and state["step_lrs"]["lr_head"] > 0
     train(cfg, tmp_path / "killed", resume=True, progress=False)
     full, resumed = _params(tmp_path / "full"), _params(tmp_path / "killed")
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+    # every log row as the uninterrupted run wrote it, epoch 2's closing row too: its loss means count step 5,
+    # taken before the kill (only the throughput and the clock differ)
+    rows = [_log_rows(tmp_path / run) for run in ("full", "killed")]
+    assert [r["step"] for r in rows[0]] == ["2", "3", "4", "6"] and rows[0][-1]["total"]
+    assert rows[1] == rows[0]
+
+
+def _log_rows(run) -> list[dict]:
+    """``log.csv``'s rows without the columns that time the run."""
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")}
+            for r in csv.DictReader((run / "log.csv").open())]
 
 
 def test_a_run_killed_after_its_last_step_before_validation_ends_that_epoch_on_resume(world, tmp_path, monkeypatch):
@@ -124,7 +152,8 @@ def test_a_run_killed_after_its_last_step_before_validation_ends_that_epoch_on_r
     # the epoch's closing log row: its validation scores and the concept health of the epoch's training batches
     closing = [[r for r in csv.DictReader((tmp_path / run / "log.csv").open()) if r["step"] == "5" and r["val_top1"]]
                for run in ("full", "killed")]
-    columns = ["epoch", "val_top1", "val_parts_only_top1", "alive_s0", "entropy_s0", "alive_s2"]
+    columns = ["epoch", "val_top1", "val_parts_only_top1", "alive_s0", "entropy_s0", "alive_s2", "total",
+               "classification", "lr_head", "lr_concepts"]
     assert [{k: r[k] for k in columns} for r in closing[1]] == [{k: r[k] for k in columns} for r in closing[0]]
     assert len(closing[0]) == 1 and closing[0][0]["alive_s0"]
 

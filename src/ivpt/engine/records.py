@@ -76,6 +76,15 @@ class _Window:
             v = v.detach().float().to(self.device)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
+    def state_dict(self) -> dict:
+        """The steps counted and the loss sums since the last log row, on the host (for ``last.pt``: a run resumed
+        mid-window logs the row the uninterrupted run does). The throughput restarts at the resume."""
+        return {"n": self.n, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state["sums"].items()}
+
     def snapshot(self, epoch: int, step: int, lrs: dict[str, float], t_start: float,
                  health: dict[str, float] | None = None) -> _Row:
         """The row of the steps since the last one (loss means still on the device), with ``lrs``

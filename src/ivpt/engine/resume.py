@@ -18,6 +18,7 @@ from ..checkpoint import (
 )
 from ..config import Config, config_changes, saved_config
 from .errors import TrainingError
+from .records import _rate_lrs
 from .runfolder import RESUMABLE_CHANGES, check_resumable
 from .schedule import depends_on_total
 from .state import _data_identity, _describe_data, _optimizer_tensors, _rng_state, _set_rng_state
@@ -110,6 +111,11 @@ def restore_state(trainer, state: dict) -> None:
             trainer.ema.load_state_dict(state["ema"])
         except ValueError as exc:
             raise TrainingError(f"cannot resume: {path}: {exc}") from None
+    # the rates of the step before last.pt; one from before they were saved: the rates of the step after it
+    trainer.step_lrs = state.get("step_lrs") or _rate_lrs(trainer.optimizer)
+    window = state.get("window")  # the log row's loss sums so far; absent in a last.pt from before they were saved
+    if window and trainer.info.rank < len(window):
+        trainer.window.load_state_dict(window[trainer.info.rank])
     health = state.get("health")  # absent in a last.pt from before the counts were saved
     if health and trainer.info.rank < len(health):
         trainer.health.load_state_dict(health[trainer.info.rank], trainer.device)
@@ -123,6 +129,7 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
     take part in gathering the RNG states)."""
     rng = R.all_gather_object(_rng_state(trainer.eq_gen), trainer.info.world_size)
     health = R.all_gather_object(trainer.health.state_dict(), trainer.info.world_size)
+    window = R.all_gather_object(trainer.window.state_dict(), trainer.info.world_size)
     if trainer.info.is_main:
         atomic_torch_save({
             "model": adapter_state(trainer.model), "optimizer": trainer.optimizer.state_dict(),
@@ -131,7 +138,8 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
             "best_val": trainer.selection.best_val, "best_alive": trainer.selection.best_alive,
             "total_steps": trainer.total_steps, "start": trainer.start, "val_scores": dict(trainer.val_scores),
             "val_step": trainer.val_step,
-            "rng": rng, "health": health, "config": trainer.cfg.to_dict(),
+            "rng": rng, "health": health, "window": window, "step_lrs": dict(trainer.step_lrs),
+            "config": trainer.cfg.to_dict(),
             **({} if trainer.ema is None else {"ema": trainer.ema.state_dict()}),
             "backbone": backbone_identity(trainer.model),
             "data": _data_identity(trainer.data),

@@ -160,6 +160,7 @@ class Trainer:
         self.health = ConceptHealth()  # this epoch's concept health so far (restored with the rest on resume)
         self.val_scores: dict[str, float] = {}  # the last epoch's validation scores (validate())
         self.val_step = -1  # the optimiser step val_scores were measured after
+        self.window = _Window(self.device)  # loss sums since the last log row (restored on resume)
         if state is not None:
             restore_state(self, state)
         if self.info.is_main:
@@ -174,7 +175,6 @@ class Trainer:
             remove_stale_temporaries(self.out / "best")
         self.log = _CsvLog(self.out / "log.csv", self.info.is_main, last_step=None if state is None else self.step)
         self.tb = _Tensorboard(self.out, self.info.is_main and cfg.train.tensorboard)
-        self.window = _Window(self.device)
         self.checks: list[_StepCheck] = []  # steps whose finite flags are still on the device
         self.rows: list[_Row] = []  # log rows whose values are still on the device
         self.closing_row: _Row | None = None  # the epoch's last row, until validation has scored the epoch
