@@ -250,7 +250,8 @@ def test_registry_builds_each_kind():
 
 _OTHER_VALUE = {"deep_prompts": True, "gumbel_tau": 2.0, "train_gumbel": False, "eval_gumbel": True,
                 "global_part": True, "global_share": 0.5, "global_share_end": 0.1, "prototype_init_std": 0.3,
-                "prototype_init": "feature_mean", "num_prompts": 5, "train_tokens": False, "n_pro": [6, 4, 3]}
+                "prototype_init": "feature_mean", "num_prompts": 5, "train_tokens": False, "n_pro": [6, 4, 3],
+                "prototype_init_spread": 0.5}
 
 
 @pytest.mark.parametrize("kind", ["ivpt", *KINDS])

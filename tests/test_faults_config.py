@@ -149,6 +149,7 @@ BAD = [
     ("loss.tv=inf", "loss.tv=inf", "a finite number >= 0"),
     ("model.gumbel_tau=nan", "model.gumbel_tau=nan", "a finite number > 0"),
     ("model.prototype_init_std=0", "model.prototype_init_std=0.0", "> 0"),
+    ("model.prototype_init_spread=1.5", "model.prototype_init_spread=1.5", "in (0, 1]"),
     ("eval.noise_std=-1", "eval.noise_std=-1.0", ">= 0"),
     ("eval.noise_clip=nan", "eval.noise_clip=nan", "a finite number >= 0"),
     ("eval.active_threshold=nan", "eval.active_threshold=nan", "a finite number in [0, 1)"),

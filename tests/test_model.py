@@ -461,6 +461,35 @@ def test_cluster_prototypes_start_every_stage_at_its_kmeans_partition(kind):
             stage.prototypes.copy_(model.stages[i].prototypes)
 
 
+def test_cluster_prototypes_spread_scales_the_centres_about_their_mean():
+    """model.prototype_init_spread=s: stage i's prototypes are m + s·(c_k − m) for scikit-learn's k-means centres c_k
+    of the features stage i reads (once stages < i are set; m their mean), in the slots spread 1 gives them, and
+    the start's maps are softer than the centres' own."""
+    from sklearn.cluster import KMeans
+
+    from ivpt.models.prototypes import prototype_logits
+
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(kind="ivpt", num_prompts=3))
+    x = torch.randn(6, 3, 56, 56)
+    model.cluster_prototypes(x, seed=3, batch_size=4, spread=0.25)
+    model.eval()
+    with torch.no_grad():
+        for stage, feats in zip(model.stages, model.concept_features(x), strict=True):
+            n, dim = stage.num_prototypes, feats.shape[-1]
+            centres = torch.from_numpy(KMeans(n_clusters=n, n_init=4, random_state=3)
+                                       .fit(feats.reshape(-1, dim).numpy()).cluster_centers_).double()
+            mean = centres.mean(dim=0, keepdim=True)
+            want = mean + 0.25 * (centres - mean)
+            got = stage.prototypes.double()
+            slot = torch.cdist(want, got).argmin(dim=1)
+            assert sorted(slot.tolist()) == list(range(n))
+            assert torch.allclose(got[slot], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            soft = stage.maps(feats, model.grid).amax(dim=1).mean()  # the spatial biases start at 0
+            hard = prototype_logits(feats, centres.float(), model.grid).softmax(dim=1).amax(dim=1).mean()
+            assert soft < hard
+
+
 def test_centred_prototypes_undo_a_feature_component_shared_by_every_pixel():
     """Constructed case: features = a large vector shared by every pixel + small per-pixel parts. With prototypes
     drawn around the origin, the prototype most aligned with the shared vector wins every pixel; centred, every

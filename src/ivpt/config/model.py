@@ -139,6 +139,10 @@ class ConceptConfig(TunedConfig):
     # the paper, not in the recipe): the k-means centres of each stage's features on those images (benchmarks/
     # recipe.md: better ARI, lower consistency: one-hot maps from the first step).
     prototype_init: str = "normal"
+    # NOT the paper, not in the recipe (only read with prototype_init "kmeans"): the k-means centres' offsets from
+    # their mean are multiplied by this. 1: the centres themselves, whose maps start one-hot; 0.03 starts them about
+    # as far apart as N(0, 0.05²) prototypes on ViT-S/14 (benchmarks/recipe.md, "K-means directions").
+    prototype_init_spread: float = limited(1.0, "(0, 1]", note="the centres' offsets from their mean, scaled")
     # NOT the paper (false in its configs): the shared classifier also scores the final-normed [CLS] token (patch
     # mean without one) as an always-present "global part", weighed by ``global_share``. Part logits, maps and every
     # interpretability score are unchanged in kind. On by default, the recipe for new datasets (benchmarks/recipe.md).
@@ -166,7 +170,8 @@ class ConceptConfig(TunedConfig):
                               f"{', '.join(PROTOTYPE_INITS)}")
 
     def inactive_fields(self) -> frozenset[str]:
-        return super().inactive_fields() | ({"global_share", "global_share_end"} if not self.global_part else set())
+        return (super().inactive_fields() | ({"global_share", "global_share_end"} if not self.global_part else set())
+                | ({"prototype_init_spread"} if self.prototype_init != "kmeans" else set()))
 
     @property
     def num_stages(self) -> int:

@@ -212,7 +212,8 @@ class Trainer:
         if how == "feature_mean":
             self.model.centre_prototypes(x, batch_size=size)
         else:
-            self.model.cluster_prototypes(x, seed=self.seed, batch_size=size)
+            spread = self.cfg.model.prototype_init_spread
+            self.model.cluster_prototypes(x, seed=self.seed, batch_size=size, spread=spread)
 
     def _images(self, batch: dict) -> torch.Tensor:
         """A collated batch's images on the device, finished by :attr:`augment` when ``data.gpu_augment``."""

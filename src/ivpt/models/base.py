@@ -320,13 +320,15 @@ class ConceptModel(FrozenViT):
             stage.prototypes.add_((total / count).to(stage.prototypes.dtype))
 
     @torch.no_grad()
-    def cluster_prototypes(self, images: Tensor, *, seed: int, batch_size: int = 16) -> None:
+    def cluster_prototypes(self, images: Tensor, *, seed: int, batch_size: int = 16, spread: float = 1.0) -> None:
         """``model.prototype_init="kmeans"``: set every stage's n prototypes to the k-means centres (k = n) of the
         patch features it reads on ``images`` (B, 3, H, W), stage by stage (a stage's features depend on the earlier
-        stages' prompts). The background slot, the last, gets the cluster with the largest share of its patches on
-        the grid's outer ring; the foreground concepts follow in order of size, largest first. Maps are a softmax
-        over -||f - π_k||², so at the start each pixel goes to its nearest centre: the k-means partition. Runs in
-        eval mode; ``seed`` fixes k-means++'s draws, so every rank computes the same start."""
+        stages' prompts), their offsets from the centres' mean multiplied by ``spread``. The background slot, the
+        last, gets the cluster with the largest share of its patches on the grid's outer ring; the foreground
+        concepts follow in order of size, largest first. Maps are a softmax over -||f - π_k||², so at the start each
+        pixel goes to its nearest centre: the k-means partition (``spread`` 1; a smaller spread softens the maps and
+        tilts the partition by the shrunk ||π_k||²). Runs in eval mode; ``seed`` fixes k-means++'s draws, so every
+        rank computes the same start."""
         from sklearn.cluster import KMeans
 
         ring = _outer_ring(self.grid).flatten()
@@ -337,6 +339,9 @@ class ConceptModel(FrozenViT):
             km = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(feats.reshape(-1, dim).numpy())
             labels = torch.from_numpy(km.labels_).long().view(n_img, n_pix)
             centres = torch.from_numpy(km.cluster_centers_).to(torch.float64)
+            if spread != 1.0:
+                mean = centres.mean(dim=0, keepdim=True)
+                centres = mean + spread * (centres - mean)
             size = torch.bincount(labels.flatten(), minlength=n).double()
             on_ring = torch.bincount(labels[:, ring].flatten(), minlength=n).double()
             background = int((on_ring / size.clamp_min(1)).argmax())
