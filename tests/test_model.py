@@ -463,8 +463,8 @@ def test_cluster_prototypes_start_every_stage_at_its_kmeans_partition(kind):
 
 def test_cluster_prototypes_spread_scales_the_centres_about_their_mean():
     """model.prototype_init_spread=s: stage i's prototypes are m + s·(c_k − m) for scikit-learn's k-means centres c_k
-    of the features stage i reads (once stages < i are set; m their mean), in the slots spread 1 gives them, and
-    the start's maps are softer than the centres' own."""
+    of the features stage i reads (once stages < i are set; m their mean), one centre per slot, and the start's maps
+    are softer than the centres' own."""
     from sklearn.cluster import KMeans
 
     from ivpt.models.prototypes import prototype_logits

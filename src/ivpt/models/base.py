@@ -326,9 +326,10 @@ class ConceptModel(FrozenViT):
         stages' prompts), their offsets from the centres' mean multiplied by ``spread``. The background slot, the
         last, gets the cluster with the largest share of its patches on the grid's outer ring; the foreground
         concepts follow in order of size, largest first. Maps are a softmax over -||f - π_k||², so at the start each
-        pixel goes to its nearest centre: the k-means partition (``spread`` 1; a smaller spread softens the maps and
-        tilts the partition by the shrunk ||π_k||²). Runs in eval mode; ``seed`` fixes k-means++'s draws, so every
-        rank computes the same start."""
+        pixel goes to its nearest centre: the k-means partition (``spread`` s = 1; with centres c_k of mean m, a
+        pixel's argmax is that of 2(f - m)·(c_k - m) - s·||c_k - m||², so a smaller s softens the maps and favours
+        the centres far from m). Runs in eval mode; ``seed`` fixes k-means++'s draws, so every rank computes the
+        same start."""
         from sklearn.cluster import KMeans
 
         ring = _outer_ring(self.grid).flatten()
