@@ -112,7 +112,7 @@ def test_kill_and_resume_is_exact(world, tmp_path, monkeypatch):
             train(cfg, tmp_path / "killed", progress=False)  # mid-epoch 2
     state = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=False)
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 5)
-    assert state["window"][0]["n"] == 1 and state["step_lrs"]["lr_head"] > 0
+    assert state["window"][0]["n"] == 1
     train(cfg, tmp_path / "killed", resume=True, progress=False)
     full, resumed = _params(tmp_path / "full"), _params(tmp_path / "killed")
     assert full.keys() == resumed.keys()
@@ -133,8 +133,9 @@ def _log_rows(run) -> list[dict]:
 
 def test_a_run_killed_after_its_last_step_before_validation_ends_that_epoch_on_resume(world, tmp_path, monkeypatch):
     # max_steps 5 ends the run inside epoch 2 (3 steps per epoch); the kill falls between step 5's checkpoint and
-    # that epoch's validation, so the resumed run must still validate epoch 2 and let best/ consider it
-    cfg = tiny_config(world, train=dict(max_steps=5, ckpt_every_steps=1))
+    # that epoch's validation, so the resumed run must still validate epoch 2 and let best/ consider it; under the
+    # cosine decay every step has its own rates, so the closing row's must be step 5's
+    cfg = tiny_config(world, optim=dict(schedule="cosine"), train=dict(max_steps=5, ckpt_every_steps=1))
     full_metrics = train(cfg, tmp_path / "full", progress=False)
     assert full_metrics["best_epoch"] == 2  # the uninterrupted run keeps its last epoch: the case can fail
     with monkeypatch.context() as m:

@@ -79,7 +79,8 @@ class _Window:
     def state_dict(self) -> dict:
         """The steps counted and the loss sums since the last log row, on the host (for ``last.pt``: a run resumed
         mid-window logs the row the uninterrupted run does). The throughput restarts at the resume."""
-        return {"n": self.n, "sums": {k: float(v) for k, v in self.sums.items()}}
+        values = torch.stack(list(self.sums.values())).tolist() if self.sums else []  # one device->host copy
+        return {"n": self.n, "sums": dict(zip(self.sums, values))}
 
     def load_state_dict(self, state: dict) -> None:
         self.n = int(state["n"])
@@ -148,13 +149,15 @@ def write_row(trainer, row: dict) -> None:
         trainer.bar.set_postfix(loss=f"{row.get('total', math.nan):.3f}", img_s=f"{row['img_per_s']:.1f}")
 
 
-def _rate_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def _rate_lrs(optimizer: torch.optim.Optimizer, rates: list[float] | None = None) -> dict[str, float]:
     """The log's ``lr_head`` and ``lr_concepts``: the rate of the first group of each role
     (:data:`~ivpt.models.base.HEAD_RATE`, :data:`~ivpt.models.base.CONCEPT_RATE`; every group of a role runs at
-    the same rate), NaN for a role with no group (a linear probe has no concept group)."""
+    the same rate), NaN for a role with no group (a linear probe has no concept group). ``rates``: one per group
+    instead of the groups' current ones."""
     lrs = {"lr_head": math.nan, "lr_concepts": math.nan}
-    for group in reversed(optimizer.param_groups):
-        lrs["lr_concepts" if group.get("rate") == CONCEPT_RATE else "lr_head"] = group["lr"]
+    rates = [g["lr"] for g in optimizer.param_groups] if rates is None else rates
+    for group, rate in reversed(list(zip(optimizer.param_groups, rates, strict=True))):
+        lrs["lr_concepts" if group.get("rate") == CONCEPT_RATE else "lr_head"] = rate
     return lrs
 
 

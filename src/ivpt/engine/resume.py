@@ -20,7 +20,7 @@ from ..config import Config, config_changes, saved_config
 from .errors import TrainingError
 from .records import _rate_lrs
 from .runfolder import RESUMABLE_CHANGES, check_resumable
-from .schedule import depends_on_total
+from .schedule import depends_on_total, last_step_rates
 from .state import _data_identity, _describe_data, _optimizer_tensors, _rng_state, _set_rng_state
 
 __all__ = ["read_resume_state", "check_same_data", "restore_state", "save_last_state"]
@@ -111,8 +111,8 @@ def restore_state(trainer, state: dict) -> None:
             trainer.ema.load_state_dict(state["ema"])
         except ValueError as exc:
             raise TrainingError(f"cannot resume: {path}: {exc}") from None
-    # the rates of the step before last.pt; one from before they were saved: the rates of the step after it
-    trainer.step_lrs = state.get("step_lrs") or _rate_lrs(trainer.optimizer)
+    if trainer.step > 0:  # the rates of the step before last.pt, for a log row written before the next step
+        trainer.step_lrs = _rate_lrs(trainer.optimizer, last_step_rates(trainer.scheduler))
     window = state.get("window")  # the log row's loss sums so far; absent in a last.pt from before they were saved
     if window and trainer.info.rank < len(window):
         trainer.window.load_state_dict(window[trainer.info.rank])
@@ -138,8 +138,7 @@ def save_last_state(trainer, epoch: int, batch_in_epoch: int) -> None:
             "best_val": trainer.selection.best_val, "best_alive": trainer.selection.best_alive,
             "total_steps": trainer.total_steps, "start": trainer.start, "val_scores": dict(trainer.val_scores),
             "val_step": trainer.val_step,
-            "rng": rng, "health": health, "window": window, "step_lrs": dict(trainer.step_lrs),
-            "config": trainer.cfg.to_dict(),
+            "rng": rng, "health": health, "window": window, "config": trainer.cfg.to_dict(),
             **({} if trainer.ema is None else {"ema": trainer.ema.state_dict()}),
             "backbone": backbone_identity(trainer.model),
             "data": _data_identity(trainer.data),

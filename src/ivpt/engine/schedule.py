@@ -110,6 +110,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, steps_per_epoc
         optimizer, [concept if g.get("rate") == CONCEPT_RATE else head for g in optimizer.param_groups])
 
 
+def last_step_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
+    """Each group's rate in the optimiser step before the scheduler's current index, as :func:`build_scheduler`'s
+    LambdaLR set it then (base rate x its factor at index - 1): the rates a restored run's last step ran at."""
+    return [base * factor(scheduler.last_epoch - 1) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs,
+                                                                             strict=True)]
+
+
 def steps_above_half_peak(total: int, steps_per_epoch: int, optim: OptimConfig,
                           *, stop_at: int | None = None) -> int:
     """How many of the ``total`` steps run the concept groups (the rates that form the concepts) at more than half
